@@ -1,0 +1,46 @@
+"""The error taxonomy: what fails a job at once, and what is worth retrying.
+
+Every error a user can hit carries a short machine-readable ``kind`` (stored in
+``jobs.error_kind``) and a one-sentence message that says what to do.
+"""
+
+from __future__ import annotations
+
+
+class VidqError(Exception):
+    """Base of all errors vidq raises on purpose."""
+
+    kind = "error"
+
+    def __init__(self, message: str, *, kind: str | None = None) -> None:
+        super().__init__(message)
+        if kind is not None:
+            self.kind = kind
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else self.kind
+
+
+class PermanentError(VidqError):
+    """Retrying cannot help: the job is marked failed at once."""
+
+    kind = "permanent"
+
+
+class InputError(PermanentError):
+    """The video itself is missing, refused, undecodable or over a limit."""
+
+    kind = "bad_input"
+
+
+class ConfigError(PermanentError):
+    """The settings are wrong (unknown model, missing weights...)."""
+
+    kind = "config"
+
+
+class TransientError(VidqError):
+    """The world may heal (database, broker, GPU memory): retry with backoff."""
+
+    kind = "transient"

@@ -1,0 +1,74 @@
+"""Checks on a video path before anything opens it (shared by producer and worker).
+
+FFmpeg treats many strings as protocols (``concat:``, ``pipe:``, ``http:``...),
+so a path is only ever opened after it resolves to a regular file under one of
+the configured media roots.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from pathlib import Path
+
+from vidq.errors import InputError
+
+VIDEO_EXTENSIONS = frozenset(
+    ".mp4 .m4v .mov .mkv .webm .avi .mpg .mpeg .ts .m2ts .mts .wmv .flv .3gp .ogv".split()
+)
+# "scheme:" at the start, as FFmpeg's protocol detection reads it (a Windows drive letter aside).
+_PROTOCOL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:")
+
+
+def check_video_path(
+    raw: str, *, media_roots: tuple[str, ...] = (), max_file_bytes: int = 0
+) -> Path:
+    """Resolve ``raw`` to a regular file under a media root, or raise InputError.
+
+    Error kinds: ``refused_path`` (protocol string, outside the roots, device file,
+    symlink escape), ``not_found``, ``not_a_file``, ``unreadable``, ``empty``,
+    ``over_limit``.
+    """
+    if "\x00" in raw:
+        raise InputError(f"{raw!r}: refused: path contains a NUL byte.", kind="refused_path")
+    if _PROTOCOL.match(raw) and not (len(raw) > 1 and raw[1] == ":" and os.name == "nt"):
+        scheme = raw.split(":", 1)[0]
+        raise InputError(
+            f"{raw}: refused: '{scheme}:' would be read as an FFmpeg protocol, not a file path.",
+            kind="refused_path",
+        )
+    path = Path(raw).expanduser()
+    try:
+        resolved = path.resolve(strict=True)
+    except FileNotFoundError:
+        raise InputError(f"{raw}: no such file.", kind="not_found") from None
+    except (OSError, RuntimeError) as exc:  # symlink loops, permission on a parent
+        raise InputError(f"{raw}: cannot resolve path ({exc}).", kind="refused_path") from None
+    if media_roots:
+        roots = [Path(r).expanduser().resolve() for r in media_roots]
+        if not any(resolved == r or r in resolved.parents for r in roots):
+            raise InputError(
+                f"{raw}: refused: resolves outside VIDQ_MEDIA_ROOTS ({os.pathsep.join(media_roots)}).",
+                kind="refused_path",
+            )
+    try:
+        st = resolved.stat()
+    except OSError as exc:
+        raise InputError(f"{raw}: cannot stat ({exc.strerror}).", kind="unreadable") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise InputError(f"{raw}: is a directory, not a video file.", kind="not_a_file")
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError(
+            f"{raw}: refused: not a regular file (device, FIFO or socket).", kind="refused_path"
+        )
+    if not os.access(resolved, os.R_OK):
+        raise InputError(f"{raw}: permission denied.", kind="unreadable")
+    if st.st_size == 0:
+        raise InputError(f"{raw}: empty file (0 bytes).", kind="empty")
+    if max_file_bytes and st.st_size > max_file_bytes:
+        raise InputError(
+            f"{raw}: {st.st_size} bytes is over the limit VIDQ_MAX_FILE_BYTES={max_file_bytes}.",
+            kind="over_limit",
+        )
+    return resolved

@@ -1,0 +1,139 @@
+"""One frozen, typed settings object, built from ``VIDQ_*`` variables and CLI flags.
+
+Every default is documented beside the field; README.md lists them too.
+Nothing here connects to anything: building settings has no side effects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+from vidq.errors import ConfigError
+
+ENV_PREFIX = "VIDQ_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a producer, a worker or ``vidq classify`` can be told."""
+
+    broker_url: str = "redis://localhost:6379/0"
+    """Celery broker. ``redis://:password@host:6379/0`` or ``rediss://`` for TLS."""
+
+    database_url: str = "sqlite:///vidq.db"
+    """Results database (SQLAlchemy URL). The SQLite file is the embedded default;
+    ``postgresql+psycopg://user:pass@host/db`` at scale."""
+
+    queue: str = "vidq"
+    """Celery queue that jobs go to and workers consume."""
+
+    model: str = "slow_r50"
+    """Model preset (``vidq models`` lists them)."""
+
+    weights: str = "pretrained"
+    """``pretrained`` (the hub checkpoint through the torch hub cache), a local
+    checkpoint path, or ``random`` (untrained; every result row says so)."""
+
+    device: str = "auto"
+    """``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``."""
+
+    precision: str = "auto"
+    """``auto`` (bf16 on AMX CPUs and CUDA, fp32 elsewhere), ``fp32``, ``bf16``, ``fp16``."""
+
+    batch_size: int = 0
+    """Clips per forward pass; 0 picks 1 on CPU (fastest per clip there) and 16 on CUDA."""
+
+    top_k: int = 5
+    """Labels kept per clip and per video."""
+
+    media_roots: tuple[str, ...] = ()
+    """Directories workers may open videos under (``os.pathsep``-separated).
+    Empty means no restriction (fine on a laptop, not on a shared worker)."""
+
+    max_file_bytes: int = 20 * 1024**3
+    """Videos larger than this are refused (bytes)."""
+
+    max_duration_s: float = 6 * 3600.0
+    """Videos longer than this are refused (seconds)."""
+
+    max_pixels: int = 4096 * 2304
+    """Videos with more pixels per frame than this are refused (width x height)."""
+
+    max_frames: int = 2_000_000
+    """Videos whose stream declares more frames than this are refused."""
+
+    task_time_limit_s: int = 3600
+    """Hard time limit of one job; the soft limit is 60 s earlier."""
+
+    max_retries: int = 5
+    """Transient failures (database, broker, GPU memory) retried this many times."""
+
+    worker_concurrency: int = 0
+    """Worker processes per host; 0 means one per GPU, or one on CPU."""
+
+    worker_max_memory_mb: int = 0
+    """Restart a worker child once its RSS passes this (MiB); 0 disables."""
+
+    reconcile_after_s: int = 600
+    """``vidq reconcile`` re-enqueues jobs queued or running this long with no live task."""
+
+    heartbeat_s: int = 15
+    """How often a running job's heartbeat is written."""
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, **overrides: Any
+    ) -> Settings:
+        """Defaults, then ``VIDQ_*`` variables, then explicit overrides (CLI flags)."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is not None and raw != "":
+                values[f.name] = _parse(f, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        if isinstance(values.get("media_roots"), str):
+            values["media_roots"] = _split_roots(values["media_roots"])
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def public(self) -> dict[str, Any]:
+        """Settings as a dict safe to print: passwords in URLs are masked."""
+        out = dataclasses.asdict(self)
+        out["broker_url"] = mask_url(self.broker_url)
+        out["database_url"] = mask_url(self.database_url)
+        return out
+
+
+def _split_roots(raw: str) -> tuple[str, ...]:
+    return tuple(p for p in raw.split(os.pathsep) if p)
+
+
+def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
+    name = ENV_PREFIX + f.name.upper()
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind.startswith("tuple"):
+            return _split_roots(raw)
+        return raw
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a valid {kind}.") from None
+
+
+def mask_url(url: str) -> str:
+    """``redis://:secret@host`` -> ``redis://:***@host``; other URLs unchanged."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    creds, _, host = rest.rpartition("@")
+    user, colon, _password = creds.partition(":")
+    return f"{scheme}://{user}{':***' if colon else ''}@{host}"

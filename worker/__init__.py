@@ -1,0 +1,1 @@
+"""What runs on worker hosts: decode, transform, classify, persist."""

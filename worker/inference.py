@@ -1,0 +1,318 @@
+"""The classifier a worker holds: device and precision choice, batching, pipelining.
+
+``Classifier`` is LitServe-shaped: built once per process (``setup``), then
+``classify(path)`` per video. Decoding runs on a background thread so the CPU
+decoder overlaps the model's forward pass; clips are batched across videos.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+
+from vidq.errors import ConfigError, InputError, VidqError
+from vidq.settings import Settings
+from worker.models import LoadedModel, get_preset, kinetics400_labels, load_model
+from worker.transforms import clip_views
+from worker.video import ClipFrames, Limits, Sampling, VideoInfo, VideoReader, plan_windows
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"Unknown device {name!r}; use auto, cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"Device {name} requested but CUDA is not available; use --device cpu.")
+    return device
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AMX or AVX512-BF16: bf16 matmuls/convolutions beat fp32 through oneDNN."""
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+    return bool(amx or avx512_bf16)
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    if name not in PRECISIONS:
+        raise ConfigError(f"Unknown precision {name!r}; use {', '.join(PRECISIONS)}.")
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_fast_bf16() else "fp32"
+
+
+@dataclass(frozen=True)
+class LabelScore:
+    class_id: int
+    label: str
+    score: float
+
+
+@dataclass
+class ClipPrediction:
+    index: int
+    start_sec: float
+    end_sec: float
+    source_frames: int
+    top: list[LabelScore]
+
+
+@dataclass
+class VideoResult:
+    path: str
+    model: str
+    weights_id: str
+    precision: str
+    device: str
+    info: VideoInfo
+    sampling: Sampling
+    clips: list[ClipPrediction]
+    top: list[LabelScore]
+    timing: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["sampling"] = asdict(self.sampling)
+        return out
+
+
+@dataclass
+class _Pending:
+    """A video whose clips are in flight."""
+
+    path: str
+    info: VideoInfo
+    started: float
+    views: int = 0
+    expected: int | None = None
+    clips: list[tuple[ClipFrames, torch.Tensor]] = field(default_factory=list)
+    decode_s: float = 0.0
+    model_s: float = 0.0
+
+
+_END = object()
+
+
+class Classifier:
+    """A loaded model plus the input pipeline of its preset."""
+
+    def __init__(
+        self,
+        *,
+        model: str = "slow_r50",
+        weights: str = "pretrained",
+        device: str = "auto",
+        precision: str = "auto",
+        batch_size: int = 0,
+        top_k: int = 5,
+        limits: Limits = Limits(),
+    ) -> None:
+        self.preset = get_preset(model)
+        self.device = resolve_device(device)
+        self.precision = resolve_precision(precision, self.device)
+        self.batch_size = batch_size or (16 if self.device.type == "cuda" else 1)
+        self.top_k = top_k
+        self.limits = limits
+        self.labels = kinetics400_labels()
+        loaded: LoadedModel = load_model(self.preset, weights)
+        self.weights_id = loaded.weights_id
+        module = loaded.module.to(self.device)
+        if self.precision != "fp32":
+            module = module.to(memory_format=torch.channels_last_3d)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        self.module = module
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Classifier:
+        return cls(
+            model=settings.model,
+            weights=settings.weights,
+            device=settings.device,
+            precision=settings.precision,
+            batch_size=settings.batch_size,
+            top_k=settings.top_k,
+            limits=Limits(
+                max_duration_s=settings.max_duration_s,
+                max_pixels=settings.max_pixels,
+                max_frames=settings.max_frames,
+            ),
+        )
+
+    # -- one batch -----------------------------------------------------------------
+    def forward(self, views: torch.Tensor) -> torch.Tensor:
+        """(B, 3, T, S, S) normalized views -> (B, classes) float32 softmax, on CPU."""
+        if self.device.type == "cuda":
+            views = views.pin_memory().to(self.device, non_blocking=True)
+        if self.precision != "fp32":
+            views = views.contiguous(memory_format=torch.channels_last_3d)
+        with torch.inference_mode():
+            if self.precision == "fp32":
+                logits = self.module(views)
+            else:
+                with torch.autocast(self.device.type, dtype=_DTYPES[self.precision]):
+                    logits = self.module(views)
+            return torch.softmax(logits.float(), dim=1).cpu()
+
+    def _top(self, probs: torch.Tensor) -> list[LabelScore]:
+        scores, ids = probs.topk(min(self.top_k, probs.numel()))
+        return [
+            LabelScore(int(i), self.labels[int(i)], round(float(s), 6))
+            for s, i in zip(scores.tolist(), ids.tolist())
+        ]
+
+    # -- videos --------------------------------------------------------------------
+    def _decode(self, path: str, sampling: Sampling, out: queue.Queue[Any]) -> None:
+        """Producer side of the pipeline: put ('start'|'clip'|'end'|'error', ...) items."""
+        t0 = time.perf_counter()
+        try:
+            with VideoReader(path, limits=self.limits) as reader:
+                out.put(("start", path, reader.info, t0))
+                windows = plan_windows(sampling, reader.info.duration_s, self.preset.clip_duration)
+                n = 0
+                for clip in reader.clips(windows, num_frames=self.preset.num_frames):
+                    views = clip_views(clip.frames, self.preset, crops=sampling.crops)
+                    clip.frames = clip.frames[:0]  # the RGB frames are no longer needed
+                    out.put(("clip", path, clip, views))
+                    n += 1
+                if n == 0:
+                    raise InputError(
+                        f"{path}: no frames inside the requested window(s) "
+                        f"(video is {reader.info.duration_s:.2f}s long).",
+                        kind="no_frames",
+                    )
+                out.put(("end", path, n, time.perf_counter() - t0))
+        except VidqError as exc:
+            out.put(("error", path, exc, None))
+        except Exception as exc:  # a decoder crash must fail one video, not the run
+            out.put(("error", path, InputError(f"{path}: {exc}", kind="undecodable"), None))
+
+    def classify_many(
+        self, paths: Iterable[str | Path], sampling: Sampling = Sampling()
+    ) -> Iterator[VideoResult | InputError | VidqError]:
+        """Classify videos in order; yield a VideoResult or the error for each."""
+        items: queue.Queue[Any] = queue.Queue(maxsize=max(4, 2 * self.batch_size))
+        path_list = [str(p) for p in paths]
+
+        def produce() -> None:
+            for p in path_list:
+                self._decode(p, sampling, items)
+            items.put(_END)
+
+        thread = threading.Thread(target=produce, name="vidq-decode", daemon=True)
+        thread.start()
+        pending: dict[str, _Pending] = {}
+        order: list[str] = []
+        batch: list[tuple[str, ClipFrames, torch.Tensor]] = []
+        done: dict[str, VideoResult | VidqError] = {}
+
+        def run_batch() -> None:
+            if not batch:
+                return
+            views = torch.cat([v for _, _, v in batch])
+            t = time.perf_counter()
+            probs = self.forward(views)
+            dt = time.perf_counter() - t
+            offset = 0
+            for p, clip, v in batch:
+                n = v.shape[0]
+                pend = pending[p]
+                pend.clips.append((clip, probs[offset : offset + n]))
+                pend.views += n
+                offset += n
+                pend.model_s += dt * n / views.shape[0]
+            batch.clear()
+
+        def finish_ready() -> Iterator[VideoResult | VidqError]:
+            for p in list(pending):
+                pend = pending[p]
+                if pend.expected is not None and len(pend.clips) == pend.expected:
+                    done[p] = self._assemble(pend, sampling)
+                    del pending[p]
+            while order and order[0] in done:
+                yield done.pop(order.pop(0))
+
+        while True:
+            item = items.get()
+            if item is _END:
+                break
+            kind, p, a, b = item
+            if kind == "start":
+                pending[p] = _Pending(path=p, info=a, started=b)
+                order.append(p)
+            elif kind == "clip":
+                batch.append((p, a, b))
+                if sum(v.shape[0] for _, _, v in batch) >= self.batch_size:
+                    run_batch()
+            elif kind == "end":
+                pending[p].expected = a
+                pending[p].decode_s = b
+                if items.empty():
+                    run_batch()  # nothing else queued: do not wait to fill the batch
+            else:  # error
+                if p not in pending:
+                    order.append(p)
+                batch[:] = [entry for entry in batch if entry[0] != p]
+                pending.pop(p, None)
+                done[p] = a
+            yield from finish_ready()
+        run_batch()
+        yield from finish_ready()
+        thread.join()
+
+    def classify(self, path: str | Path, sampling: Sampling = Sampling()) -> VideoResult:
+        """One video; raises the InputError of a bad one."""
+        (result,) = list(self.classify_many([path], sampling))
+        if isinstance(result, VidqError):
+            raise result
+        return result
+
+    def _assemble(self, pend: _Pending, sampling: Sampling) -> VideoResult:
+        pend.clips.sort(key=lambda c: c[0].window.index)
+        clip_preds = []
+        all_views = []
+        for clip, probs in pend.clips:
+            all_views.append(probs)
+            w = clip.window
+            clip_preds.append(
+                ClipPrediction(
+                    index=w.index,
+                    start_sec=round(w.start_sec, 4),
+                    end_sec=round(w.end_sec, 4),
+                    source_frames=clip.source_frames,
+                    top=self._top(probs.mean(dim=0)),
+                )
+            )
+        # Video level: mean softmax over every view (clips x crops), as in multi-view eval.
+        video_probs = torch.cat(all_views).mean(dim=0)
+        total = time.perf_counter() - pend.started
+        return VideoResult(
+            path=pend.path,
+            model=self.preset.name,
+            weights_id=self.weights_id,
+            precision=self.precision,
+            device=str(self.device),
+            info=pend.info,
+            sampling=sampling,
+            clips=clip_preds,
+            top=self._top(video_probs),
+            timing={
+                "decode_s": round(pend.decode_s, 4),
+                "model_s": round(pend.model_s, 4),
+                "total_s": round(total, 4),
+            },
+        )

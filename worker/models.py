@@ -1,0 +1,214 @@
+"""Model presets (architecture + the input pipeline it was trained with) and weights.
+
+A preset is data, not code: adding another PyTorchVideo Kinetics model is one
+entry in ``PRESETS``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import warnings
+from dataclasses import dataclass
+from fractions import Fraction
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from vidq.errors import ConfigError
+
+RANDOM_WEIGHTS_ID = "random-init"
+_HUB_ROOT = "https://dl.fbaipublicfiles.com/pytorchvideo/model_zoo/kinetics"
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    """An architecture and the input pipeline its published checkpoint expects."""
+
+    name: str
+    builder: str
+    """Attribute of ``pytorchvideo.models.hub`` that builds the architecture."""
+    checkpoint_url: str
+    num_frames: int
+    sampling_rate: int
+    side_size: int
+    crop_size: int
+    frames_per_second: int = 30
+    mean: tuple[float, float, float] = (0.45, 0.45, 0.45)
+    std: tuple[float, float, float] = (0.225, 0.225, 0.225)
+    num_classes: int = 400
+
+    @property
+    def clip_duration(self) -> Fraction:
+        """Seconds one clip spans: frames x sampling rate at the training frame rate."""
+        return Fraction(self.num_frames * self.sampling_rate, self.frames_per_second)
+
+    def build(self) -> nn.Module:
+        with warnings.catch_warnings():
+            # pytorchvideo 0.1.5 scripts a helper at import; torch now warns about it.
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            import pytorchvideo.models.hub as hub
+
+        factory: Callable[..., nn.Module] = getattr(hub, self.builder)
+        return factory(pretrained=False)
+
+
+PRESETS: dict[str, ModelPreset] = {
+    p.name: p
+    for p in (
+        # The seed: PyTorch Hub facebookresearch/pytorchvideo slow_r50, 8x8, 74.58 top-1.
+        ModelPreset(
+            name="slow_r50",
+            builder="slow_r50",
+            checkpoint_url=f"{_HUB_ROOT}/SLOW_8x8_R50.pyth",
+            num_frames=8,
+            sampling_rate=8,
+            side_size=256,
+            crop_size=256,
+        ),
+        # X3D presets as published in the PyTorchVideo hub page for X3D.
+        ModelPreset(
+            name="x3d_xs",
+            builder="x3d_xs",
+            checkpoint_url=f"{_HUB_ROOT}/X3D_XS.pyth",
+            num_frames=4,
+            sampling_rate=12,
+            side_size=182,
+            crop_size=182,
+        ),
+        ModelPreset(
+            name="x3d_s",
+            builder="x3d_s",
+            checkpoint_url=f"{_HUB_ROOT}/X3D_S.pyth",
+            num_frames=13,
+            sampling_rate=6,
+            side_size=182,
+            crop_size=182,
+        ),
+        ModelPreset(
+            name="x3d_m",
+            builder="x3d_m",
+            checkpoint_url=f"{_HUB_ROOT}/X3D_M.pyth",
+            num_frames=16,
+            sampling_rate=5,
+            side_size=256,
+            crop_size=256,
+        ),
+    )
+}
+
+
+def get_preset(name: str) -> ModelPreset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        known = ", ".join(sorted(PRESETS))
+        raise ConfigError(f"Unknown model {name!r}; choose one of: {known}.") from None
+
+
+@lru_cache(maxsize=1)
+def kinetics400_labels() -> tuple[str, ...]:
+    """The 400 Kinetics class names in the hub's id order, from torchvision's metadata."""
+    from torchvision.models.video import R3D_18_Weights
+
+    return tuple(R3D_18_Weights.KINETICS400_V1.meta["categories"])
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def hub_checkpoint_path(preset: ModelPreset) -> Path:
+    """Where torch hub caches the preset's published checkpoint (``$TORCH_HOME``)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(preset.checkpoint_url)
+
+
+def resolve_checkpoint(preset: ModelPreset, weights: str) -> Path | None:
+    """The checkpoint file ``weights`` names (downloading ``pretrained`` if needed).
+
+    Returns None for ``random``. Raises ConfigError with what to do otherwise.
+    """
+    if weights == "random":
+        return None
+    if weights != "pretrained":
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise ConfigError(
+                f"Weights file {weights} does not exist; set VIDQ_WEIGHTS (or --weights) to "
+                "a checkpoint file, 'pretrained' or 'random'."
+            )
+        return path
+    cached = hub_checkpoint_path(preset)
+    if cached.is_file():
+        return cached
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(30)
+    try:
+        torch.hub.download_url_to_file(preset.checkpoint_url, str(cached), progress=False)
+    except Exception as exc:  # any network or HTTP failure: say what to do instead
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(
+            f"Cannot download pretrained weights for {preset.name} from "
+            f"{preset.checkpoint_url} ({reason}). Offline? Copy "
+            f"{os.path.basename(preset.checkpoint_url)} here and set VIDQ_WEIGHTS=/path/to/it "
+            f"(or --weights PATH, or place it at {cached}); VIDQ_WEIGHTS=random runs untrained."
+        ) from None
+    finally:
+        socket.setdefaulttimeout(previous)
+    return cached
+
+
+def extract_state_dict(checkpoint: Any) -> dict[str, torch.Tensor]:
+    """Accept the hub's ``.pyth`` (``{"model_state": ...}``) and plain state dicts."""
+    if isinstance(checkpoint, dict):
+        for key in ("model_state", "state_dict", "model"):
+            inner = checkpoint.get(key)
+            if isinstance(inner, dict):
+                return inner
+        if checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+            return checkpoint
+    raise ConfigError("Checkpoint is neither a state dict nor a dict with 'model_state'.")
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    preset: ModelPreset
+    module: nn.Module
+    weights_id: str
+    """``sha256:<hex>`` of the checkpoint file, or ``random-init``."""
+
+
+def load_model(preset: ModelPreset, weights: str) -> LoadedModel:
+    """Build the preset's architecture and load ``weights`` into it (eval mode, CPU)."""
+    checkpoint_path = resolve_checkpoint(preset, weights)
+    if checkpoint_path is None:
+        torch.manual_seed(0)
+        module = preset.build()
+        return LoadedModel(preset, module.eval(), RANDOM_WEIGHTS_ID)
+    module = preset.build()
+    try:
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    except Exception:
+        # Older .pyth files pickle extra training state; the operator chose this file.
+        try:
+            checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        except Exception as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ConfigError(f"Cannot read checkpoint {checkpoint_path}: {first}.") from None
+    try:
+        module.load_state_dict(extract_state_dict(checkpoint))
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise ConfigError(
+            f"Checkpoint {checkpoint_path} does not fit model {preset.name}: {first}"
+        ) from None
+    return LoadedModel(preset, module.eval(), "sha256:" + file_sha256(checkpoint_path))

@@ -1,0 +1,63 @@
+"""The seed's clip transform, reimplemented (PyPI's pytorchvideo.transforms is broken).
+
+Seed order: UniformTemporalSubsample(8) -> /255 -> NormalizeVideo(mean, std) ->
+ShortSideScale(256, bilinear) -> CenterCropVideo(256). Temporal subsampling is
+done while decoding (worker/video.py). Normalization is a per-channel affine map
+and bilinear interpolation a convex combination of pixels, so normalizing after
+the resize gives the same tensor up to float rounding while touching far fewer
+pixels; the fidelity test measures that difference.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from worker.models import ModelPreset
+
+
+def short_side_scale(x: torch.Tensor, size: int) -> torch.Tensor:
+    """pytorchvideo.transforms.functional.short_side_scale on a (C, T, H, W) tensor."""
+    _c, _t, h, w = x.shape
+    if w < h:
+        new_h, new_w = int(math.floor((float(h) / w) * size)), size
+    else:
+        new_h, new_w = size, int(math.floor((float(w) / h) * size))
+    return F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False)
+
+
+def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    """torchvision's CenterCropVideo offsets (round)."""
+    h, w = x.shape[-2:]
+    i = int(round((h - size) / 2.0))
+    j = int(round((w - size) / 2.0))
+    return x[..., i : i + size, j : j + size]
+
+
+def uniform_crop(x: torch.Tensor, size: int, spatial_idx: int) -> torch.Tensor:
+    """pytorchvideo's uniform_crop: 0/1/2 = left/centre/right (top/centre/bottom if portrait)."""
+    h, w = x.shape[-2:]
+    y = int(math.ceil((h - size) / 2))
+    xo = int(math.ceil((w - size) / 2))
+    if h > w:
+        y = 0 if spatial_idx == 0 else (h - size if spatial_idx == 2 else y)
+    else:
+        xo = 0 if spatial_idx == 0 else (w - size if spatial_idx == 2 else xo)
+    return x[..., y : y + size, xo : xo + size]
+
+
+def clip_views(frames: np.ndarray, preset: ModelPreset, *, crops: int = 1) -> torch.Tensor:
+    """uint8 (T, H, W, 3) frames -> normalized float views (crops, 3, T, S, S)."""
+    x = torch.from_numpy(frames).permute(3, 0, 1, 2).to(torch.float32)  # C, T, H, W
+    x = short_side_scale(x, preset.side_size)
+    mean = torch.tensor(preset.mean, dtype=torch.float32).view(3, 1, 1, 1)
+    std = torch.tensor(preset.std, dtype=torch.float32).view(3, 1, 1, 1)
+    if crops == 1:
+        views = [center_crop(x, preset.crop_size)]
+    else:
+        views = [uniform_crop(x, preset.crop_size, i) for i in range(3)]
+    return torch.stack([(v / 255.0 - mean) / std for v in views])
+
