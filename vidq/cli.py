@@ -143,6 +143,309 @@ def classify(
         sys.exit(1)
 
 
+def _request(settings: Settings, *, model: str | None, strategy: str, clips: int,
+             stride: float | None, start_sec: float, crops: str, priority: int) -> Any:
+    from producer.submit import JobRequest
+
+    return JobRequest(
+        model=model or settings.model, weights=settings.weights, strategy=strategy,
+        clips=clips, stride_s=stride, start_sec=start_sec, crops=int(crops), priority=priority,
+    )
+
+
+def submission_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.argument("inputs", nargs=-1),
+        click.option("--recursive", "-r", is_flag=True, help="Descend into directories."),
+        click.option("--glob", "pattern", default=None,
+                     help="File pattern inside directories (default: video extensions)."),
+        click.option("--manifest", "manifests", multiple=True,
+                     help="File listing paths: one a line, or CSV/JSONL with a 'path' column."),
+        click.option("--batch", default=None, help="Batch name (default: batch-<timestamp>)."),
+        click.option("--priority", type=click.IntRange(0, 9), default=5, show_default=True,
+                     help="0 lowest .. 9 highest."),
+        click.option("--force", is_flag=True, help="Run again even if already classified."),
+        click.option("--weights", default=None, help="pretrained | PATH | random (VIDQ_WEIGHTS)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return sampling_options(fn)
+
+
+def _submit(settings: Settings, inputs: tuple[str, ...], *, recursive: bool, pattern: str | None,
+            manifests: tuple[str, ...], batch: str | None, force: bool, publish: bool,
+            request: Any) -> Any:
+    from tqdm import tqdm
+
+    from producer.submit import discover, submit
+
+    if not inputs and not manifests:
+        raise click.UsageError("give files, directories or --manifest.")
+    paths = list(discover(inputs, recursive=recursive, pattern=pattern, manifests=manifests))
+    with tqdm(total=len(paths), desc="recording", unit="job", disable=len(paths) < 200,
+              file=sys.stderr) as bar:
+        report = submit(paths, settings=settings, request=request, batch=batch, force=force,
+                        publish=publish, on_reject=fail, progress=bar.update)
+    click.echo(
+        f"batch {report.batch}: {len(report.job_ids)} jobs recorded, {report.duplicates} already "
+        f"classified (use --force to redo), {len(report.rejected)} rejected", err=True,
+    )
+    if report.publish_error:
+        fail(report.publish_error)
+    return report
+
+
+@main.command()
+@submission_options
+@click.option("--wait", is_flag=True, help="Follow the batch until it is done.")
+@run_cli
+def submit(inputs: tuple[str, ...], recursive: bool, pattern: str | None,
+           manifests: tuple[str, ...], batch: str | None, priority: int, force: bool,
+           weights: str | None, model: str | None, strategy: str, clips: int,
+           stride: float | None, start_sec: float, crops: str, wait: bool) -> None:
+    """Record jobs in the results database and enqueue them for workers."""
+    settings = Settings.from_env(weights=weights)
+    request = _request(settings, model=model, strategy=strategy, clips=clips, stride=stride,
+                       start_sec=start_sec, crops=crops, priority=priority)
+    report = _submit(settings, inputs, recursive=recursive, pattern=pattern, manifests=manifests,
+                     batch=batch, force=force, publish=True, request=request)
+    if wait and report.job_ids and not report.publish_error:
+        _wait(settings, report.batch)
+    if report.rejected or report.publish_error:
+        sys.exit(1)
+
+
+def _wait(settings: Settings, batch: str, poll_s: float = 1.0) -> None:
+    from tqdm import tqdm
+
+    from producer.query import status_summary
+    from vidq.db import sessions
+
+    make_session = sessions(settings.database_url)
+    with make_session() as session:
+        total = sum(status_summary(session, batch).counts.values())
+    with tqdm(total=total, desc=batch, unit="job", file=sys.stderr) as bar:
+        while True:
+            with make_session() as session:
+                summary = status_summary(session, batch)
+            c = summary.counts
+            done = c["succeeded"] + c["failed"] + c["cancelled"]
+            bar.update(done - bar.n)
+            bar.set_postfix(ok=c["succeeded"], failed=c["failed"], running=c["running"])
+            if done >= total:
+                break
+            time.sleep(poll_s)
+
+
+@main.command()
+@submission_options
+@click.option("--device", default=None, help="auto | cpu | cuda[:N] (VIDQ_DEVICE).")
+@click.option("--precision", default=None, help="auto | fp32 | bf16 | fp16 (VIDQ_PRECISION).")
+@run_cli
+def run(inputs: tuple[str, ...], recursive: bool, pattern: str | None,
+        manifests: tuple[str, ...], batch: str | None, priority: int, force: bool,
+        weights: str | None, model: str | None, strategy: str, clips: int,
+        stride: float | None, start_sec: float, crops: str, device: str | None,
+        precision: str | None) -> None:
+    """Submit and classify here, with no broker: the embedded mode (SQLite by default)."""
+    from tqdm import tqdm
+
+    from worker.embedded import run_jobs
+    from worker.inference import Classifier
+
+    settings = Settings.from_env(weights=weights, device=device, precision=precision,
+                                 model=model)
+    request = _request(settings, model=model, strategy=strategy, clips=clips, stride=stride,
+                       start_sec=start_sec, crops=crops, priority=priority)
+    classifier = Classifier.from_settings(settings)  # fail on missing weights before recording
+    if classifier.weights_id == "random-init":
+        warn("random weights (--weights random): every result row says weights_id=random-init.")
+    report = _submit(settings, inputs, recursive=recursive, pattern=pattern, manifests=manifests,
+                     batch=batch, force=force, publish=False, request=request)
+    failed = 0
+    with tqdm(total=len(report.job_ids), desc=report.batch, unit="video", file=sys.stderr) as bar:
+        def progress(outcome: Any) -> None:
+            nonlocal failed
+            if outcome.status == "failed":
+                failed += 1
+                fail(f"job {outcome.job_id}: {outcome.detail}")
+            bar.update(1)
+
+        run_jobs(report.job_ids, settings=settings, on_outcome=progress, classifier=classifier)
+    click.echo(f"batch {report.batch}: {len(report.job_ids) - failed} succeeded, {failed} failed. "
+               f"See: vidq results --batch {report.batch}", err=True)
+    if failed or report.rejected:
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--batch", default=None)
+@click.option("--json", "as_json", is_flag=True)
+@run_cli
+def status(batch: str | None, as_json: bool) -> None:
+    """Counts by status, clips/s over the last 10 minutes, and an ETA."""
+    from producer.query import status_summary
+    from vidq.db import sessions
+
+    settings = Settings.from_env()
+    with sessions(settings.database_url)() as session:
+        summary = status_summary(session, batch)
+    if as_json:
+        click.echo(json.dumps(summary.to_json()))
+        return
+    counts = "  ".join(f"{k} {v}" for k, v in summary.counts.items())
+    eta = "-" if summary.eta_s is None else f"{summary.eta_s:.0f}s"
+    click.echo(f"{batch or 'all batches'}: {counts}")
+    click.echo(f"clips done {summary.clips_done}  {summary.jobs_per_s:.2f} jobs/s  "
+               f"{summary.clips_per_s:.2f} clips/s  ETA {eta}")
+
+
+@main.command()
+@click.option("--batch", default=None)
+@click.option("--label", default=None, help="Only videos with this label (any rank).")
+@click.option("--min-score", type=float, default=None)
+@click.option("--all-ranks", is_flag=True, help="Every top-k label, not just the top one.")
+@click.option("--limit", type=int, default=None)
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "jsonl"]), default="table",
+              show_default=True)
+@run_cli
+def results(batch: str | None, label: str | None, min_score: float | None, all_ranks: bool,
+            limit: int | None, fmt: str) -> None:
+    """Video-level labels of succeeded jobs (streamed: fine for millions of rows)."""
+    import csv
+
+    from producer.query import RESULT_COLUMNS, iter_results
+    from vidq.db import sessions
+
+    settings = Settings.from_env()
+    with sessions(settings.database_url)() as session:
+        rows = iter_results(session, batch=batch, label=label, min_score=min_score,
+                            all_ranks=all_ranks, limit=limit)
+        out = click.get_text_stream("stdout")
+        if fmt == "csv":
+            writer = csv.DictWriter(out, fieldnames=RESULT_COLUMNS, lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(rows)
+        elif fmt == "jsonl":
+            for row in rows:
+                out.write(json.dumps(row) + "\n")
+        else:
+            cols = ("job_id", "rank", "label", "score", "weights_id", "path")
+            out.write(f"{'job':>7} {'#':>2} {'label':32} {'score':>6}  {'weights':19}  path\n")
+            for row in rows:
+                out.write(f"{row['job_id']:>7} {row['rank']:>2} {row['label'][:32]:32} "
+                          f"{row['score']:6.3f}  {(row['weights_id'] or '')[:19]:19}  {row['path']}\n")
+
+
+@main.command()
+@click.argument("job_id", type=int)
+@click.option("--json", "as_json", is_flag=True)
+@run_cli
+def show(job_id: int, as_json: bool) -> None:
+    """One job: metadata, video labels and the per-clip timeline."""
+    from producer.query import show_job
+    from vidq.db import sessions
+
+    settings = Settings.from_env()
+    with sessions(settings.database_url)() as session:
+        job = show_job(session, job_id)
+    if as_json:
+        click.echo(json.dumps(job, default=str))
+        return
+    for key in ("id", "path", "batch", "status", "attempts", "error_kind", "error_message",
+                "model", "weights_id", "precision", "device", "strategy", "duration_s", "fps",
+                "width", "height", "frames", "codec", "worker_host", "submitted_at",
+                "started_at", "finished_at"):
+        if job.get(key) is not None:
+            click.echo(f"{key:14s} {job[key]}")
+    if job["labels"]:
+        click.echo("labels         " + ", ".join(f"{v['label']} ({v['score']:.3f})" for v in job["labels"]))
+    for clip in job["clips"]:
+        top = ", ".join(f"{t['label']} ({t['score']:.3f})" for t in clip["top"][:3])
+        click.echo(f"  clip {clip['clip_index']:3d} {clip['start_sec']:8.2f}-{clip['end_sec']:8.2f}s  {top}")
+
+
+def _publish(settings: Settings, tasks: list[Any]) -> None:
+    from producer.submit import enqueue
+
+    sent, error = enqueue(settings, tasks) if tasks else (0, None)
+    if error:
+        fail(error)
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--batch", default=None)
+@click.option("--failed", "only_failed", is_flag=True, default=True,
+              help="Retry failed jobs (the default).")
+@click.option("--cancelled", is_flag=True, help="Also retry cancelled jobs.")
+@click.argument("job_ids", nargs=-1, type=int)
+@run_cli
+def retry(batch: str | None, only_failed: bool, cancelled: bool, job_ids: tuple[int, ...]) -> None:
+    """Queue failed (and optionally cancelled) jobs again."""
+    from producer.query import requeue
+    from vidq.db import JobStatus, sessions
+
+    settings = Settings.from_env()
+    statuses = (JobStatus.FAILED.value,) + ((JobStatus.CANCELLED.value,) if cancelled else ())
+    with sessions(settings.database_url)() as session, session.begin():
+        tasks = requeue(session, batch=batch, statuses=statuses, job_ids=list(job_ids))
+    _publish(settings, tasks)
+    click.echo(f"{len(tasks)} jobs queued again")
+
+
+@main.command()
+@click.option("--batch", default=None)
+@click.argument("job_ids", nargs=-1, type=int)
+@run_cli
+def cancel(batch: str | None, job_ids: tuple[int, ...]) -> None:
+    """Cancel queued jobs of a batch (or the given ids); running ones finish."""
+    from producer.query import cancel as cancel_jobs
+    from vidq.db import sessions
+
+    if batch is None and not job_ids:
+        raise click.UsageError("give --batch or job ids.")
+    settings = Settings.from_env()
+    with sessions(settings.database_url)() as session, session.begin():
+        n = cancel_jobs(session, batch=batch, job_ids=list(job_ids))
+    click.echo(f"{n} jobs cancelled")
+
+
+@main.command()
+@click.option("--device", default=None, help="auto | cpu | cuda[:N] (VIDQ_DEVICE).")
+@click.option("--concurrency", type=int, default=None,
+              help="Worker processes (default: one per GPU, or one on CPU).")
+@click.option("--queues", default=None, help="Comma-separated queues (default VIDQ_QUEUE).")
+@click.option("--loglevel", default="INFO", show_default=True)
+@run_cli
+def worker(device: str | None, concurrency: int | None, queues: str | None, loglevel: str) -> None:
+    """Start a Celery worker; each process loads the model once, then takes jobs."""
+    import os
+    import shutil
+    import subprocess
+
+    if device:
+        os.environ["VIDQ_DEVICE"] = device
+    settings = Settings.from_env()
+    n = concurrency or settings.worker_concurrency
+    if not n:
+        n = 1
+        if settings.device in ("auto", "cuda") and shutil.which("nvidia-smi"):
+            # Count GPUs without touching CUDA in this (parent) process.
+            listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
+            n = max(1, listed.stdout.count("GPU "))
+    os.environ["VIDQ_WORKER_PROCESSES"] = str(n)
+    from worker.tasks import app
+
+    app.worker_main([
+        "worker", "--pool=prefork", f"--concurrency={n}",
+        f"--queues={queues or settings.queue}", f"--loglevel={loglevel}",
+        f"--hostname=vidq-{os.getpid()}@%h", "--without-mingle",
+    ])
+
+
+
+
 @main.command()
 def models() -> None:
     """List the model presets."""

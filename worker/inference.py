@@ -55,6 +55,11 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return "bf16" if cpu_has_fast_bf16() else "fp32"
 
 
+def oom_errors() -> tuple[type[BaseException], ...]:
+    """Out-of-memory errors worth a retry (another job may have held the memory)."""
+    return (torch.OutOfMemoryError,)
+
+
 @dataclass(frozen=True)
 class LabelScore:
     class_id: int

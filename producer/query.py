@@ -1,0 +1,181 @@
+"""Polling and managing jobs: ``vidq status``, ``results``, ``show``, ``retry``, ``cancel``."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from vidq.db import ACTIVE, Batch, ClipPrediction, Job, JobStatus, VideoLabel, utcnow
+from vidq.errors import InputError
+from vidq.queue import new_task_id
+
+RATE_WINDOW_S = 600
+
+
+def batch_id(session: Session, name: str | None) -> int | None:
+    if name is None:
+        return None
+    found = session.scalar(select(Batch.id).where(Batch.name == name))
+    if found is None:
+        raise InputError(f"no batch named {name!r}.", kind="not_found")
+    return found
+
+
+@dataclass
+class StatusSummary:
+    counts: dict[str, int]
+    clips_done: int
+    jobs_per_s: float
+    clips_per_s: float
+    eta_s: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+
+def status_summary(session: Session, batch: str | None = None) -> StatusSummary:
+    """Counts by status, recent throughput (last 10 minutes) and an ETA."""
+    bid = batch_id(session, batch)
+    scope = [Job.batch_id == bid] if bid is not None else []
+    counts = {s.value: 0 for s in JobStatus}
+    for status, n in session.execute(
+        select(Job.status, func.count()).where(*scope).group_by(Job.status)
+    ):
+        counts[status] = n
+    clips_done = session.scalar(
+        select(func.coalesce(func.sum(Job.clips_done), 0)).where(
+            *scope, Job.status == JobStatus.SUCCEEDED.value
+        )
+    ) or 0
+    since = utcnow() - dt.timedelta(seconds=RATE_WINDOW_S)
+    recent = select(func.count(), func.coalesce(func.sum(Job.clips_done), 0), func.min(Job.started_at)).where(
+        *scope, Job.finished_at >= since, Job.status.in_((JobStatus.SUCCEEDED.value, JobStatus.FAILED.value))
+    )
+    n_recent, clips_recent, first_start = session.execute(recent).one()
+    jobs_per_s = clips_per_s = 0.0
+    if n_recent and first_start is not None:
+        if first_start.tzinfo is None:  # SQLite returns naive UTC
+            first_start = first_start.replace(tzinfo=dt.timezone.utc)
+        span = max((utcnow() - max(first_start, since)).total_seconds(), 1e-3)
+        jobs_per_s, clips_per_s = n_recent / span, clips_recent / span
+    left = counts[JobStatus.QUEUED.value] + counts[JobStatus.RUNNING.value]
+    eta = left / jobs_per_s if jobs_per_s > 0 else (0.0 if left == 0 else None)
+    return StatusSummary(counts, int(clips_done), jobs_per_s, clips_per_s, eta)
+
+
+RESULT_COLUMNS = (
+    "job_id", "path", "batch", "rank", "label", "score", "class_id",
+    "model", "weights_id", "precision", "duration_s", "finished_at",
+)
+
+
+def iter_results(
+    session: Session,
+    *,
+    batch: str | None = None,
+    label: str | None = None,
+    min_score: float | None = None,
+    all_ranks: bool = False,
+    limit: int | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Video-level labels of succeeded jobs, streamed (constant memory for any size)."""
+    stmt = (
+        select(
+            Job.id, Job.path, Batch.name, VideoLabel.rank, VideoLabel.label, VideoLabel.score,
+            VideoLabel.class_id, Job.model, Job.weights_id, Job.precision, Job.duration_s,
+            Job.finished_at,
+        )
+        .join(VideoLabel, VideoLabel.job_id == Job.id)
+        .outerjoin(Batch, Batch.id == Job.batch_id)
+        .where(Job.status == JobStatus.SUCCEEDED.value)
+    )
+    bid = batch_id(session, batch)
+    if bid is not None:
+        stmt = stmt.where(Job.batch_id == bid)
+    if label is not None:
+        stmt = stmt.where(VideoLabel.label == label)
+    elif not all_ranks:
+        stmt = stmt.where(VideoLabel.rank == 1)
+    if min_score is not None:
+        stmt = stmt.where(VideoLabel.score >= min_score)
+    stmt = stmt.order_by(Job.id, VideoLabel.rank)
+    if limit:
+        stmt = stmt.limit(limit)
+    for row in session.execute(stmt.execution_options(yield_per=1000)):
+        out = dict(zip(RESULT_COLUMNS, row))
+        if out["finished_at"] is not None:
+            out["finished_at"] = out["finished_at"].isoformat()
+        yield out
+
+
+def show_job(session: Session, job_id: int) -> dict[str, Any]:
+    job = session.get(Job, job_id)
+    if job is None:
+        raise InputError(f"no job {job_id}.", kind="not_found")
+    fields = {c.key: getattr(job, c.key) for c in Job.__table__.columns if c.key != "lease_token"}
+    fields["batch"] = session.scalar(select(Batch.name).where(Batch.id == job.batch_id))
+    fields["labels"] = [
+        {"rank": v.rank, "label": v.label, "score": v.score, "class_id": v.class_id}
+        for v in session.scalars(
+            select(VideoLabel).where(VideoLabel.job_id == job_id).order_by(VideoLabel.rank)
+        )
+    ]
+    timeline: dict[int, dict[str, Any]] = {}
+    for c in session.scalars(
+        select(ClipPrediction)
+        .where(ClipPrediction.job_id == job_id)
+        .order_by(ClipPrediction.clip_index, ClipPrediction.rank)
+    ):
+        entry = timeline.setdefault(
+            c.clip_index,
+            {"clip_index": c.clip_index, "start_sec": c.start_sec, "end_sec": c.end_sec, "top": []},
+        )
+        entry["top"].append({"label": c.label, "score": c.score, "class_id": c.class_id})
+    fields["clips"] = list(timeline.values())
+    return fields
+
+
+def requeue(
+    session: Session, *, batch: str | None, statuses: tuple[str, ...], job_ids: list[int] | None = None
+) -> list[tuple[int, int, str]]:
+    """Put jobs in ``statuses`` back to queued; returns (id, priority, task_id) to publish."""
+    stmt = select(Job.id, Job.priority).where(Job.status.in_(statuses))
+    bid = batch_id(session, batch)
+    if bid is not None:
+        stmt = stmt.where(Job.batch_id == bid)
+    if job_ids:
+        stmt = stmt.where(Job.id.in_(job_ids))
+    tasks = [(jid, prio, new_task_id(jid)) for jid, prio in session.execute(stmt)]
+    now = utcnow()
+    for jid, _prio, tid in tasks:
+        session.execute(
+            update(Job)
+            .where(Job.id == jid, Job.status.in_(statuses))
+            .values(status=JobStatus.QUEUED.value, error_kind=None, error_message=None,
+                    lease_token=None, heartbeat_at=None, finished_at=None,
+                    task_id=tid, enqueued_at=now)
+        )
+    return tasks
+
+
+def cancel(session: Session, *, batch: str | None, job_ids: list[int] | None = None) -> int:
+    """Cancel queued jobs (running ones finish; workers skip cancelled ones)."""
+    stmt = update(Job).where(Job.status == JobStatus.QUEUED.value)
+    bid = batch_id(session, batch)
+    if bid is not None:
+        stmt = stmt.where(Job.batch_id == bid)
+    if job_ids:
+        stmt = stmt.where(Job.id.in_(job_ids))
+    return session.execute(stmt.values(status=JobStatus.CANCELLED.value, finished_at=utcnow())).rowcount
+
+
+def active_count(session: Session, batch: str | None) -> int:
+    bid = batch_id(session, batch)
+    stmt = select(func.count()).where(Job.status.in_(ACTIVE))
+    if bid is not None:
+        stmt = stmt.where(Job.batch_id == bid)
+    return session.scalar(stmt) or 0

@@ -1,0 +1,250 @@
+"""``vidq submit``: find videos, record one job row each, then enqueue their ids.
+
+Rows are written before anything is published, so the table is the record of
+what was asked; a publish that fails leaves queued rows that ``vidq reconcile``
+enqueues later. Identity is by content: a video already classified (or in
+flight) with the same model, weights and sampling is skipped unless forced.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import hashlib
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy.orm import Session
+
+from vidq.db import ACTIVE, Batch, Job, JobStatus, sessions, utcnow
+from vidq.errors import InputError, VidqError
+from vidq.media import VIDEO_EXTENSIONS, check_video_path
+from vidq.queue import make_celery, new_task_id, publish_jobs
+from vidq.settings import Settings
+
+CHUNK = 1000
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """What to run on each video: model, weights and sampling."""
+
+    model: str = "slow_r50"
+    weights: str = "pretrained"
+    strategy: str = "single"
+    clips: int = 10
+    stride_s: float | None = None
+    start_sec: float = 0.0
+    crops: int = 1
+    priority: int = 5
+
+    def config_key(self) -> str:
+        """Everything that changes a result, as one comparable string."""
+        if self.strategy == "single":
+            detail = f"start={self.start_sec:g}"
+        elif self.strategy == "uniform":
+            detail = f"clips={self.clips}"
+        else:
+            detail = f"stride={self.stride_s:g}" if self.stride_s else "stride=span"
+        return f"{self.model}|{self.weights}|{self.strategy}:{detail}:crops={self.crops}"
+
+
+@dataclass
+class SubmitReport:
+    batch: str
+    found: int = 0
+    job_ids: list[int] = field(default_factory=list)
+    duplicates: int = 0
+    rejected: list[str] = field(default_factory=list)
+    published: int = 0
+    publish_error: str | None = None
+
+
+def read_manifest(path: str) -> Iterator[str]:
+    """Paths from a manifest: CSV/JSONL with a ``path`` column, else one path a line."""
+    suffix = Path(path).suffix.lower()
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            if suffix == ".csv":
+                reader = csv.DictReader(fh)
+                if not reader.fieldnames or "path" not in reader.fieldnames:
+                    raise InputError(f"{path}: CSV manifest needs a 'path' column.", kind="manifest")
+                yield from (row["path"] for row in reader if row.get("path"))
+            elif suffix in (".jsonl", ".ndjson"):
+                for n, line in enumerate(fh, 1):
+                    if line.strip():
+                        try:
+                            yield str(json.loads(line)["path"])
+                        except (ValueError, KeyError, TypeError):
+                            raise InputError(
+                                f"{path}:{n}: expected a JSON object with a 'path' key.",
+                                kind="manifest",
+                            ) from None
+            else:
+                for line in fh:
+                    line = line.strip()
+                    if line and not line.startswith("#"):
+                        yield line
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read manifest ({exc.strerror}).", kind="manifest") from None
+
+
+def discover(
+    inputs: Iterable[str],
+    *,
+    recursive: bool = False,
+    pattern: str | None = None,
+    manifests: Iterable[str] = (),
+) -> Iterator[str]:
+    """Expand files, directories and manifests into candidate paths, each once."""
+    seen: set[str] = set()
+
+    def emit(p: str) -> Iterator[str]:
+        if p not in seen:
+            seen.add(p)
+            yield p
+
+    for raw in inputs:
+        base = Path(raw).expanduser()
+        if base.is_dir():
+            walker = base.rglob(pattern or "*") if recursive else base.glob(pattern or "*")
+            for p in sorted(walker):
+                if p.is_file() and (pattern or p.suffix.lower() in VIDEO_EXTENSIONS):
+                    yield from emit(str(p))
+        else:
+            yield from emit(raw)
+    for manifest in manifests:
+        for p in read_manifest(manifest):
+            yield from emit(p)
+
+
+def sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _batch_id(session: Session, name: str) -> int:
+    found = session.scalar(select(Batch.id).where(Batch.name == name))
+    if found is not None:
+        return found
+    batch = Batch(name=name)
+    session.add(batch)
+    session.flush()
+    return batch.id
+
+
+def default_batch_name() -> str:
+    return "batch-" + dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def submit(
+    paths: Iterable[str],
+    *,
+    settings: Settings,
+    request: JobRequest,
+    batch: str | None = None,
+    force: bool = False,
+    publish: bool = True,
+    on_reject: Callable[[str], None] = lambda _msg: None,
+    progress: Callable[[int], None] = lambda _n: None,
+) -> SubmitReport:
+    """Record and enqueue one job per acceptable video."""
+    report = SubmitReport(batch=batch or default_batch_name())
+    accepted: list[tuple[str, int]] = []
+    for raw in paths:
+        report.found += 1
+        try:
+            resolved = check_video_path(
+                raw, media_roots=settings.media_roots, max_file_bytes=settings.max_file_bytes
+            )
+        except VidqError as exc:
+            report.rejected.append(exc.message)
+            on_reject(exc.message)
+            continue
+        accepted.append((str(resolved), resolved.stat().st_size))
+
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
+        digests = list(pool.map(sha256_file, [p for p, _ in accepted]))
+
+    key = request.config_key()
+    make_session = sessions(settings.database_url)
+    to_publish: list[tuple[int, int, str]] = []
+    with make_session() as session, session.begin():
+        batch_id = _batch_id(session, report.batch)
+        known: set[str] = set()
+        if not force:
+            unique = sorted(set(digests))
+            for i in range(0, len(unique), CHUNK):
+                known.update(
+                    session.scalars(
+                        select(Job.content_sha256).where(
+                            Job.config_key == key,
+                            Job.content_sha256.in_(unique[i : i + CHUNK]),
+                            Job.status.in_(ACTIVE + (JobStatus.SUCCEEDED.value,)),
+                        )
+                    )
+                )
+        now = utcnow()
+        rows = []
+        for (path, size), digest in zip(accepted, digests):
+            if digest in known:
+                report.duplicates += 1
+                continue
+            if not force:
+                known.add(digest)  # the same content twice in one submission
+            rows.append(
+                {
+                    "batch_id": batch_id, "path": path, "content_sha256": digest,
+                    "size_bytes": size, "status": JobStatus.QUEUED.value,
+                    "priority": request.priority, "attempts": 0, "submitted_at": now,
+                    "model": request.model, "weights": request.weights,
+                    "strategy": request.strategy, "clips_requested": request.clips,
+                    "stride_s": request.stride_s, "start_sec": request.start_sec,
+                    "crops": request.crops, "config_key": key,
+                }
+            )
+        for i in range(0, len(rows), CHUNK):
+            chunk = rows[i : i + CHUNK]
+            ids = session.scalars(insert(Job).returning(Job.id, sort_by_parameter_order=True), chunk).all()
+            report.job_ids.extend(ids)
+            progress(len(chunk))
+        if publish:
+            tasks = [(job_id, request.priority, new_task_id(job_id)) for job_id in report.job_ids]
+            to_publish = tasks
+    if publish and to_publish:
+        report.published, report.publish_error = enqueue(settings, to_publish)
+    return report
+
+
+def enqueue(settings: Settings, tasks: list[tuple[int, int, str]]) -> tuple[int, str | None]:
+    """Record task ids, then publish; on broker failure say so and lose nothing.
+
+    The recorded task id is what ``vidq reconcile`` looks for in the broker."""
+
+    app = make_celery(settings)
+    make_session = sessions(settings.database_url)
+    now = utcnow()
+    with make_session() as session, session.begin():
+        session.execute(
+            update(Job.__table__)
+            .where(Job.__table__.c.id == bindparam("jid"))
+            .values(task_id=bindparam("tid"), enqueued_at=now),
+            [{"jid": job_id, "tid": task_id} for job_id, _p, task_id in tasks],
+        )
+    try:
+        sent = publish_jobs(app, tasks, queue=settings.queue)
+    except Exception as exc:  # kombu raises many connection error types
+        return 0, (
+            f"broker {settings.public()['broker_url']} unreachable ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); the jobs are recorded as queued: "
+            "run `vidq reconcile` once it is back."
+        )
+    return sent, None

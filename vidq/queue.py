@@ -1,0 +1,86 @@
+"""The Celery app's configuration, shared by producers and workers (no torch here).
+
+Delivery is at least once and made exact by the jobs table (see worker/jobs.py):
+late acks, requeue when a worker process is lost, prefetch one, JSON only, and
+a Redis visibility timeout far above the hard time limit, so a message is never
+redelivered while its task still runs.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Iterable
+
+from celery import Celery
+from kombu import Queue
+
+from vidq.settings import Settings
+
+TASK_CLASSIFY = "vidq.classify"
+PRIORITY_LEVELS = 10
+
+
+def make_celery(settings: Settings) -> Celery:
+    """A Celery app configured from settings. Creating it connects to nothing."""
+    app = Celery("vidq", broker=settings.broker_url, set_as_current=False)
+    hard = settings.task_time_limit_s
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        task_ignore_result=True,  # results go to SQL; there is no result backend
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_time_limit=hard,
+        task_soft_time_limit=max(hard - 60, 1),
+        task_default_queue=settings.queue,
+        task_queues=[Queue(settings.queue, routing_key=settings.queue)],
+        task_default_priority=5,
+        task_create_missing_queues=False,
+        broker_transport_options={
+            # Redelivery of unacked messages after this long: far above the hard limit.
+            "visibility_timeout": 2 * hard + 600,
+            "queue_order_strategy": "priority",
+            "priority_steps": list(range(PRIORITY_LEVELS)),
+            "sep": ":",
+        },
+        broker_connection_retry_on_startup=True,
+        # A worker that lost the broker cancels its acks_late tasks (they will be
+        # redelivered), so no second copy of a job runs on after reconnecting.
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        # Loading a model can take a while; the default 4 s would kill the child.
+        worker_proc_alive_timeout=600,
+        worker_max_memory_per_child=(settings.worker_max_memory_mb * 1024) or None,
+        worker_send_task_events=True,
+        task_send_sent_event=False,
+        worker_hijack_root_logger=True,
+        broker_pool_limit=4,
+    )
+    return app
+
+
+def celery_priority(priority: int) -> int:
+    """vidq priority 0 (lowest) .. 9 (highest) -> Redis priority (0 is served first)."""
+    return PRIORITY_LEVELS - 1 - max(0, min(PRIORITY_LEVELS - 1, priority))
+
+
+def new_task_id(job_id: int) -> str:
+    return f"vidq-{job_id}-{uuid.uuid4().hex[:12]}"
+
+
+def publish_jobs(app: Celery, jobs: Iterable[tuple[int, int, str]], *, queue: str) -> int:
+    """Publish (job_id, priority, task_id) messages over one broker connection."""
+    sent = 0
+    with app.producer_or_acquire() as producer:
+        for job_id, priority, task_id in jobs:
+            app.send_task(
+                TASK_CLASSIFY,
+                args=[job_id],
+                task_id=task_id,
+                queue=queue,
+                priority=celery_priority(priority),
+                producer=producer,
+            )
+            sent += 1
+    return sent

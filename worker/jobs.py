@@ -1,0 +1,282 @@
+"""Running one job exactly once against the jobs table (no Celery here).
+
+A delivery first *claims* the job row with a fresh lease token; its results are
+written in one transaction that only commits while that token still holds. So
+a redelivered or duplicated message can never add a second set of rows or
+overwrite a succeeded job, whatever the broker does.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import random
+import socket
+import threading
+import uuid
+from dataclasses import dataclass
+from typing import Callable, TypeVar
+
+from sqlalchemy import delete, insert, or_, select, update
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.orm import Session
+
+from vidq.db import ClipPrediction, Job, JobStatus, VideoLabel, first_line, sessions, utcnow
+from vidq.errors import PermanentError, TransientError, VidqError
+from vidq.media import check_video_path
+from vidq.settings import Settings
+
+log = logging.getLogger("vidq.worker")
+T = TypeVar("T")
+
+
+def stale_after_s(settings: Settings) -> float:
+    """A running job whose heartbeat is older than this has lost its worker."""
+    return 3 * settings.heartbeat_s + 5
+
+
+def backoff_s(attempt: int) -> float:
+    """Exponential backoff with jitter, capped at five minutes."""
+    return min(300.0, 2.0 * 2**attempt) * random.uniform(0.5, 1.0)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    job_id: int
+    status: str
+    """succeeded | failed | skipped (already done or cancelled) | busy (another live delivery)."""
+    detail: str = ""
+
+
+class JobStore:
+    """The jobs-table operations a worker performs. Database trouble is transient."""
+
+    def __init__(self, database_url: str, *, stale_after_s: float) -> None:
+        self._sessions = sessions(database_url)
+        self.stale_after_s = stale_after_s
+
+    def _run(self, fn: Callable[[Session], T]) -> T:
+        try:
+            with self._sessions() as session, session.begin():
+                return fn(session)
+        except DBAPIError as exc:
+            if isinstance(exc, OperationalError) or exc.connection_invalidated:
+                raise TransientError(f"database unavailable ({first_line(exc)})") from None
+            raise
+
+    def claim(self, job_id: int, token: str, host: str) -> Job | Outcome:
+        """Take the job if it is queued, or running with a stale heartbeat."""
+
+        def op(s: Session) -> Job | Outcome:
+            now = utcnow()
+            stale = now - dt.timedelta(seconds=self.stale_after_s)
+            res = s.execute(
+                update(Job)
+                .where(Job.id == job_id)
+                .where(
+                    or_(
+                        Job.status == JobStatus.QUEUED.value,
+                        (Job.status == JobStatus.RUNNING.value)
+                        & or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale),
+                    )
+                )
+                .values(
+                    status=JobStatus.RUNNING.value,
+                    lease_token=token,
+                    attempts=Job.attempts + 1,
+                    worker_host=host,
+                    started_at=now,
+                    heartbeat_at=now,
+                )
+            )
+            job = s.get(Job, job_id)
+            if job is None:
+                return Outcome(job_id, "skipped", "no such job")
+            if res.rowcount != 1:
+                if job.status == JobStatus.RUNNING.value:
+                    return Outcome(job_id, "busy", "running elsewhere with a live heartbeat")
+                return Outcome(job_id, "skipped", f"job is {job.status}")
+            s.expunge(job)
+            return job
+
+        return self._run(op)
+
+    def heartbeat(self, job_id: int, token: str) -> None:
+        self._run(
+            lambda s: s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.lease_token == token)
+                .values(heartbeat_at=utcnow())
+            )
+        )
+
+    def release(self, job_id: int, token: str) -> None:
+        """Give the job back to the queue (graceful shutdown, transient failure)."""
+        self._run(
+            lambda s: s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.lease_token == token,
+                       Job.status == JobStatus.RUNNING.value)
+                .values(status=JobStatus.QUEUED.value, lease_token=None, heartbeat_at=None)
+            )
+        )
+
+    def fail(self, job_id: int, token: str | None, error: VidqError) -> bool:
+        def op(s: Session) -> bool:
+            stmt = update(Job).where(Job.id == job_id)
+            if token is not None:
+                stmt = stmt.where(Job.lease_token == token)
+            stmt = stmt.where(Job.status.in_((JobStatus.QUEUED.value, JobStatus.RUNNING.value)))
+            res = s.execute(
+                stmt.values(
+                    status=JobStatus.FAILED.value,
+                    error_kind=error.kind,
+                    error_message=error.message[:2000],
+                    finished_at=utcnow(),
+                    lease_token=None,
+                )
+            )
+            return res.rowcount == 1
+
+        return self._run(op)
+
+    def succeed(self, job_id: int, token: str, result: object) -> bool:
+        """Write the job's results in one transaction, only while our lease holds."""
+        from worker.inference import VideoResult
+
+        assert isinstance(result, VideoResult)
+        info = result.info
+        top = result.top[0]
+
+        def op(s: Session) -> bool:
+            res = s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.lease_token == token,
+                       Job.status == JobStatus.RUNNING.value)
+                .values(
+                    status=JobStatus.SUCCEEDED.value,
+                    lease_token=None,
+                    finished_at=utcnow(),
+                    error_kind=None,
+                    error_message=None,
+                    weights_id=result.weights_id,
+                    precision=result.precision,
+                    device=result.device,
+                    duration_s=info.duration_s,
+                    fps=info.fps,
+                    width=info.width,
+                    height=info.height,
+                    frames=info.frames,
+                    codec=info.codec,
+                    has_audio=info.has_audio,
+                    clips_done=len(result.clips),
+                    decode_s=result.timing.get("decode_s"),
+                    model_s=result.timing.get("model_s"),
+                    top_class_id=top.class_id,
+                    top_label=top.label,
+                    top_score=top.score,
+                )
+            )
+            if res.rowcount != 1:
+                return False  # another delivery finished it, or it was cancelled
+            # Leftovers of an interrupted attempt cannot exist (rows are only written
+            # here, atomically), but a forced re-run must not collide with them either.
+            s.execute(delete(ClipPrediction).where(ClipPrediction.job_id == job_id))
+            s.execute(delete(VideoLabel).where(VideoLabel.job_id == job_id))
+            clip_rows = [
+                {
+                    "job_id": job_id, "clip_index": c.index, "rank": r,
+                    "start_sec": c.start_sec, "end_sec": c.end_sec,
+                    "class_id": t.class_id, "label": t.label, "score": t.score,
+                }
+                for c in result.clips
+                for r, t in enumerate(c.top, start=1)
+            ]
+            if clip_rows:
+                s.execute(insert(ClipPrediction), clip_rows)
+            s.execute(
+                insert(VideoLabel),
+                [
+                    {"job_id": job_id, "rank": r, "class_id": t.class_id,
+                     "label": t.label, "score": t.score}
+                    for r, t in enumerate(result.top, start=1)
+                ],
+            )
+            return True
+
+        return self._run(op)
+
+
+class Heartbeat:
+    """Refreshes a running job's heartbeat from a daemon thread."""
+
+    def __init__(self, store: JobStore, job_id: int, token: str, every_s: float) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._loop, args=(store, job_id, token, every_s), daemon=True,
+            name=f"vidq-heartbeat-{job_id}",
+        )
+
+    def _loop(self, store: JobStore, job_id: int, token: str, every_s: float) -> None:
+        while not self._stop.wait(every_s):
+            try:
+                store.heartbeat(job_id, token)
+            except VidqError as exc:
+                log.warning("job %s: heartbeat not written (%s)", job_id, exc.message)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def execute_job(
+    job_id: int, *, classifier: object, settings: Settings, store: JobStore
+) -> Outcome:
+    """Claim, classify and persist one job. Permanent errors fail the job at once;
+    TransientError propagates for the caller to retry (the lease is released)."""
+    from worker.inference import Classifier, oom_errors
+    from worker.video import Sampling
+
+    assert isinstance(classifier, Classifier)
+    token = uuid.uuid4().hex
+    claimed = store.claim(job_id, token, socket.gethostname())
+    if isinstance(claimed, Outcome):
+        return claimed
+    job = claimed
+    try:
+        with Heartbeat(store, job_id, token, settings.heartbeat_s):
+            if job.model != classifier.preset.name:
+                raise PermanentError(
+                    f"job asks for model {job.model} but this worker serves "
+                    f"{classifier.preset.name}; send it to a queue of {job.model} workers.",
+                    kind="wrong_model",
+                )
+            path = check_video_path(
+                job.path, media_roots=settings.media_roots, max_file_bytes=settings.max_file_bytes
+            )
+            sampling = Sampling(
+                strategy=job.strategy, clips=job.clips_requested, stride_s=job.stride_s,
+                start_sec=job.start_sec, crops=job.crops,
+            )
+            try:
+                result = classifier.classify(path, sampling)
+            except oom_errors() as exc:
+                raise TransientError(f"out of accelerator memory ({first_line(exc)})") from None
+    except PermanentError as exc:
+        store.fail(job_id, token, exc)
+        log.info("job %s failed: %s: %s", job_id, exc.kind, exc.message)
+        return Outcome(job_id, "failed", f"{exc.kind}: {exc.message}")
+    except TransientError:
+        try:
+            store.release(job_id, token)
+        except TransientError:
+            pass  # the heartbeat goes stale; the retry reclaims the job
+        raise
+    if store.succeed(job_id, token, result):
+        return Outcome(job_id, "succeeded", result.top[0].label)
+    return Outcome(job_id, "skipped", "lease lost: another delivery owns this job")
+

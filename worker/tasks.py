@@ -1,0 +1,114 @@
+"""Celery glue, thin like a web view: load the job, call worker/jobs.py, map
+errors to retry or permanent failure. ``celery -A worker.tasks worker`` works.
+
+Each worker *process* loads the model once, after the fork (CUDA is never
+touched in the parent), and keeps it for every job it takes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from billiard.process import current_process
+from celery import signals
+from celery.exceptions import Reject
+
+from vidq.db import dispose_engines
+from vidq.errors import TransientError, VidqError
+from vidq.queue import TASK_CLASSIFY, make_celery
+from vidq.settings import Settings
+from worker.jobs import JobStore, backoff_s, execute_job, stale_after_s
+
+log = logging.getLogger("vidq.worker")
+
+settings = Settings.from_env()
+app = make_celery(settings)
+
+
+@dataclass
+class _ProcessState:
+    classifier: Any
+    store: JobStore
+
+
+_state: _ProcessState | None = None
+
+
+def _device_for_this_process(s: Settings) -> str:
+    if s.device != "auto":
+        return s.device
+    import torch
+
+    gpus = torch.cuda.device_count()  # in the child: CUDA is initialised only here
+    if gpus == 0:
+        return "cpu"
+    index = getattr(current_process(), "index", None) or 0
+    return f"cuda:{index % gpus}"
+
+
+def load_process_state() -> _ProcessState:
+    """Build this process's classifier and job store (once)."""
+    global _state
+    if _state is None:
+        import torch
+
+        from worker.inference import Classifier
+
+        procs = int(os.environ.get("VIDQ_WORKER_PROCESSES", "1") or 1)
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // procs))
+        device = _device_for_this_process(settings)
+        classifier = Classifier.from_settings(settings.replace(device=device))
+        log.info(
+            "vidq worker process %s ready: %s weights %s, %s on %s",
+            os.getpid(), classifier.preset.name, classifier.weights_id,
+            classifier.precision, classifier.device,
+        )
+        if classifier.weights_id == "random-init":
+            log.warning("RANDOM WEIGHTS: every result row will carry weights_id=random-init")
+        _state = _ProcessState(classifier, JobStore(settings.database_url,
+                                                    stale_after_s=stale_after_s(settings)))
+    return _state
+
+
+@signals.worker_process_init.connect
+def _init_child(**_: Any) -> None:
+    dispose_engines()  # never reuse the parent's pooled connections after fork
+    load_process_state()
+
+
+@app.task(name=TASK_CLASSIFY, bind=True, acks_late=True)
+def classify(self: Any, job_id: Any = None, transient: int = 0) -> str:
+    if not isinstance(job_id, int) or isinstance(job_id, bool) or not isinstance(transient, int):
+        # A foreign or malformed message: drop it once, never loop on it.
+        log.error("rejecting malformed message %s: args=%r", self.request.id, self.request.args)
+        raise Reject("malformed vidq message", requeue=False)
+    state = load_process_state()
+    try:
+        outcome = execute_job(job_id, classifier=state.classifier, settings=settings,
+                              store=state.store)
+    except TransientError as exc:
+        if transient >= settings.max_retries:
+            give_up = TransientError(
+                f"gave up after {transient + 1} attempts: {exc.message}", kind="retries_exhausted"
+            )
+            try:
+                state.store.fail(job_id, None, give_up)
+            except VidqError:
+                log.error("job %s: %s (and the database is still unreachable)", job_id,
+                          give_up.message)
+            return "failed"
+        delay = backoff_s(transient)
+        log.warning("job %s: %s; retry %d in %.0fs", job_id, exc.message, transient + 1, delay)
+        raise self.retry(kwargs={"job_id": job_id, "transient": transient + 1}, args=(),
+                         countdown=delay, max_retries=None)
+    if outcome.status == "busy":
+        # Another delivery holds a live lease (a duplicate message, or a crashed
+        # child's job whose heartbeat has not gone stale yet): look again later.
+        raise self.retry(kwargs={"job_id": job_id, "transient": transient}, args=(),
+                         countdown=stale_after_s(settings), max_retries=None)
+    log.info("job %s %s %s", job_id, outcome.status, outcome.detail)
+    return outcome.status
+
