@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import random
 import socket
 import threading
@@ -243,7 +244,7 @@ def execute_job(
 
     assert isinstance(classifier, Classifier)
     token = uuid.uuid4().hex
-    claimed = store.claim(job_id, token, socket.gethostname())
+    claimed = store.claim(job_id, token, f"{socket.gethostname()}:{os.getpid()}")
     if isinstance(claimed, Outcome):
         return claimed
     job = claimed

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Set up (first run) and run the whole test suite:  bash scripts/test.sh [pytest args]
+# Needs Redis on 127.0.0.1:6379 and PostgreSQL on 127.0.0.1:5432 (trust auth,
+# database "test"); starts them if they are installed but not running.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ ! -x .venv/bin/python ]; then
+    "${PYTHON:-python3}" -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+python -m pip install -q -e '.[worker,test]'
+# docker-compose.yml is validated by Debian's docker-compose (no Docker engine needed).
+if ! command -v docker-compose >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    (apt-get install -y -q docker-compose >/dev/null 2>&1 || \
+     (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q docker-compose >/dev/null 2>&1)) || \
+        echo "test.sh: could not install docker-compose; the compose check will say so" >&2
+fi
+bash scripts/services.sh
+exec python -m pytest "$@"
