@@ -412,6 +412,25 @@ def cancel(batch: str | None, job_ids: tuple[int, ...]) -> None:
 
 
 @main.command()
+@click.option("--older-than", type=float, default=None,
+              help="Seconds a queued job must wait before counting as lost "
+                   "(default VIDQ_RECONCILE_AFTER_S).")
+@click.option("--dry-run", is_flag=True, help="Only list what would be re-enqueued.")
+@run_cli
+def reconcile(older_than: float | None, dry_run: bool) -> None:
+    """Re-enqueue jobs no live task will finish (stale running, or lost from Redis)."""
+    from vidq.reconcile import reconcile as run_reconcile
+
+    settings = Settings.from_env()
+    report = run_reconcile(settings, older_than_s=older_than, dry_run=dry_run)
+    verb = "would re-enqueue" if dry_run else "re-enqueued"
+    click.echo(f"{verb} {len(report.stale_running)} stale running and "
+               f"{len(report.lost_queued)} lost queued jobs")
+    if not report.broker_checked and not dry_run:
+        warn("the broker is not Redis: queued jobs were not checked against it.")
+
+
+@main.command()
 @click.option("--device", default=None, help="auto | cpu | cuda[:N] (VIDQ_DEVICE).")
 @click.option("--concurrency", type=int, default=None,
               help="Worker processes (default: one per GPU, or one on CPU).")

@@ -26,7 +26,7 @@ from sqlalchemy import (
     event,
 )
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
 from vidq.errors import TransientError
@@ -196,7 +196,11 @@ def get_engine(url: str, *, create: bool = True) -> Engine:
         engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
     if create:
         try:
-            Base.metadata.create_all(engine)
+            try:
+                Base.metadata.create_all(engine)
+            except (IntegrityError, ProgrammingError):
+                # Another process created the schema at the same moment: check again.
+                Base.metadata.create_all(engine)
         except OperationalError as exc:
             raise TransientError(
                 f"Database {mask_url(url)} is unreachable ({first_line(exc)}); "

@@ -80,8 +80,16 @@ class Settings:
     reconcile_after_s: int = 600
     """``vidq reconcile`` re-enqueues jobs queued or running this long with no live task."""
 
+    reconcile_every_s: int = 60
+    """How often a worker host runs reconcile (one host at a time, via a Redis lock); 0 = never."""
+
     heartbeat_s: int = 15
     """How often a running job's heartbeat is written."""
+
+    @property
+    def stale_after_s(self) -> float:
+        """A running job whose heartbeat is older than this has lost its worker."""
+        return 3 * self.heartbeat_s + 5
 
     @classmethod
     def from_env(

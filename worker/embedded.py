@@ -14,7 +14,7 @@ from typing import Callable, Iterable
 from vidq.errors import TransientError
 from vidq.settings import Settings
 from worker.inference import Classifier
-from worker.jobs import JobStore, Outcome, backoff_s, execute_job, stale_after_s
+from worker.jobs import JobStore, Outcome, backoff_s, execute_job
 
 
 def run_jobs(
@@ -26,7 +26,7 @@ def run_jobs(
 ) -> list[Outcome]:
     """Execute jobs one after another; transient errors retry with backoff."""
     classifier = classifier or Classifier.from_settings(settings)
-    store = JobStore(settings.database_url, stale_after_s=stale_after_s(settings))
+    store = JobStore(settings.database_url, stale_after_s=settings.stale_after_s)
     outcomes = []
     for job_id in job_ids:
         attempt = 0

@@ -31,11 +31,6 @@ log = logging.getLogger("vidq.worker")
 T = TypeVar("T")
 
 
-def stale_after_s(settings: Settings) -> float:
-    """A running job whose heartbeat is older than this has lost its worker."""
-    return 3 * settings.heartbeat_s + 5
-
-
 def backoff_s(attempt: int) -> float:
     """Exponential backoff with jitter, capped at five minutes."""
     return min(300.0, 2.0 * 2**attempt) * random.uniform(0.5, 1.0)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +22,7 @@ from vidq.db import dispose_engines
 from vidq.errors import TransientError, VidqError
 from vidq.queue import TASK_CLASSIFY, make_celery
 from vidq.settings import Settings
-from worker.jobs import JobStore, backoff_s, execute_job, stale_after_s
+from worker.jobs import JobStore, backoff_s, execute_job
 
 log = logging.getLogger("vidq.worker")
 
@@ -69,8 +71,34 @@ def load_process_state() -> _ProcessState:
         if classifier.weights_id == "random-init":
             log.warning("RANDOM WEIGHTS: every result row will carry weights_id=random-init")
         _state = _ProcessState(classifier, JobStore(settings.database_url,
-                                                    stale_after_s=stale_after_s(settings)))
+                                                    stale_after_s=settings.stale_after_s))
     return _state
+
+
+@signals.worker_ready.connect
+def _start_reconciler(**_: Any) -> None:
+    if settings.reconcile_every_s > 0:
+        threading.Thread(target=_reconcile_loop, name="vidq-reconcile", daemon=True).start()
+
+
+def _reconcile_loop() -> None:
+    """Every worker host offers; a Redis lock lets one reconcile per period."""
+    from vidq.reconcile import reconcile
+
+    lock = None
+    if settings.broker_url.startswith(("redis://", "rediss://")):
+        import redis
+
+        lock = redis.Redis.from_url(settings.broker_url, socket_timeout=10)
+    period = settings.reconcile_every_s
+    while True:
+        time.sleep(period)
+        try:
+            if lock is None or lock.set("vidq:reconcile-lock", os.getpid(), nx=True,
+                                        ex=max(1, period - 1)):
+                reconcile(settings)
+        except Exception as exc:  # the broker or database is down: try next period
+            log.warning("reconcile skipped: %s", str(exc).splitlines()[0] if str(exc) else exc)
 
 
 @signals.worker_process_init.connect
@@ -108,7 +136,7 @@ def classify(self: Any, job_id: Any = None, transient: int = 0) -> str:
         # Another delivery holds a live lease (a duplicate message, or a crashed
         # child's job whose heartbeat has not gone stale yet): look again later.
         raise self.retry(kwargs={"job_id": job_id, "transient": transient}, args=(),
-                         countdown=stale_after_s(settings), max_retries=None)
+                         countdown=settings.stale_after_s, max_retries=None)
     log.info("job %s %s %s", job_id, outcome.status, outcome.detail)
     return outcome.status
 

@@ -1,0 +1,132 @@
+"""``vidq reconcile``: find jobs that no live task will ever finish, and enqueue them again.
+
+Two kinds are found:
+- *running* jobs whose heartbeat went stale: their worker died (a SIGKILL, a lost
+  host), and Redis would hold the unacked message back for the visibility timeout;
+- *queued* jobs, recorded more than ``reconcile_after_s`` ago, whose task id is in
+  neither the Redis queue nor its unacked set: Redis restarted without
+  persistence, or the publish failed.
+Each is re-queued with a conditional update, so two reconcilers (or a worker
+finishing the job meanwhile) cannot both act on it. A stray duplicate message is
+harmless: the job's lease and its succeeded status stop a second run.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from dataclasses import dataclass, field
+
+from sqlalchemy import select, update
+
+from vidq.db import Job, JobStatus, sessions, utcnow
+from vidq.queue import PRIORITY_LEVELS, make_celery, new_task_id, publish_jobs
+from vidq.settings import Settings
+
+log = logging.getLogger("vidq.reconcile")
+UNACKED_KEY = "unacked"  # kombu's Redis transport default
+
+
+@dataclass
+class ReconcileReport:
+    stale_running: list[int] = field(default_factory=list)
+    lost_queued: list[int] = field(default_factory=list)
+    published: int = 0
+    broker_checked: bool = False
+
+
+def broker_task_ids(settings: Settings) -> set[str] | None:
+    """Task ids waiting in the queue or held unacked by a worker; None if not Redis."""
+    if not settings.broker_url.startswith(("redis://", "rediss://")):
+        return None
+    import redis
+
+    client = redis.Redis.from_url(settings.broker_url, socket_timeout=30)
+    try:
+        ids: set[str] = set()
+        # Queues first, then unacked: a message moving between them mid-scan is seen once.
+        keys = [settings.queue] + [f"{settings.queue}:{p}" for p in range(1, PRIORITY_LEVELS)]
+        for key in keys:
+            length = client.llen(key)
+            for start in range(0, length, 1000):
+                for raw in client.lrange(key, start, start + 999):
+                    ids.add(_task_id(raw))
+        for _tag, raw in client.hscan_iter(UNACKED_KEY, count=1000):
+            try:
+                ids.add(_task_id(json.dumps(json.loads(raw)[0])))
+            except (ValueError, IndexError, TypeError):
+                continue
+        ids.discard("")
+        return ids
+    finally:
+        client.close()
+
+
+def _task_id(raw: bytes | str) -> str:
+    try:
+        return str(json.loads(raw).get("headers", {}).get("id", ""))
+    except (ValueError, AttributeError):
+        return ""
+
+
+def reconcile(
+    settings: Settings, *, older_than_s: float | None = None, dry_run: bool = False
+) -> ReconcileReport:
+    """Re-enqueue jobs with no live task. Safe to run anywhere, any time, concurrently."""
+    older_than_s = settings.reconcile_after_s if older_than_s is None else older_than_s
+    stale_after_s = settings.stale_after_s
+    report = ReconcileReport()
+    now = utcnow()
+    make_session = sessions(settings.database_url)
+    with make_session() as session:
+        stale = session.execute(
+            select(Job.id, Job.priority, Job.task_id).where(
+                Job.status == JobStatus.RUNNING.value,
+                Job.heartbeat_at < now - dt.timedelta(seconds=stale_after_s),
+            )
+        ).all()
+        queued = session.execute(
+            select(Job.id, Job.priority, Job.task_id).where(
+                Job.status == JobStatus.QUEUED.value,
+                Job.task_id.is_not(None),  # rows of `vidq run` (embedded) never touch a broker
+                Job.enqueued_at < now - dt.timedelta(seconds=older_than_s),
+            )
+        ).all()
+    live = broker_task_ids(settings) if queued else set()
+    report.broker_checked = live is not None
+    lost = [row for row in queued if live is not None and row.task_id not in live]
+    if dry_run:
+        report.stale_running = [r.id for r in stale]
+        report.lost_queued = [r.id for r in lost]
+        return report
+    tasks: list[tuple[int, int, str]] = []
+    with make_session() as session, session.begin():
+        for row in stale:
+            task_id = new_task_id(row.id)
+            done = session.execute(
+                update(Job)
+                .where(Job.id == row.id, Job.status == JobStatus.RUNNING.value,
+                       Job.heartbeat_at < now - dt.timedelta(seconds=stale_after_s))
+                .values(status=JobStatus.QUEUED.value, lease_token=None, heartbeat_at=None,
+                        task_id=task_id, enqueued_at=utcnow())
+            ).rowcount
+            if done:
+                report.stale_running.append(row.id)
+                tasks.append((row.id, row.priority, task_id))
+        for row in lost:
+            task_id = new_task_id(row.id)
+            done = session.execute(
+                update(Job)
+                .where(Job.id == row.id, Job.status == JobStatus.QUEUED.value,
+                       Job.task_id == row.task_id)
+                .values(task_id=task_id, enqueued_at=utcnow())
+            ).rowcount
+            if done:
+                report.lost_queued.append(row.id)
+                tasks.append((row.id, row.priority, task_id))
+    if tasks:
+        report.published = publish_jobs(make_celery(settings), tasks, queue=settings.queue)
+        log.warning("reconcile: re-enqueued %d stale running and %d lost queued jobs",
+                    len(report.stale_running), len(report.lost_queued))
+    return report
