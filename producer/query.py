@@ -149,7 +149,7 @@ def requeue(
         stmt = stmt.where(Job.batch_id == bid)
     if job_ids:
         stmt = stmt.where(Job.id.in_(job_ids))
-    tasks = [(jid, prio, new_task_id(jid)) for jid, prio in session.execute(stmt)]
+    tasks = [(jid, prio, new_task_id()) for jid, prio in session.execute(stmt)]
     now = utcnow()
     for jid, _prio, tid in tasks:
         session.execute(

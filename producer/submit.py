@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
 from vidq.db import ACTIVE, Batch, Job, JobStatus, sessions, utcnow
@@ -209,42 +209,37 @@ def submit(
                     "strategy": request.strategy, "clips_requested": request.clips,
                     "stride_s": request.stride_s, "start_sec": request.start_sec,
                     "crops": request.crops, "config_key": key,
+                    # The task id is recorded before publishing: reconcile looks for it.
+                    "task_id": new_task_id() if publish else None,
+                    "enqueued_at": now if publish else None,
                 }
             )
         for i in range(0, len(rows), CHUNK):
             chunk = rows[i : i + CHUNK]
-            ids = session.scalars(insert(Job).returning(Job.id, sort_by_parameter_order=True), chunk).all()
+            ids = session.scalars(
+                insert(Job).returning(Job.id, sort_by_parameter_order=True), chunk
+            ).all()
             report.job_ids.extend(ids)
+            to_publish.extend(
+                (job_id, request.priority, row["task_id"]) for job_id, row in zip(ids, chunk)
+            )
             progress(len(chunk))
-        if publish:
-            tasks = [(job_id, request.priority, new_task_id(job_id)) for job_id in report.job_ids]
-            to_publish = tasks
     if publish and to_publish:
         report.published, report.publish_error = enqueue(settings, to_publish)
     return report
 
 
 def enqueue(settings: Settings, tasks: list[tuple[int, int, str]]) -> tuple[int, str | None]:
-    """Record task ids, then publish; on broker failure say so and lose nothing.
+    """Publish recorded (job id, priority, task id) triples over one connection.
 
-    The recorded task id is what ``vidq reconcile`` looks for in the broker."""
-
-    app = make_celery(settings)
-    make_session = sessions(settings.database_url)
-    now = utcnow()
-    with make_session() as session, session.begin():
-        session.execute(
-            update(Job.__table__)
-            .where(Job.__table__.c.id == bindparam("jid"))
-            .values(task_id=bindparam("tid"), enqueued_at=now),
-            [{"jid": job_id, "tid": task_id} for job_id, _p, task_id in tasks],
-        )
+    On broker failure, say so and lose nothing: the rows stay queued with their
+    task ids, which ``vidq reconcile`` finds missing from the broker."""
     try:
-        sent = publish_jobs(app, tasks, queue=settings.queue)
+        sent = publish_jobs(make_celery(settings), tasks, queue=settings.queue)
     except Exception as exc:  # kombu raises many connection error types
+        first = str(exc).splitlines()[0] if str(exc) else ""
         return 0, (
             f"broker {settings.public()['broker_url']} unreachable ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}); the jobs are recorded as queued: "
-            "run `vidq reconcile` once it is back."
+            f"{first}); the jobs are recorded as queued: run `vidq reconcile` once it is back."
         )
     return sent, None

@@ -103,7 +103,7 @@ def reconcile(
     tasks: list[tuple[int, int, str]] = []
     with make_session() as session, session.begin():
         for row in stale:
-            task_id = new_task_id(row.id)
+            task_id = new_task_id()
             done = session.execute(
                 update(Job)
                 .where(Job.id == row.id, Job.status == JobStatus.RUNNING.value,
@@ -115,7 +115,7 @@ def reconcile(
                 report.stale_running.append(row.id)
                 tasks.append((row.id, row.priority, task_id))
         for row in lost:
-            task_id = new_task_id(row.id)
+            task_id = new_task_id()
             done = session.execute(
                 update(Job)
                 .where(Job.id == row.id, Job.status == JobStatus.QUEUED.value,

@@ -46,6 +46,9 @@ class Settings:
     batch_size: int = 0
     """Clips per forward pass; 0 picks 1 on CPU (fastest per clip there) and 16 on CUDA."""
 
+    compile: bool = False
+    """Wrap the model in ``torch.compile`` (slower start, can be faster on GPU)."""
+
     top_k: int = 5
     """Labels kept per clip and per video."""
 
@@ -128,6 +131,10 @@ def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
     try:
         if kind == "int":
             return int(raw)
+        if kind == "bool":
+            if raw.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                raise ValueError(raw)
+            return raw.lower() in ("1", "true", "yes", "on")
         if kind == "float":
             return float(raw)
         if kind.startswith("tuple"):
