@@ -93,7 +93,9 @@ def main() -> None:
             for name, url in targets.items():
                 redis.Redis.from_url(args.broker).flushdb()
                 rate, sent = submit_rate(root, base.replace(database_url=url))
-                queued = redis.Redis.from_url(args.broker).llen(base.queue)
+                client = redis.Redis.from_url(args.broker)
+                queued = sum(client.llen(k) for k in client.scan_iter(f"{base.queue}*")
+                             if client.type(k) == b"list")
                 print(f"vidq submit, {name:10s}: {rate:,.0f} jobs/s  ({sent} jobs, {queued} messages "
                       f"in Redis)  = {rate / raw:.2f}x raw Redis push; target >= 2,000 jobs/s: "
                       f"{'PASS' if rate >= 2000 else 'FAIL'}")

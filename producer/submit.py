@@ -216,9 +216,7 @@ def submit(
             )
         for i in range(0, len(rows), CHUNK):
             chunk = rows[i : i + CHUNK]
-            ids = session.scalars(
-                insert(Job).returning(Job.id, sort_by_parameter_order=True), chunk
-            ).all()
+            ids = insert_jobs(session, chunk)
             report.job_ids.extend(ids)
             to_publish.extend(
                 (job_id, request.priority, row["task_id"]) for job_id, row in zip(ids, chunk)
@@ -227,6 +225,32 @@ def submit(
     if publish and to_publish:
         report.published, report.publish_error = enqueue(settings, to_publish)
     return report
+
+
+def insert_jobs(session: Session, rows: list[dict[str, object]]) -> list[int]:
+    """Insert job rows in bulk; returns their ids in row order.
+
+    PostgreSQL gets COPY with ids drawn from the sequence first: several times
+    faster than a multi-row INSERT ... RETURNING, whose long statement the driver
+    re-parses for every page of rows.
+    """
+    if session.get_bind().dialect.name != "postgresql":
+        return list(
+            session.scalars(insert(Job).returning(Job.id, sort_by_parameter_order=True), rows)
+        )
+    dbapi = session.connection().connection.dbapi_connection
+    assert dbapi is not None
+    columns = list(rows[0])
+    with dbapi.cursor() as cur:
+        cur.execute(
+            "select nextval(pg_get_serial_sequence('jobs', 'id')) from generate_series(1, %s)",
+            (len(rows),),
+        )
+        ids = [r[0] for r in cur.fetchall()]
+        with cur.copy(f"COPY jobs (id, {', '.join(columns)}) FROM STDIN") as copy:
+            for job_id, row in zip(ids, rows):
+                copy.write_row((job_id, *row.values()))
+    return ids
 
 
 def enqueue(settings: Settings, tasks: list[tuple[int, int, str]]) -> tuple[int, str | None]:
