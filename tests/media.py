@@ -13,6 +13,7 @@ The functions here import no pytest and no vidq code: tests/e2e can use them too
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
@@ -93,6 +94,8 @@ def make_video(
     codec: str = "libx264",
     audio: bool = False,
     vfr: bool = False,
+    faststart: bool = False,
+    gop: int = 0,
     seed: int = 0,
 ) -> list[Fraction]:
     """Write a video whose frame i shows ``draw_frame(i)``; return its frame times (s).
@@ -100,17 +103,23 @@ def make_video(
     ``codec``: libx264 (mp4/mkv/mov), mpeg4 (avi/mkv/mp4), libvpx or libvpx-vp9
     (webm/mkv). ``audio`` adds a 1 kHz AAC (or Opus in WebM) track as long as the
     video. ``vfr`` writes irregular timestamps with a 1/1000 time base.
+    ``faststart`` puts an MP4's index (moov) before the media data, as streaming
+    files have it; by default it is written at the end. ``gop``: frames between
+    keyframes (default: one second's worth).
     """
     path = str(path)
     times = frame_times(seconds=seconds, fps=fps, vfr=vfr)
     rate = Fraction(fps).limit_denominator(1001)
-    with av.open(path, "w") as out:
+    container_options = {"movflags": "+faststart"} if faststart else {}
+    with av.open(path, "w", options=container_options) as out:
         stream = out.add_stream(codec, rate=rate)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         if vfr:
             stream.codec_context.time_base = Fraction(1, 1000)
             stream.time_base = Fraction(1, 1000)
-        options = {"g": str(max(int(fps), 1))}
+        options = {"g": str(gop or max(int(fps), 1))}
+        if gop:
+            options["keyint_min"] = str(gop)
         if codec == "libx264":
             options.update(preset="ultrafast", crf="16")
         elif codec == "mpeg4":
@@ -196,14 +205,16 @@ def make_empty(path: str | Path) -> None:
 
 
 def make_corrupt(source: str | Path, path: str | Path, *, seed: int = 0) -> None:
-    """``source`` with its headers kept and everything after the first 4 KiB scrambled.
+    """``source`` with the middle half of its bytes replaced by random bytes.
 
-    The container opens and declares a video stream; its packets are garbage.
+    The first and last quarters stay, so the container's headers and index
+    (front or back of an MP4) are intact: the file opens, declares a video
+    stream, and its decoder meets garbage half-way through. With H.264 that is
+    a decode error; error-concealing decoders (MPEG-4, VP9) may not notice.
     """
     data = bytearray(Path(source).read_bytes())
-    head = min(4096, len(data) // 8)
-    rng = np.random.default_rng(seed)
-    data[head:] = rng.integers(0, 256, len(data) - head, np.uint8).tobytes()
+    lo, hi = len(data) // 4, 3 * len(data) // 4
+    data[lo:hi] = np.random.default_rng(seed).integers(0, 256, hi - lo, np.uint8).tobytes()
     Path(path).write_bytes(bytes(data))
 
 
@@ -227,12 +238,21 @@ def make_corpus(
     return paths
 
 
-def decoded_frames(path: str | Path) -> list[tuple[int, Fraction, int]]:
-    """Every frame of the first video stream as (pts, time_base, stamped index),
-    read with plain PyAV (no vidq code): the ground truth tests compare against."""
-    out = []
+@dataclass(frozen=True)
+class DecodedStream:
+    """Ground truth for timing tests, read with plain PyAV (no vidq code)."""
+
+    time_base: Fraction
+    start_pts: int
+    frames: list[tuple[int, int]]
+    """(pts, stamped index) of every decoded frame, in decode order."""
+
+
+def decoded_frames(path: str | Path) -> DecodedStream:
+    """Every frame of the first video stream with its pts and stamped index."""
+    frames = []
     with av.open(os.fspath(path)) as container:
         stream = container.streams.video[0]
         for frame in container.decode(stream):
-            out.append((frame.pts, stream.time_base, frame_index(frame.to_ndarray(format="rgb24"))))
-    return out
+            frames.append((frame.pts, frame_index(frame.to_ndarray(format="rgb24"))))
+        return DecodedStream(stream.time_base, stream.start_time or 0, frames)

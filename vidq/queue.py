@@ -38,6 +38,12 @@ def make_celery(settings: Settings) -> Celery:
         task_queues=[Queue(settings.queue, routing_key=settings.queue)],
         task_default_priority=5,
         task_create_missing_queues=False,
+        # kombu's Redis transport, except that junk LPUSHed onto the queue is
+        # dropped rather than stopping the worker (vidq/broker.py). rediss:// keeps
+        # kombu's own transport: naming a class would bypass its TLS defaults.
+        broker_transport=(
+            "vidq.broker:Transport" if settings.broker_url.startswith("redis://") else None
+        ),
         broker_transport_options={
             # Redelivery of unacked messages after this long: far above the hard limit.
             "visibility_timeout": 2 * hard + 600,

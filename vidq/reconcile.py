@@ -3,9 +3,11 @@
 Two kinds are found:
 - *running* jobs whose heartbeat went stale: their worker died (a SIGKILL, a lost
   host), and Redis would hold the unacked message back for the visibility timeout;
-- *queued* jobs, recorded more than ``reconcile_after_s`` ago, whose task id is in
-  neither the Redis queue nor its unacked set: Redis restarted without
-  persistence, or the publish failed.
+- *queued* jobs, recorded more than ``reconcile_after_s`` ago, whose task id is
+  neither in the Redis queue nor delivered to a worker (unacked) within the last
+  ``reconcile_after_s``: Redis restarted without persistence, the publish failed,
+  or a worker died between taking the message and claiming the job (Redis keeps
+  that message unacked until the visibility timeout, hours later).
 Each is re-queued with a conditional update, so two reconcilers (or a worker
 finishing the job meanwhile) cannot both act on it. A stray duplicate message is
 harmless: the job's lease and its succeeded status stop a second run.
@@ -16,6 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 
 from sqlalchemy import select, update
@@ -25,7 +28,8 @@ from vidq.queue import PRIORITY_LEVELS, make_celery, new_task_id, publish_jobs
 from vidq.settings import Settings
 
 log = logging.getLogger("vidq.reconcile")
-UNACKED_KEY = "unacked"  # kombu's Redis transport default
+UNACKED_KEY = "unacked"  # kombu's Redis transport defaults
+UNACKED_INDEX_KEY = "unacked_index"  # delivery tag -> Unix time it was delivered
 
 
 @dataclass
@@ -36,8 +40,14 @@ class ReconcileReport:
     broker_checked: bool = False
 
 
-def broker_task_ids(settings: Settings) -> set[str] | None:
-    """Task ids waiting in the queue or held unacked by a worker; None if not Redis."""
+def broker_task_ids(settings: Settings, *, delivered_after: float = 0.0) -> set[str] | None:
+    """Task ids waiting in the queue, or delivered to a worker (unacked) at or after
+    ``delivered_after`` (Unix time); None if the broker is not Redis.
+
+    A live worker claims its job moments after taking the message (a retry waits
+    at most five minutes, under the default ``reconcile_after_s``), so a message
+    unacked for longer, whose job is still queued, was left by a dead worker. Were
+    it not, re-enqueueing costs one duplicate message, which the lease makes a no-op."""
     if not settings.broker_url.startswith(("redis://", "rediss://")):
         return None
     import redis
@@ -52,7 +62,12 @@ def broker_task_ids(settings: Settings) -> set[str] | None:
             for start in range(0, length, 1000):
                 for raw in client.lrange(key, start, start + 999):
                     ids.add(_task_id(raw))
-        for _tag, raw in client.hscan_iter(UNACKED_KEY, count=1000):
+        unacked = list(client.hscan_iter(UNACKED_KEY, count=1000))
+        # Read after the scan: a tag acked meanwhile has no time and counts as live.
+        old_tags = set(client.zrangebyscore(UNACKED_INDEX_KEY, "-inf", f"({delivered_after}"))
+        for tag, raw in unacked:
+            if tag in old_tags:
+                continue
             try:
                 ids.add(_task_id(json.dumps(json.loads(raw)[0])))
             except (ValueError, IndexError, TypeError):
@@ -93,7 +108,8 @@ def reconcile(
                 Job.enqueued_at < now - dt.timedelta(seconds=older_than_s),
             )
         ).all()
-    live = broker_task_ids(settings) if queued else set()
+    live = (broker_task_ids(settings, delivered_after=time.time() - older_than_s)
+            if queued else set())
     report.broker_checked = live is not None
     lost = [row for row in queued if live is not None and row.task_id not in live]
     if dry_run:

@@ -54,7 +54,14 @@ class ModelPreset:
             import pytorchvideo.models.hub as hub
 
         factory: Callable[..., nn.Module] = getattr(hub, self.builder)
-        return factory(pretrained=False)
+        module = factory(pretrained=False)
+        # The X3D hub heads end in a Softmax (slow_r50's does not). The classifier
+        # applies softmax itself, so every preset must return logits: a second
+        # softmax would squash all scores towards 1/400.
+        head = module.blocks[-1]
+        if getattr(head, "activation", None) is not None:
+            head.activation = None
+        return module
 
 
 PRESETS: dict[str, ModelPreset] = {
@@ -212,3 +219,50 @@ def load_model(preset: ModelPreset, weights: str) -> LoadedModel:
             f"Checkpoint {checkpoint_path} does not fit model {preset.name}: {first}"
         ) from None
     return LoadedModel(preset, module.eval(), "sha256:" + file_sha256(checkpoint_path))
+
+
+# (conv, norm) attribute pairs of PyTorchVideo's blocks (stems, bottlenecks, the
+# shortcut branch, X3D's projected-pool head): each forward applies the norm right
+# after the conv, and skips a norm that is None.
+_CONV_NORM_PAIRS = (
+    ("conv", "norm"),
+    ("conv_a", "norm_a"),
+    ("conv_b", "norm_b"),
+    ("conv_c", "norm_c"),
+    ("branch1_conv", "branch1_norm"),
+    ("pre_conv", "pre_norm"),
+    ("post_conv", "post_norm"),
+)
+
+
+@torch.no_grad()
+def fold_batch_norms(module: nn.Module) -> int:
+    """Fold each eval-mode BatchNorm3d into the Conv3d before it (in place, fp32).
+
+    conv then BN is one affine map per output channel, so the folded conv computes
+    the same function with one pass over the activations instead of two. For the
+    reduced-precision path only: in fp32 it changes results by float rounding, and
+    the fp32 path stays the seed's. Returns how many norms were folded.
+    """
+    folded = 0
+    for block in module.modules():
+        for conv_name, norm_name in _CONV_NORM_PAIRS:
+            conv = getattr(block, conv_name, None)
+            norm = getattr(block, norm_name, None)
+            if not (isinstance(conv, nn.Conv3d) and isinstance(norm, nn.BatchNorm3d)):
+                continue
+            if norm.training or norm.running_mean is None or norm.running_var is None:
+                continue
+            scale = torch.rsqrt(norm.running_var.double() + norm.eps)
+            if norm.weight is not None:
+                scale = scale * norm.weight.double()
+            shift = -norm.running_mean.double() * scale
+            if norm.bias is not None:
+                shift = shift + norm.bias.double()
+            bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(shift)
+            weight = conv.weight.double() * scale.view(-1, 1, 1, 1, 1)
+            conv.weight.copy_(weight.to(conv.weight.dtype))
+            conv.bias = nn.Parameter((bias * scale + shift).to(conv.weight.dtype), requires_grad=False)
+            setattr(block, norm_name, None)
+            folded += 1
+    return folded

@@ -16,7 +16,8 @@ from typing import Any
 
 from billiard.process import current_process
 from celery import signals
-from celery.exceptions import Reject
+from celery.exceptions import InvalidTaskError, Reject
+from celery.worker.request import Request
 
 from vidq.db import dispose_engines
 from vidq.errors import TransientError, VidqError
@@ -107,7 +108,33 @@ def _init_child(**_: Any) -> None:
     load_process_state()
 
 
-@app.task(name=TASK_CLASSIFY, bind=True, acks_late=True)
+class ClassifyRequest(Request):
+    """Celery's request, except that a message with our task name but a body or
+    headers Celery cannot use is an invalid message (logged, dropped once), not an
+    error that stops the whole worker ("Unrecoverable error")."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            super().__init__(*args, **kwargs)
+        except InvalidTaskError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise InvalidTaskError(f"malformed vidq message ({exc!r})") from None
+        # Read later, outside any handler: check them now.
+        limits = self.time_limits
+        if not (
+            isinstance(self.id, str)
+            and isinstance(self._args, (list, tuple))
+            and isinstance(self._kwargs, dict)
+            and isinstance(limits, (list, tuple)) and len(limits) == 2
+            and all(v is None or isinstance(v, (int, float)) for v in limits)
+        ):
+            raise InvalidTaskError(
+                f"malformed vidq message (id={self.id!r}, timelimit={limits!r})"
+            )
+
+
+@app.task(name=TASK_CLASSIFY, bind=True, acks_late=True, Request=ClassifyRequest)
 def classify(self: Any, job_id: Any = None, transient: int = 0) -> str:
     if not isinstance(job_id, int) or isinstance(job_id, bool) or not isinstance(transient, int):
         # A foreign or malformed message: drop it once, never loop on it.

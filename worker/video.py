@@ -24,6 +24,18 @@ from vidq.errors import InputError
 
 STRATEGIES = ("single", "uniform", "sliding")
 
+# A file's *content* can make FFmpeg open other resources: an HLS playlist or a
+# concat script saved as .mp4 would fetch URLs or read other local files. Only
+# plain files, and only container formats that hold their media inside them.
+SAFE_OPEN = {
+    "protocol_whitelist": "file",
+    "format_whitelist": ",".join(
+        "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,mpegts,mpeg,mpegvideo,flv,asf,ogg,"
+        "h264,hevc,m4v,mjpeg,yuv4mpegpipe,nut,mxf,dv,ivf,obu,rm,vc1,gif,"
+        "wav,mp3,aac,flac".split(",")
+    ),
+}
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -104,9 +116,10 @@ def plan_windows(sampling: Sampling, duration_s: float, clip_duration: Fraction)
     if sampling.strategy == "single":
         starts = [float(sampling.start_sec)]
     elif sampling.strategy == "uniform":
-        # PyTorchVideo's ConstantClipsPerVideoSampler: evenly spaced over [0, duration - span].
+        # PyTorchVideo's ConstantClipsPerVideoSampler (and SlowFast's multi-view test):
+        # start i = i * (duration - span) / clips, so the last clip stops short of the end.
         max_start = max(duration_s - span, 0.0)
-        step = max_start / max(sampling.clips - 1, 1)
+        step = max_start / sampling.clips
         starts = [step * i for i in range(sampling.clips)] if max_start > 0 else [0.0]
     else:
         stride = float(sampling.stride_s) if sampling.stride_s else span
@@ -143,9 +156,13 @@ class VideoReader:
     def __init__(self, path: str | Path, *, limits: Limits = Limits(), threads: int = 0) -> None:
         self.path = str(path)
         try:
-            self._container = av.open(self.path, metadata_errors="ignore")
+            self._container = av.open(self.path, metadata_errors="ignore", options=SAFE_OPEN)
         except av.error.InvalidDataError:
-            raise InputError(f"{self.path}: not a video (FFmpeg cannot read it).", kind="not_a_video") from None
+            raise InputError(
+                f"{self.path}: not a video FFmpeg can read (wrong format, or damaged: "
+                "an MP4 cut short loses its index).",
+                kind="not_a_video",
+            ) from None
         except av.error.FFmpegError as exc:
             raise InputError(f"{self.path}: cannot open ({exc.strerror}).", kind="not_a_video") from None
         try:
@@ -248,7 +265,15 @@ class VideoReader:
         last_pts: int | None = None
         decoded = 0
 
+        sought: list[int] = []
+
         def seek_to(pts: int) -> None:
+            # A seek lands on the keyframe before ``pts``, which can be further back
+            # than the gap (long GOPs, a window past the end): seek to each target at
+            # most once, or the same gap would trigger the same seek forever.
+            if sought and pts <= sought[-1]:
+                return
+            sought.append(pts)
             self._container.seek(pts, backward=True, any_frame=False, stream=self._stream)
 
         if ranges and gap_pts and ranges[0][0] - self.start_pts > gap_pts:

@@ -1,0 +1,118 @@
+"""Session fixtures: the test media (tests/media.py) written once into a tmp dir."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests import media
+
+
+@dataclass(frozen=True)
+class Media:
+    """Paths of the generated files; each name says what the file is."""
+
+    h264_30: Path
+    """160x96, 30 fps, 3 s, H.264 in MP4, silent."""
+    h264_24: Path
+    """160x96, 24 fps, 3 s."""
+    h264_25_audio: Path
+    """128x96, 25 fps, 3 s, with an AAC track."""
+    h264_60_mkv: Path
+    """96x64, 60 fps, 2 s, H.264 in Matroska (1/1000 time base, no frame count)."""
+    ntsc: Path
+    """160x96 at 30000/1001 fps, 2 s."""
+    vfr: Path
+    """160x96, irregular timestamps (mean 24 fps), 3 s, MP4."""
+    vfr_mkv: Path
+    """The same irregular timestamps in Matroska."""
+    portrait: Path
+    """96x160 (portrait), 30 fps, 2 s."""
+    mpeg4_avi: Path
+    """MPEG-4 part 2 in AVI, 160x96, 2 s."""
+    vp9_webm: Path
+    """VP9 in WebM with an Opus track, 160x96, 2 s."""
+    short: Path
+    """1 s at 30 fps: shorter than one slow_r50 (2.13 s) or x3d_xs (1.6 s) clip."""
+    tiny: Path
+    """5 frames at 25 fps (0.2 s): fewer frames than x3d_s/slow_r50 subsample."""
+    audio_m4a: Path
+    audio_wav: Path
+    corrupt: Path
+    """H.264 MP4, index intact, middle half of the bytes random."""
+    truncated_mp4: Path
+    """The first half of an MP4 whose index is at the end: FFmpeg cannot open it."""
+    truncated_faststart: Path
+    """The first half of an MP4 with its index in front: frames stop half-way."""
+    truncated_mkv: Path
+    """The first half of a Matroska file: frames stop half-way."""
+    random_bytes: Path
+    empty: Path
+
+
+SPECS: dict[str, dict[str, object]] = {
+    "h264_30.mp4": dict(seconds=3, fps=30),
+    "h264_24.mp4": dict(seconds=3, fps=24),
+    "h264_25_audio.mp4": dict(seconds=3, fps=25, width=128, audio=True),
+    "h264_60.mkv": dict(seconds=2, fps=60, width=96, height=64),
+    "ntsc.mp4": dict(seconds=2, fps=30000 / 1001),
+    "vfr.mp4": dict(seconds=3, fps=30, vfr=True),
+    "vfr.mkv": dict(seconds=3, fps=30, vfr=True),
+    "portrait.mp4": dict(seconds=2, width=96, height=160),
+    "mpeg4.avi": dict(seconds=2, codec="mpeg4"),
+    "vp9.webm": dict(seconds=2, codec="libvpx-vp9", audio=True),
+    "short.mp4": dict(seconds=1),
+    "tiny.mp4": dict(seconds=0.2, fps=25),
+    "long.mp4": dict(seconds=4),
+    "long.mkv": dict(seconds=4),
+}
+
+
+@pytest.fixture(scope="session")
+def media_files(tmp_path_factory: pytest.TempPathFactory) -> Media:
+    root = tmp_path_factory.mktemp("media")
+    for name, spec in SPECS.items():
+        media.make_video(root / name, **spec)  # type: ignore[arg-type]
+    media.make_video(root / "long_faststart.mp4", seconds=4, faststart=True)
+    media.make_audio_only(root / "audio.m4a")
+    media.make_audio_only(root / "audio.wav")
+    media.make_corrupt(root / "long.mp4", root / "corrupt.mp4")
+    media.make_truncated(root / "long.mp4", root / "truncated.mp4")
+    media.make_truncated(root / "long_faststart.mp4", root / "truncated_faststart.mp4")
+    media.make_truncated(root / "long.mkv", root / "truncated.mkv")
+    media.make_random_bytes(root / "random.mp4")
+    media.make_empty(root / "empty.mp4")
+    return Media(
+        h264_30=root / "h264_30.mp4",
+        h264_24=root / "h264_24.mp4",
+        h264_25_audio=root / "h264_25_audio.mp4",
+        h264_60_mkv=root / "h264_60.mkv",
+        ntsc=root / "ntsc.mp4",
+        vfr=root / "vfr.mp4",
+        vfr_mkv=root / "vfr.mkv",
+        portrait=root / "portrait.mp4",
+        mpeg4_avi=root / "mpeg4.avi",
+        vp9_webm=root / "vp9.webm",
+        short=root / "short.mp4",
+        tiny=root / "tiny.mp4",
+        audio_m4a=root / "audio.m4a",
+        audio_wav=root / "audio.wav",
+        corrupt=root / "corrupt.mp4",
+        truncated_mp4=root / "truncated.mp4",
+        truncated_faststart=root / "truncated_faststart.mp4",
+        truncated_mkv=root / "truncated.mkv",
+        random_bytes=root / "random.mp4",
+        empty=root / "empty.mp4",
+    )
+
+
+@pytest.fixture(scope="session")
+def seed_modules() -> None:
+    """Make the seed's ``pytorchvideo.transforms`` importable, as seed_pipeline.py does:
+    PyPI's pytorchvideo 0.1.5 imports a torchvision module renamed in 0.17."""
+    import torchvision.transforms._functional_tensor as functional_tensor
+
+    sys.modules.setdefault("torchvision.transforms.functional_tensor", functional_tensor)

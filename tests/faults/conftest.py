@@ -1,0 +1,100 @@
+"""Fixtures of the fault-injection suite: the e2e services and cluster, made for faults.
+
+``redis_url`` (Redis db 15, flushed) and ``database_url`` (SQLite and PostgreSQL)
+come from tests/e2e/conftest.py; a test that needs only one backend narrows it with
+``@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from tests.e2e.conftest import database_url, redis_url  # noqa: F401  (fixtures)
+from tests.faults.harness import FaultCluster, PostgresServer, RedisServer
+from tests.media import make_video
+from vidq.db import dispose_engines
+
+LONG_JOB = ("--strategy", "sliding", "--stride", "0.2")
+"""With ``media.long``: ~55 x3d_xs clips, several seconds of inference to interrupt."""
+
+
+@dataclass(frozen=True)
+class FaultMedia:
+    root: Path
+    long: Path
+    """12 s, 160x96: with LONG_JOB a job that runs for seconds."""
+    good: list[Path]
+    """Distinct 2 s videos that classify quickly."""
+
+
+@pytest.fixture(scope="session")
+def media(tmp_path_factory: pytest.TempPathFactory) -> FaultMedia:
+    root = tmp_path_factory.mktemp("fault-media")
+    make_video(root / "long.mp4", seconds=12, seed=7)
+    good = [root / f"good{i}.mp4" for i in range(6)]
+    for i, path in enumerate(good):
+        make_video(path, seconds=2, seed=500 + i)
+    return FaultMedia(root=root, long=root / "long.mp4", good=good)
+
+
+@pytest.fixture
+def cluster(
+    redis_url: str, database_url: str, tmp_path: Path  # noqa: F811  (the fixtures above)
+) -> Iterator[FaultCluster]:
+    c = FaultCluster(broker_url=redis_url, database_url=database_url, workdir=tmp_path)
+    yield c
+    c.kill_all()
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis of this test's own, free to be shut down; always stopped at the end."""
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        if _redis_up(server):
+            server.stop()
+
+
+def _redis_up(server: RedisServer) -> bool:
+    import redis
+
+    try:
+        return bool(redis.Redis(port=server.port, socket_timeout=2).ping())
+    except redis.RedisError:
+        return False
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL cluster of this test's own, free to be stopped; removed at the end."""
+    server = PostgresServer()
+    if server.bindir is None:
+        pytest.skip("PostgreSQL server binaries (pg_ctl, initdb) are not installed")
+    server.init()
+    try:
+        yield server
+    finally:
+        dispose_engines()
+        server.destroy()
+
+
+@pytest.fixture
+def make_cluster(tmp_path: Path) -> Iterator[Callable[..., FaultCluster]]:
+    """Clusters on services other than the shared ones (private Redis or PostgreSQL)."""
+    made: list[FaultCluster] = []
+
+    def make(*, broker_url: str, database_url: str) -> FaultCluster:  # noqa: F811
+        c = FaultCluster(broker_url=broker_url, database_url=database_url, workdir=tmp_path)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.kill_all()

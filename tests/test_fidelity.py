@@ -1,0 +1,306 @@
+"""slow_r50: our pipeline against the seed's own, on the same frames and weights.
+
+The seed (/work/shared/seed/slow_r50_hub_usage.md) is run here as written:
+PyTorchVideo's ``EncodedVideo.get_clip`` and the seed's ``Compose`` transform (its
+broken ``pytorchvideo.transforms`` import shimmed exactly as
+/work/shared/reference/seed_pipeline.py does), then ``model(inputs[None])`` on
+``pytorchvideo.models.hub.slow_r50``. The pretrained checkpoint cannot be fetched
+here, so both sides load one checkpoint this test writes: slow_r50 at its random
+init, with trained-like batch-norm parameters (see ``randomize_batch_norms``) and
+the final projection scaled x50. That spreads the logits over ~22 units, like a
+trained classifier's, instead of the near-uniform ~1/400 softmax of a random head,
+so probabilities and top-5 are decided by the network, not by ties.
+
+Windows: start 0, an off-grid start, the seed's sliding starts i * clip_duration
+and our back-padded tail window, on a 24 fps landscape and a 60 fps portrait video.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests import media
+from worker.inference import Classifier, cpu_has_fast_bf16
+from worker.models import get_preset
+from worker.transforms import clip_views
+from worker.video import Sampling, VideoReader, Window, plan_windows
+
+pytestmark = pytest.mark.slow
+
+HEAD_SCALE = 50.0
+
+INPUT_TOLERANCE = 1e-5
+"""Max abs difference of the normalized input tensors (values in ~[-2, 2.5]).
+We resize before normalizing (the seed normalizes full frames, then resizes) and
+fold /255 into the affine map; bilinear weights sum to 1, so the two orders are
+equal in exact arithmetic and differ by float32 rounding only: a few ulps of 2.4e-7.
+Measured: <= 9.6e-7. Any real deviation (a frame, a crop offset, mean/std, the
+resize size, RGB order) is >= 1e-2."""
+
+LOGIT_TOLERANCE = 1e-4
+"""Max abs difference of fp32 logits (spread max - min ~22). The only input to
+differ is the tensor above, ~4e-7 relative; 50 layers of conv+BN+ReLU amplify
+that by at most ~10-100x in relative terms. Measured: <= 3e-6."""
+
+BF16_PROB_TOLERANCE = 2e-2
+"""Max abs difference of a clip's softmax, the fast path (BN folded into the convs,
+conv weights stored in bf16, bf16 autocast, channels_last_3d) vs the seed's fp32.
+bf16 keeps 8 significant bits (relative rounding 2^-9 = 2e-3 per op), accumulations
+stay fp32; over 50 layers the logit error is ~0.05 of their ~22 spread, which
+moves probabilities by ~1e-3..1e-2. Measured: <= 5.9e-3; the bound
+leaves room for other oneDNN kernels or CPUs while still catching a wrong dtype
+path, a missing normalization or a layout bug (all >= 0.1)."""
+
+BF16_LOGIT_TOLERANCE = 0.25
+"""Max abs difference of logits, bf16 fast path vs the seed's fp32 (spread ~22).
+Measured: <= 0.045 (0.2% of the spread)."""
+
+# Top-1 must agree on every window. Top-5 may differ only by near-ties: a class in
+# our top 5 but not the seed's must have a seed logit within 2 x BF16_LOGIT_TOLERANCE
+# of the seed's 5th.
+
+
+def seed_shim() -> None:
+    import sys
+
+    import torchvision.transforms._functional_tensor as functional_tensor
+
+    sys.modules.setdefault("torchvision.transforms.functional_tensor", functional_tensor)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("fidelity")
+
+
+def randomize_batch_norms(model: torch.nn.Module, *, seed: int = 1) -> None:
+    """Trained-like BN statistics and affine parameters. PyTorchVideo's init zeroes
+    the weight of each residual branch's last BN, which would make every bottleneck
+    an identity and leave most of the network untested; and running stats of 0/1
+    would make the BN folding of the fast path a no-op."""
+    g = torch.Generator().manual_seed(seed)
+    for bn in model.modules():
+        if isinstance(bn, torch.nn.BatchNorm3d):
+            c = bn.num_features
+            low = 0.1 if getattr(bn, "block_final_bn", False) else 0.9  # keep residual growth tame
+            bn.weight.data = torch.rand(c, generator=g) * 0.2 + low
+            bn.bias.data = torch.randn(c, generator=g) * 0.05
+            bn.running_mean.data = torch.randn(c, generator=g) * 0.05
+            bn.running_var.data = torch.rand(c, generator=g) * 0.5 + 0.75
+
+
+@pytest.fixture(scope="module")
+def checkpoint(workdir: Path) -> Path:
+    from pytorchvideo.models.hub import slow_r50
+
+    torch.manual_seed(0)
+    model = slow_r50(pretrained=False)
+    randomize_batch_norms(model)
+    state = model.state_dict()
+    state["blocks.5.proj.weight"] = state["blocks.5.proj.weight"] * HEAD_SCALE
+    path = workdir / "SLOW_8x8_R50_test.pyth"
+    torch.save({"model_state": state}, path)  # the hub's .pyth layout
+    return path
+
+
+@pytest.fixture(scope="module")
+def videos(workdir: Path) -> dict[str, Path]:
+    paths = {"24fps": workdir / "landscape_24fps.mp4", "60fps": workdir / "portrait_60fps.mp4"}
+    media.make_video(paths["24fps"], seconds=6.5, fps=24, width=320, height=180, seed=3)
+    # 256 frames at 60 fps = exactly two spans: two sliding windows, no tail.
+    media.make_video(paths["60fps"], seconds=256 / 60, fps=60, width=180, height=320, seed=4)
+    return paths
+
+
+SPAN = get_preset("slow_r50").clip_duration
+CLIP_DURATION = (8 * 8) / 30  # the seed's float
+
+
+@pytest.fixture(scope="module")
+def windows(videos: dict[str, Path]) -> list[tuple[str, Window]]:
+    """(video, window): our sliding plan (starts i * clip_duration plus the tail) and
+    two more starts, each checked against the seed at the same float seconds."""
+    out = []
+    for name, path in videos.items():
+        with VideoReader(path) as reader:
+            plan = plan_windows(Sampling(strategy="sliding"), reader.info.duration_s, SPAN)
+        out += [(name, w) for w in plan]
+    assert [w.start_sec for n, w in out if n == "24fps"][:3] == [i * CLIP_DURATION for i in range(3)]
+    out.append(("24fps", Window(0, 0.5, 0.5 + float(SPAN))))
+    return out
+
+
+@pytest.fixture(scope="module")
+def seed_outputs(
+    checkpoint: Path, videos: dict[str, Path], windows: list[tuple[str, Window]]
+) -> list[dict[str, torch.Tensor]]:
+    """The seed's input tensor and logits for each window, exactly as the seed computes them."""
+    seed_shim()
+    from pytorchvideo.data.encoded_video import EncodedVideo
+    from pytorchvideo.models.hub import slow_r50
+    from pytorchvideo.transforms import ApplyTransformToKey, ShortSideScale, UniformTemporalSubsample
+    from torchvision.transforms import Compose, Lambda
+    from torchvision.transforms._transforms_video import CenterCropVideo, NormalizeVideo
+
+    model = slow_r50(pretrained=False)
+    model.load_state_dict(torch.load(checkpoint, map_location="cpu")["model_state"])
+    model = model.eval()
+    side_size, mean, std, crop_size = 256, [0.45, 0.45, 0.45], [0.225, 0.225, 0.225], 256
+    transform = ApplyTransformToKey(
+        key="video",
+        transform=Compose(
+            [
+                UniformTemporalSubsample(8),
+                Lambda(lambda x: x / 255.0),
+                NormalizeVideo(mean, std),
+                ShortSideScale(size=side_size),
+                CenterCropVideo(crop_size=(crop_size, crop_size)),
+            ]
+        ),
+    )
+    opened = {name: EncodedVideo.from_path(str(path)) for name, path in videos.items()}
+    out = []
+    for name, w in windows:
+        video_data = transform(opened[name].get_clip(start_sec=w.start_sec, end_sec=w.start_sec + CLIP_DURATION))
+        inputs = video_data["video"]
+        with torch.no_grad():
+            logits = model(inputs[None, ...])
+        out.append({"inputs": inputs, "logits": logits[0], "probs": torch.softmax(logits, dim=1)[0]})
+    for video in opened.values():
+        video.close()
+    return out
+
+
+@pytest.fixture(scope="module")
+def fp32(checkpoint: Path) -> Classifier:
+    return Classifier(model="slow_r50", weights=str(checkpoint), device="cpu", precision="fp32")
+
+
+@pytest.fixture(scope="module")
+def our_outputs(
+    fp32: Classifier, videos: dict[str, Path], windows: list[tuple[str, Window]]
+) -> list[dict[str, torch.Tensor]]:
+    """Our decode + transform (worker.video, worker.transforms) and our loaded model, fp32."""
+    out = []
+    for name, w in windows:
+        with VideoReader(videos[name]) as reader:
+            (clip,) = list(reader.clips([w], num_frames=8))
+        views = clip_views(clip.frames, fp32.preset)
+        with torch.inference_mode():
+            logits = fp32.module(views)
+        out.append({"inputs": views[0], "logits": logits[0]})
+    return out
+
+
+def top5(values: torch.Tensor) -> list[int]:
+    return values.topk(5).indices.tolist()
+
+
+def test_input_tensor_matches_the_seeds(
+    seed_outputs: list[dict[str, torch.Tensor]], our_outputs: list[dict[str, torch.Tensor]]
+) -> None:
+    diffs = []
+    for seed, ours in zip(seed_outputs, our_outputs):
+        assert ours["inputs"].shape == seed["inputs"].shape == (3, 8, 256, 256)
+        diffs.append((ours["inputs"] - seed["inputs"]).abs().max().item())
+    print(f"input max abs diff per window: {['%.1e' % d for d in diffs]}")
+    assert max(diffs) <= INPUT_TOLERANCE
+
+
+def test_fp32_logits_and_top5_match_the_seeds(
+    seed_outputs: list[dict[str, torch.Tensor]], our_outputs: list[dict[str, torch.Tensor]]
+) -> None:
+    diffs, gaps, spread = [], [], []
+    for seed, ours in zip(seed_outputs, our_outputs):
+        diffs.append((ours["logits"] - seed["logits"]).abs().max().item())
+        assert top5(ours["logits"]) == top5(seed["logits"])
+        ranked = seed["logits"].sort(descending=True).values
+        gaps.append((ranked[:5] - ranked[1:6]).min().item())
+        spread.append(ranked[0].item() - ranked[-1].item())
+    print(f"fp32 logit max abs diff per window: {['%.1e' % d for d in diffs]}; logit spread "
+          f"{min(spread):.1f}..{max(spread):.1f}; smallest gap among the top 6: {min(gaps):.1e}")
+    # The top 6 are separated by far more than the tolerance: agreement is meaningful.
+    assert min(gaps) > 10 * LOGIT_TOLERANCE
+    assert max(diffs) <= LOGIT_TOLERANCE
+
+
+def test_our_loaded_model_is_the_seeds_model(
+    fp32: Classifier, seed_outputs: list[dict[str, torch.Tensor]]
+) -> None:
+    """Same input tensor -> same logits: the checkpoint loader and the architecture add
+    no difference of their own; the input rounding above is the only one."""
+    for seed in seed_outputs[:1]:
+        with torch.inference_mode():
+            logits = fp32.module(seed["inputs"][None])[0]
+        assert (logits - seed["logits"]).abs().max().item() <= 1e-6
+
+
+def test_fp32_classify_end_to_end_gives_the_seeds_top5_per_window(
+    fp32: Classifier,
+    videos: dict[str, Path],
+    windows: list[tuple[str, Window]],
+    seed_outputs: list[dict[str, torch.Tensor]],
+) -> None:
+    """The real path: pipelined decode thread, batching, sliding windows."""
+    expected = {w.start_sec: s for (name, w), s in zip(windows, seed_outputs) if name == "60fps"}
+    (result,) = list(fp32.classify_many([videos["60fps"]], Sampling(strategy="sliding")))
+    assert not isinstance(result, Exception), result
+    assert len(result.clips) == len(expected) == 2
+    for clip, (start, seed) in zip(result.clips, sorted(expected.items())):
+        assert clip.start_sec == round(start, 4)
+        assert [t.class_id for t in clip.top] == top5(seed["probs"])
+        assert clip.top[0].score == pytest.approx(seed["probs"].max().item(), abs=2e-6)
+
+
+def test_fast_default_path_stays_within_bounds_of_the_seeds_fp32(
+    checkpoint: Path,
+    videos: dict[str, Path],
+    windows: list[tuple[str, Window]],
+    seed_outputs: list[dict[str, torch.Tensor]],
+    our_outputs: list[dict[str, torch.Tensor]],
+) -> None:
+    # "auto" is bf16 on AMX/AVX512-BF16 CPUs (this machine); elsewhere force bf16 so
+    # the path under test is the fast one either way.
+    precision = "auto" if cpu_has_fast_bf16() else "bf16"
+    fast = Classifier(model="slow_r50", weights=str(checkpoint), device="cpu",
+                      precision=precision, top_k=400)
+    assert fast.precision == "bf16"
+    # End to end: the probabilities vidq reports for each sliding window.
+    probs: dict[tuple[str, float], torch.Tensor] = {}
+    for name, path in videos.items():
+        (result,) = list(fast.classify_many([path], Sampling(strategy="sliding")))
+        assert not isinstance(result, Exception), result
+        for clip in result.clips:
+            p = torch.zeros(400)
+            for t in clip.top:
+                p[t.class_id] = t.score
+            probs[(name, clip.start_sec)] = p
+    prob_diffs, logit_diffs, top1_agree, overlaps, swap_margins = [], [], 0, [], []
+    for (name, w), seed, ours_in in zip(windows, seed_outputs, our_outputs):
+        if w.index == 0:  # the fast module's logits, on our input tensor
+            views = ours_in["inputs"][None].contiguous(memory_format=torch.channels_last_3d)
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = fast.module(views)[0].float()
+            logit_diffs.append((logits - seed["logits"]).abs().max().item())
+        ours = probs.get((name, round(w.start_sec, 4)))
+        if ours is None:
+            continue  # the off-grid start is not in the sliding plan
+        ranked = seed["logits"].sort(descending=True)
+        for c in set(top5(ours)) - set(ranked.indices[:5].tolist()):  # only near-ties may swap
+            swap_margins.append(ranked.values[4].item() - seed["logits"][c].item())
+        prob_diffs.append((ours - seed["probs"]).abs().max().item())
+        top1_agree += top5(ours)[0] == top5(seed["probs"])[0]
+        overlaps.append(len(set(top5(ours)) & set(top5(seed["probs"]))))
+    assert len(prob_diffs) == len(windows) - 1
+    print(f"bf16 vs seed fp32: max |dp| {max(prob_diffs):.2e}, max |dlogit| {max(logit_diffs):.3f}, "
+          f"top-1 agree {top1_agree}/{len(prob_diffs)}, top-5 overlap {overlaps}, "
+          f"swapped classes' seed logit below the 5th by {['%.4f' % m for m in swap_margins]}")
+    assert max(prob_diffs) <= BF16_PROB_TOLERANCE
+    assert max(logit_diffs) <= BF16_LOGIT_TOLERANCE
+    assert top1_agree == len(prob_diffs)
+    assert all(m <= 2 * BF16_LOGIT_TOLERANCE for m in swap_margins)
+    assert min(overlaps) >= 3
