@@ -57,7 +57,8 @@ def write_video(path: Path, *, frames: int, fps: int = 30, width: int = 640, hei
             img[..., 0] = ((xx + i * 3) % 256).astype(np.uint8)
             img[..., 1] = ((yy * 2 + i) % 256).astype(np.uint8)
             img[(xx - cx) ** 2 + (yy - cy) ** 2 < 40**2] = (255, 64, 32)
-            img = np.clip(img.astype(np.int16) + rng.integers(-12, 12, img.shape), 0, 255).astype(np.uint8)
+            noise = rng.integers(-12, 12, img.shape)
+            img = np.clip(img.astype(np.int16) + noise, 0, 255).astype(np.uint8)
             for packet in st.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
                 out.mux(packet)
         for packet in st.encode():
@@ -67,7 +68,10 @@ def write_video(path: Path, *, frames: int, fps: int = 30, width: int = 640, hei
 def clip_spans(path: Path) -> int:
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
-        duration = float(stream.duration * stream.time_base) if stream.duration else container.duration / 1e6
+        if stream.duration:
+            duration = float(stream.duration * stream.time_base)
+        else:
+            duration = container.duration / 1e6
     return max(int(Fraction(duration).limit_denominator(100000) / SPAN), 1)
 
 
@@ -114,9 +118,12 @@ def forward_floor(precision: str, batch_size: int, seconds: float) -> tuple[floa
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--videos", type=int, default=3, help="how many videos to generate (default 3)")
-    parser.add_argument("--frames", type=int, default=256, help="frames per video (default 256 = 4 spans)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--videos", type=int, default=3, help="videos to generate (default 3)")
+    parser.add_argument("--frames", type=int, default=256,
+                        help="frames per video (default 256 = 4 clip spans)")
     parser.add_argument("--dir", type=Path, default=None,
                         help="use the .mp4 files in DIR instead of generating videos")
     parser.add_argument("--seed-script", default=DEFAULT_SEED_SCRIPT)
@@ -165,7 +172,8 @@ def main() -> None:
             if o_clips != r_clips:
                 sys.exit(f"clip counts differ: seed {r_clips}, ours {o_clips}")
             round_ratios.append((o_clips / o_s) / (r_clips / r_s))
-            seed_clips, seed_s, our_clips, our_s = seed_clips + r_clips, seed_s + r_s, our_clips + o_clips, our_s + o_s
+            seed_clips, seed_s = seed_clips + r_clips, seed_s + r_s
+            our_clips, our_s = our_clips + o_clips, our_s + o_s
         seed_rate = seed_clips / seed_s
         our_rate = our_clips / our_s
         precision = results[0]["precision"]
@@ -177,7 +185,8 @@ def main() -> None:
 
     print(f"seed pipeline (fp32, one clip at a time): {seed_clips} clips in {seed_s:.2f}s = "
           f"{seed_rate:.3f} clips/s  (baseline, 1.00x); of its time: decode+transform "
-          f"{seed_stage['decode_transform_s'] / seed_s:.0%}, model {seed_stage['model_s'] / seed_s:.0%}")
+          f"{seed_stage['decode_transform_s'] / seed_s:.0%}, "
+          f"model {seed_stage['model_s'] / seed_s:.0%}")
     print(f"vidq classify --strategy sliding ({precision}, batch {batch}): {our_clips} clips in "
           f"{our_s:.2f}s = {our_rate:.3f} clips/s  = {our_rate / seed_rate:.2f}x the seed "
           f"(per round: {', '.join(f'{r:.2f}x' for r in round_ratios)}); "

@@ -151,7 +151,9 @@ def make_video(
     return times
 
 
-def _write_tone(out: av.container.OutputContainer, stream: av.AudioStream, *, seconds: float) -> None:
+def _write_tone(
+    out: av.container.OutputContainer, stream: av.AudioStream, *, seconds: float
+) -> None:
     rate = 48000
     chunk = 960  # 20 ms: a frame size both AAC's encoder (buffers) and Opus accept
     total = int(seconds * rate)

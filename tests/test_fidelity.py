@@ -18,8 +18,6 @@ and our back-padded tail window, on a 24 fps landscape and a 60 fps portrait vid
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
 import pytest
 import torch
 
@@ -129,7 +127,8 @@ def windows(videos: dict[str, Path]) -> list[tuple[str, Window]]:
         with VideoReader(path) as reader:
             plan = plan_windows(Sampling(strategy="sliding"), reader.info.duration_s, SPAN)
         out += [(name, w) for w in plan]
-    assert [w.start_sec for n, w in out if n == "24fps"][:3] == [i * CLIP_DURATION for i in range(3)]
+    starts_24 = [w.start_sec for n, w in out if n == "24fps"]
+    assert starts_24[:3] == [i * CLIP_DURATION for i in range(3)]
     out.append(("24fps", Window(0, 0.5, 0.5 + float(SPAN))))
     return out
 
@@ -142,7 +141,11 @@ def seed_outputs(
     seed_shim()
     from pytorchvideo.data.encoded_video import EncodedVideo
     from pytorchvideo.models.hub import slow_r50
-    from pytorchvideo.transforms import ApplyTransformToKey, ShortSideScale, UniformTemporalSubsample
+    from pytorchvideo.transforms import (
+        ApplyTransformToKey,
+        ShortSideScale,
+        UniformTemporalSubsample,
+    )
     from torchvision.transforms import Compose, Lambda
     from torchvision.transforms._transforms_video import CenterCropVideo, NormalizeVideo
 
@@ -165,11 +168,14 @@ def seed_outputs(
     opened = {name: EncodedVideo.from_path(str(path)) for name, path in videos.items()}
     out = []
     for name, w in windows:
-        video_data = transform(opened[name].get_clip(start_sec=w.start_sec, end_sec=w.start_sec + CLIP_DURATION))
+        start_sec = w.start_sec
+        end_sec = start_sec + CLIP_DURATION
+        video_data = transform(opened[name].get_clip(start_sec=start_sec, end_sec=end_sec))
         inputs = video_data["video"]
         with torch.no_grad():
             logits = model(inputs[None, ...])
-        out.append({"inputs": inputs, "logits": logits[0], "probs": torch.softmax(logits, dim=1)[0]})
+        probs = torch.nn.Softmax(dim=1)(logits)
+        out.append({"inputs": inputs, "logits": logits[0], "probs": probs[0]})
     for video in opened.values():
         video.close()
     return out
@@ -296,7 +302,8 @@ def test_fast_default_path_stays_within_bounds_of_the_seeds_fp32(
         top1_agree += top5(ours)[0] == top5(seed["probs"])[0]
         overlaps.append(len(set(top5(ours)) & set(top5(seed["probs"]))))
     assert len(prob_diffs) == len(windows) - 1
-    print(f"bf16 vs seed fp32: max |dp| {max(prob_diffs):.2e}, max |dlogit| {max(logit_diffs):.3f}, "
+    print(f"bf16 vs seed fp32: max |dp| {max(prob_diffs):.2e}, "
+          f"max |dlogit| {max(logit_diffs):.3f}, "
           f"top-1 agree {top1_agree}/{len(prob_diffs)}, top-5 overlap {overlaps}, "
           f"swapped classes' seed logit below the 5th by {['%.4f' % m for m in swap_margins]}")
     assert max(prob_diffs) <= BF16_PROB_TOLERANCE

@@ -4,6 +4,7 @@ own functions, on real decoded frames."""
 from __future__ import annotations
 
 from fractions import Fraction
+from typing import Any
 
 import numpy as np
 import pytest
@@ -29,7 +30,7 @@ def frames_of(path: object, *, num_frames: int = 8) -> np.ndarray:
     return clips[0].frames
 
 
-def seed_transform(preset_name: str, crop: str = "center", spatial_idx: int = 1):  # type: ignore[no-untyped-def]
+def seed_transform(preset_name: str, crop: str = "center", spatial_idx: int = 1) -> Any:
     """The seed's Compose (minus the temporal subsample, already applied), built from
     the seed's own imports, for any preset's sizes."""
     from pytorchvideo.transforms import ShortSideScale
@@ -63,7 +64,9 @@ SHAPES = [(3, 8, 96, 160), (3, 8, 160, 96), (3, 4, 240, 320), (3, 2, 61, 97), (3
 
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"{s[2]}x{s[3]}" for s in SHAPES])
 @pytest.mark.parametrize("size", [182, 256])
-def test_short_side_scale_is_pytorchvideos(seed_modules: None, shape: tuple[int, ...], size: int) -> None:
+def test_short_side_scale_is_pytorchvideos(
+    seed_modules: None, shape: tuple[int, ...], size: int
+) -> None:
     from pytorchvideo.transforms.functional import short_side_scale as ptv_short_side_scale
 
     x = torch.rand(shape) * 255
@@ -73,8 +76,12 @@ def test_short_side_scale_is_pytorchvideos(seed_modules: None, shape: tuple[int,
     assert torch.equal(ours, theirs)
 
 
-@pytest.mark.parametrize("shape", [(3, 2, 256, 455), (3, 2, 455, 256), (3, 2, 257, 300), (3, 2, 256, 256)])
-def test_center_crop_is_torchvisions_center_crop_video(seed_modules: None, shape: tuple[int, ...]) -> None:
+@pytest.mark.parametrize(
+    "shape", [(3, 2, 256, 455), (3, 2, 455, 256), (3, 2, 257, 300), (3, 2, 256, 256)]
+)
+def test_center_crop_is_torchvisions_center_crop_video(
+    seed_modules: None, shape: tuple[int, ...]
+) -> None:
     from torchvision.transforms._transforms_video import CenterCropVideo
 
     x = torch.rand(shape)

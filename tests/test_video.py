@@ -40,7 +40,9 @@ def expected_window(truth: media.DecodedStream, start: float, end: float) -> lis
     return [index for pts, index in sorted(truth.frames) if lo <= pts < hi]
 
 
-def clip_indices(path: Path, windows: list[Window], *, num_frames: int, **kw: float) -> dict[int, tuple[list[int], int]]:
+def clip_indices(
+    path: Path, windows: list[Window], *, num_frames: int, **kw: float
+) -> dict[int, tuple[list[int], int]]:
     with VideoReader(path) as reader:
         return {
             c.window.index: (indices(c.frames), c.source_frames)
@@ -268,7 +270,13 @@ def test_a_window_past_the_end_is_reported_not_padded(media_files: Media) -> Non
     ],
 )
 def test_video_info(
-    media_files: Media, name: str, fps: float, size: tuple[int, int], frames: int, codec: str, audio: bool
+    media_files: Media,
+    name: str,
+    fps: float,
+    size: tuple[int, int],
+    frames: int,
+    codec: str,
+    audio: bool,
 ) -> None:
     with VideoReader(getattr(media_files, name)) as reader:
         info = reader.info
@@ -320,7 +328,9 @@ def test_limits_at_the_exact_value_pass(media_files: Media) -> None:
         ("truncated_mkv", "truncated"),
     ],
 )
-def test_bad_input_raises_input_error_naming_the_file(media_files: Media, name: str, kind: str) -> None:
+def test_bad_input_raises_input_error_naming_the_file(
+    media_files: Media, name: str, kind: str
+) -> None:
     path = getattr(media_files, name)
     with pytest.raises(InputError) as info:
         read_clips(path, Sampling(strategy="sliding"), num_frames=8, clip_duration=Fraction(1))

@@ -52,14 +52,16 @@ def cpu_has_fast_bf16() -> bool:
     return bool(amx or avx512_bf16)
 
 
-def resolve_precision(name: str, device: torch.device) -> str:
+def resolve_precision(name: str, device: torch.device, *, cpu_bf16: bool = True) -> str:
+    """``auto``: bf16 on CUDA (fp16 where bf16 is missing); on CPU, bf16 where the
+    CPU has AMX/AVX512-BF16 and the preset's convolutions profit from it."""
     if name not in PRECISIONS:
         raise ConfigError(f"Unknown precision {name!r}; use {', '.join(PRECISIONS)}.")
     if name != "auto":
         return name
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_has_fast_bf16() else "fp32"
+    return "bf16" if cpu_bf16 and cpu_has_fast_bf16() else "fp32"
 
 
 def oom_errors() -> tuple[type[BaseException], ...]:
@@ -140,7 +142,9 @@ class Classifier:
     ) -> None:
         self.preset = get_preset(model)
         self.device = resolve_device(device)
-        self.precision = resolve_precision(precision, self.device)
+        self.precision = resolve_precision(
+            precision, self.device, cpu_bf16=self.preset.cpu_bf16
+        )
         self.batch_size = batch_size or (16 if self.device.type == "cuda" else 1)
         self.top_k = top_k
         self.limits = limits
@@ -291,10 +295,10 @@ class Classifier:
             if not batch:
                 return
             views = torch.cat([v for _, _, v in batch])
-            t = time.perf_counter()
             with self._turn():
+                t = time.perf_counter()
                 probs = self.forward(views)
-            dt = time.perf_counter() - t
+                dt = time.perf_counter() - t
             offset = 0
             for seq, clip, v in batch:
                 n = v.shape[0]
