@@ -93,3 +93,17 @@ def test_unknown_model_names_the_choices() -> None:
     with pytest.raises(ConfigError) as info:
         get_preset("slow_r51")
     assert all(name in info.value.message for name in PRESETS)
+
+
+def test_precision_auto_follows_the_cpu_and_the_preset() -> None:
+    import torch
+
+    from worker.inference import cpu_has_fast_bf16, resolve_precision
+    from worker.models import get_preset
+
+    cpu = torch.device("cpu")
+    assert get_preset("slow_r50").cpu_bf16 and not get_preset("x3d_xs").cpu_bf16
+    expected = "bf16" if cpu_has_fast_bf16() else "fp32"
+    assert resolve_precision("auto", cpu, cpu_bf16=True) == expected
+    assert resolve_precision("auto", cpu, cpu_bf16=False) == "fp32"
+    assert resolve_precision("fp32", cpu, cpu_bf16=True) == "fp32"
