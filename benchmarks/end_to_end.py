@@ -61,7 +61,7 @@ def forward_rate(classifier, n: int) -> float:  # type: ignore[no-untyped-def]
 
 
 def inprocess_rate(classifier, videos: list[Path]) -> float:  # type: ignore[no-untyped-def]
-    from worker.video import Sampling
+    from vidq.sampling import Sampling
 
     t = time.perf_counter()
     clips = sum(len(r.clips) for r in classifier.classify_many(videos, Sampling(strategy="sliding")))

@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 from vidq.db import ACTIVE, Batch, Job, JobStatus, sessions, utcnow
 from vidq.errors import InputError, VidqError
 from vidq.media import VIDEO_EXTENSIONS, check_video_path
+from vidq.sampling import Sampling
 from vidq.queue import make_celery, new_task_id, publish_jobs
 from vidq.settings import Settings
 
@@ -43,15 +44,14 @@ class JobRequest:
     crops: int = 1
     priority: int = 5
 
+    def sampling(self) -> Sampling:
+        """The sampling this request asks for (validated: a bad value is an InputError)."""
+        return Sampling(strategy=self.strategy, clips=self.clips, stride_s=self.stride_s,
+                        start_sec=self.start_sec, crops=self.crops)
+
     def config_key(self) -> str:
         """Everything that changes a result, as one comparable string."""
-        if self.strategy == "single":
-            detail = f"start={self.start_sec:g}"
-        elif self.strategy == "uniform":
-            detail = f"clips={self.clips}"
-        else:
-            detail = f"stride={self.stride_s:g}" if self.stride_s else "stride=span"
-        return f"{self.model}|{self.weights}|{self.strategy}:{detail}:crops={self.crops}"
+        return f"{self.model}|{self.weights}|{self.sampling().key()}"
 
 
 @dataclass

@@ -17,7 +17,7 @@ import torch
 
 from tests.conftest import Media
 from worker.models import get_preset
-from worker.video import Sampling, plan_windows
+from vidq.sampling import Sampling, plan_windows
 
 MODEL = ["--model", "x3d_xs"]
 ERROR = "vidq: error: "

@@ -25,7 +25,8 @@ from tests import media
 from worker.inference import Classifier, cpu_has_fast_bf16
 from worker.models import get_preset
 from worker.transforms import clip_views
-from worker.video import Sampling, VideoReader, Window, plan_windows
+from vidq.sampling import Sampling, Window, plan_windows
+from worker.video import VideoReader
 
 pytestmark = pytest.mark.slow
 
@@ -40,9 +41,13 @@ Measured: <= 9.6e-7. Any real deviation (a frame, a crop offset, mean/std, the
 resize size, RGB order) is >= 1e-2."""
 
 LOGIT_TOLERANCE = 1e-4
-"""Max abs difference of fp32 logits (spread max - min ~22). The only input to
-differ is the tensor above, ~4e-7 relative; 50 layers of conv+BN+ReLU amplify
-that by at most ~10-100x in relative terms. Measured: <= 3e-6."""
+"""Max abs difference of fp32 logits (spread max - min ~22). Two things differ, both
+float32 rounding: the input tensor above (~4e-7 relative), and the fast path's
+BatchNorms folded into the convolutions (weights rounded once from a float64 fold,
+one rounding less per layer) computed by channels_last_3d kernels with their own
+summation order. 50 layers amplify ~1e-7..1e-6 relative rounding by at most
+~10-100x. Measured: <= 1.3e-5. A real fault (a BN folded with the wrong eps or
+running stats, a wrong layout) moves logits by >= 1e-2."""
 
 BF16_PROB_TOLERANCE = 2e-2
 """Max abs difference of a clip's softmax, the fast path (BN folded into the convs,
@@ -235,13 +240,16 @@ def test_fp32_logits_and_top5_match_the_seeds(
 
 
 def test_our_loaded_model_is_the_seeds_model(
-    fp32: Classifier, seed_outputs: list[dict[str, torch.Tensor]]
+    checkpoint: Path, seed_outputs: list[dict[str, torch.Tensor]]
 ) -> None:
-    """Same input tensor -> same logits: the checkpoint loader and the architecture add
-    no difference of their own; the input rounding above is the only one."""
+    """Same input tensor -> same logits: the checkpoint loader and the architecture,
+    before the fast path folds anything, add no difference of their own."""
+    from worker.models import load_model
+
+    module = load_model(get_preset("slow_r50"), str(checkpoint)).module.eval()
     for seed in seed_outputs[:1]:
         with torch.inference_mode():
-            logits = fp32.module(seed["inputs"][None])[0]
+            logits = module(seed["inputs"][None])[0]
         assert (logits - seed["logits"]).abs().max().item() <= 1e-6
 
 
@@ -259,21 +267,25 @@ def test_fp32_classify_end_to_end_gives_the_seeds_top5_per_window(
     for clip, (start, seed) in zip(result.clips, sorted(expected.items())):
         assert clip.start_sec == round(start, 4)
         assert [t.class_id for t in clip.top] == top5(seed["probs"])
-        assert clip.top[0].score == pytest.approx(seed["probs"].max().item(), abs=2e-6)
+        # Probabilities move by a fraction of the logit rounding (LOGIT_TOLERANCE).
+        assert clip.top[0].score == pytest.approx(seed["probs"].max().item(), abs=1e-5)
 
 
-def test_fast_default_path_stays_within_bounds_of_the_seeds_fp32(
+@pytest.mark.skipif(
+    not cpu_has_fast_bf16(),
+    reason="this CPU has no AMX/AVX512-BF16: torch emulates bf16 3D convolutions (minutes "
+    "per slow_r50 forward), so precision auto is fp32 here, covered by the tests above",
+)
+def test_bf16_fast_path_stays_within_bounds_of_the_seeds_fp32(
     checkpoint: Path,
     videos: dict[str, Path],
     windows: list[tuple[str, Window]],
     seed_outputs: list[dict[str, torch.Tensor]],
     our_outputs: list[dict[str, torch.Tensor]],
 ) -> None:
-    # "auto" is bf16 on AMX/AVX512-BF16 CPUs (this machine); elsewhere force bf16 so
-    # the path under test is the fast one either way.
-    precision = "auto" if cpu_has_fast_bf16() else "bf16"
+    # "auto" is bf16 on AMX/AVX512-BF16 CPUs: the default path there.
     fast = Classifier(model="slow_r50", weights=str(checkpoint), device="cpu",
-                      precision=precision, top_k=400)
+                      precision="auto", top_k=400)
     assert fast.precision == "bf16"
     # End to end: the probabilities vidq reports for each sliding window.
     probs: dict[tuple[str, float], torch.Tensor] = {}

@@ -13,7 +13,8 @@ import torch
 from tests.conftest import Media
 from worker.models import get_preset
 from worker.transforms import center_crop, clip_views, short_side_scale, uniform_crop
-from worker.video import Sampling, read_clips
+from vidq.sampling import Sampling
+from worker.video import read_clips
 
 NORMALIZE_TOLERANCE = 1e-5
 """Max abs difference allowed between our views and the seed's Compose on the same

@@ -13,15 +13,8 @@ import torch
 from tests import media
 from tests.conftest import Media
 from vidq.errors import InputError
-from worker.video import (
-    Limits,
-    Sampling,
-    VideoReader,
-    Window,
-    plan_windows,
-    read_clips,
-    subsample_indices,
-)
+from vidq.sampling import Sampling, Window, plan_windows
+from worker.video import Limits, VideoReader, read_clips, subsample_indices
 
 SLOW_R50_SPAN = Fraction(64, 30)
 

@@ -95,8 +95,8 @@ def classify(
 ) -> None:
     """Classify video files in this process (no Redis, no database)."""
     from vidq.media import check_video_path
+    from vidq.sampling import Sampling
     from worker.inference import Classifier
-    from worker.video import Sampling
 
     settings = Settings.from_env(
         model=model, weights=weights, device=device, precision=precision,

@@ -7,7 +7,6 @@ decoder overlaps the model's forward pass; clips are batched across videos.
 
 from __future__ import annotations
 
-import contextlib
 import queue
 import threading
 import time
@@ -27,7 +26,8 @@ from worker.models import (
     load_model,
 )
 from worker.transforms import clip_views
-from worker.video import ClipFrames, Limits, Sampling, VideoInfo, VideoReader, plan_windows
+from vidq.sampling import Sampling, plan_windows
+from worker.video import ClipFrames, Limits, VideoInfo, VideoReader
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -152,29 +152,24 @@ class Classifier:
         loaded: LoadedModel = load_model(self.preset, weights)
         self.weights_id = loaded.weights_id
         module = loaded.module.to(self.device)
+        # The fast path, at every precision: BN folded into the convs (one pass over
+        # the activations instead of two; the same function up to float rounding)
+        # and channels_last_3d, the layout oneDNN's and cuDNN's fast 3D convolutions
+        # use. Together 1.6x on an fp32 slow_r50 forward on an AVX2 CPU. In reduced
+        # precision the conv/linear weights are stored in the autocast dtype too,
+        # which autocast would otherwise re-cast from fp32 on every forward (same
+        # rounding, so the same results): ~20% off a bf16 forward on an AMX CPU.
+        fold_batch_norms(module)
         if self.precision != "fp32":
-            # The fast path: BN folded into the convs, and the conv/linear weights
-            # stored in the autocast dtype, which autocast would otherwise re-cast
-            # from fp32 on every forward (same rounding, so the same results).
-            # Together ~20% off a slow_r50 bf16 forward on CPU. fp32 stays the seed's.
-            fold_batch_norms(module)
             for layer in module.modules():
                 if isinstance(layer, (torch.nn.Conv3d, torch.nn.Linear)):
                     layer.to(_DTYPES[self.precision])
-            module = module.to(memory_format=torch.channels_last_3d)
+        module = module.to(memory_format=torch.channels_last_3d)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         if compile:
             module = torch.compile(module, dynamic=False)
         self.module = module
-        # On a CPU device decoding and the model share the same cores: overlapping
-        # them leaves the model's OpenMP threads waiting at barriers for a core the
-        # decoder holds (measured: forward 0.19 s alone, 0.3-0.4 s beside a decode
-        # thread that needs 0.06 s per clip). So on CPU they take turns, each with
-        # every core; on CUDA the decoder overlaps the GPU's work.
-        self._cpu_turns: threading.Lock | None = (
-            threading.Lock() if self.device.type == "cpu" else None
-        )
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Classifier:
@@ -198,8 +193,7 @@ class Classifier:
         """(B, 3, T, S, S) normalized views -> (B, classes) float32 softmax, on CPU."""
         if self.device.type == "cuda":
             views = views.pin_memory().to(self.device, non_blocking=True)
-        if self.precision != "fp32":
-            views = views.contiguous(memory_format=torch.channels_last_3d)
+        views = views.contiguous(memory_format=torch.channels_last_3d)
         with torch.inference_mode():
             if self.precision == "fp32":
                 logits = self.module(views)
@@ -216,27 +210,16 @@ class Classifier:
         ]
 
     # -- videos --------------------------------------------------------------------
-    def _turn(self) -> contextlib.AbstractContextManager[Any]:
-        """Hold the CPU for a decode step or a forward pass (a no-op on CUDA)."""
-        return self._cpu_turns if self._cpu_turns is not None else contextlib.nullcontext()
-
     def _decode(self, seq: int, path: str, sampling: Sampling, put: Callable[[tuple], None]) -> None:
         """Producer side of the pipeline: put ('start'|'clip'|'end'|'error', seq, ...) items."""
         t0 = time.perf_counter()
         try:
-            with self._turn():
-                reader = VideoReader(path, limits=self.limits)
-            with reader:
+            with VideoReader(path, limits=self.limits) as reader:
                 put(("start", seq, (path, reader.info), t0))
                 windows = plan_windows(sampling, reader.info.duration_s, self.preset.clip_duration)
-                clips = reader.clips(windows, num_frames=self.preset.num_frames)
                 n = 0
-                while True:
-                    with self._turn():  # never held while put() blocks
-                        clip = next(clips, None)
-                        if clip is None:
-                            break
-                        views = clip_views(clip.frames, self.preset, crops=sampling.crops)
+                for clip in reader.clips(windows, num_frames=self.preset.num_frames):
+                    views = clip_views(clip.frames, self.preset, crops=sampling.crops)
                     clip.frames = clip.frames[:0]  # the RGB frames are no longer needed
                     put(("clip", seq, clip, views))
                     n += 1
@@ -272,11 +255,9 @@ class Classifier:
             raise _Stopped
 
         def produce() -> None:
-            if self._cpu_turns is None:
-                # Beside a GPU, this thread's own torch ops (the transforms) stay on
-                # one core. (The setting is per thread under OpenMP.) On CPU the
-                # decoder takes turns with the model and uses every core.
-                torch.set_num_threads(1)
+            # This thread's own torch ops (the transforms) stay on one core; the
+            # model keeps its threads. (The setting is per thread under OpenMP.)
+            torch.set_num_threads(1)
             try:
                 for seq, p in enumerate(path_list):
                     self._decode(seq, p, sampling, put)
@@ -295,10 +276,9 @@ class Classifier:
             if not batch:
                 return
             views = torch.cat([v for _, _, v in batch])
-            with self._turn():
-                t = time.perf_counter()
-                probs = self.forward(views)
-                dt = time.perf_counter() - t
+            t = time.perf_counter()
+            probs = self.forward(views)
+            dt = time.perf_counter() - t
             offset = 0
             for seq, clip, v in batch:
                 n = v.shape[0]

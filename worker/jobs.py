@@ -234,8 +234,8 @@ def execute_job(
 ) -> Outcome:
     """Claim, classify and persist one job. Permanent errors fail the job at once;
     TransientError propagates for the caller to retry (the lease is released)."""
+    from vidq.sampling import Sampling
     from worker.inference import Classifier, oom_errors
-    from worker.video import Sampling
 
     assert isinstance(classifier, Classifier)
     token = uuid.uuid4().hex
