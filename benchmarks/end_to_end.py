@@ -47,17 +47,23 @@ def seed_rate(videos: list[Path], script: Path) -> float:
     return clips / seconds
 
 
-def forward_rate(classifier, n: int) -> float:  # type: ignore[no-untyped-def]
+def forward_rate(classifier, n: int, rounds: int = 3) -> float:  # type: ignore[no-untyped-def]
+    """Bare forward passes on a fixed batch: the best of ``rounds`` rounds, so a
+    noisy moment on a shared machine lowers the pipeline's figures, not the floor."""
     import torch
 
     p = classifier.preset
     views = torch.randn(classifier.batch_size, 3, p.num_frames, p.crop_size, p.crop_size)
     for _ in range(2):
         classifier.forward(views)
-    t = time.perf_counter()
-    for _ in range(n):
-        classifier.forward(views)
-    return n * classifier.batch_size / (time.perf_counter() - t)
+    best = 0.0
+    per_round = max(1, n // rounds)
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _ in range(per_round):
+            classifier.forward(views)
+        best = max(best, per_round * classifier.batch_size / (time.perf_counter() - t))
+    return best
 
 
 def inprocess_rate(classifier, videos: list[Path]) -> float:  # type: ignore[no-untyped-def]
@@ -146,7 +152,7 @@ def main() -> None:
     ap.add_argument("--broker", default="redis://127.0.0.1:6379/13")
     ap.add_argument("--seed-script", type=Path, default=DEFAULT_SEED)
     ap.add_argument("--no-seed", action="store_true", help="skip the seed baseline (e.g. on a GPU host)")
-    ap.add_argument("--forward-iters", type=int, default=20)
+    ap.add_argument("--forward-iters", type=int, default=21, help="split over 3 rounds")
     args = ap.parse_args()
 
     import redis
