@@ -6,12 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [ ! -x .venv/bin/python ]; then
-    "${PYTHON:-python3}" -m venv .venv
-fi
+bash scripts/setup.sh worker
 . .venv/bin/activate
-python -m pip install -q --upgrade pip
-python -m pip install -q -e '.[worker]'
 
 videos=${1:-}
 if [ -z "$videos" ]; then

@@ -5,12 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [ ! -x .venv/bin/python ]; then
-    "${PYTHON:-python3}" -m venv .venv
-fi
+bash scripts/setup.sh worker,test
 . .venv/bin/activate
-python -m pip install -q --upgrade pip
-python -m pip install -q -e '.[worker,test]'
 # docker-compose.yml is validated by Debian's docker-compose (no Docker engine needed).
 if ! command -v docker-compose >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     (apt-get install -y -q docker-compose >/dev/null 2>&1 || \
