@@ -94,6 +94,11 @@ def main() -> None:
             print(f"\n{args.jobs} jobs ({args.model}) in {elapsed:.0f}s, {failed} failed")
             print(f"worker RSS after 100 jobs (baseline): {base:.1f} MiB; after {samples[-1][0]}: "
                   f"{last:.1f} MiB; growth {last - base:+.1f} MiB ({(last - base) / base:+.1%})")
+            # The allocator's pools settle over the first few hundred jobs; a leak keeps
+            # growing after that, so the second half of the run is the test.
+            mid = min(samples, key=lambda s: abs(s[0] - samples[-1][0] / 2))
+            print(f"second half (after {mid[0]} -> {samples[-1][0]} jobs): {mid[1]:.1f} -> "
+                  f"{last:.1f} MiB, growth {last - mid[1]:+.1f} MiB ({(last - mid[1]) / mid[1]:+.2%})")
             print(f"worker peak RSS (VmHWM): {rss_mb(child, 'VmHWM:'):.1f} MiB")
         finally:
             os.killpg(worker.pid, signal.SIGTERM)
