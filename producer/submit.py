@@ -24,8 +24,8 @@ from sqlalchemy.orm import Session
 from vidq.db import ACTIVE, Batch, Job, JobStatus, sessions, utcnow
 from vidq.errors import InputError, VidqError
 from vidq.media import VIDEO_EXTENSIONS, check_video_path
-from vidq.sampling import Sampling
 from vidq.queue import make_celery, new_task_id, publish_jobs
+from vidq.sampling import Sampling
 from vidq.settings import Settings
 
 CHUNK = 1000

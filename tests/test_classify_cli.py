@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from tests.conftest import Media
-from worker.models import get_preset
 from vidq.sampling import Sampling, plan_windows
+from worker.models import get_preset
 
 MODEL = ["--model", "x3d_xs"]
 ERROR = "vidq: error: "
@@ -144,7 +144,6 @@ def test_no_traceback_and_nothing_but_one_line_per_problem(mixed_run: dict[str, 
 
 
 def test_json_fields(mixed_run: dict[str, Any], media_files: Media) -> None:
-
     results = json_results(mixed_run["proc"].stdout)
     preset = get_preset("x3d_xs")
     r = results["portrait.mp4"]

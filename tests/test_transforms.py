@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from tests.conftest import Media
+from vidq.sampling import Sampling
 from worker.models import get_preset
 from worker.transforms import center_crop, clip_views, short_side_scale, uniform_crop
-from vidq.sampling import Sampling
 from worker.video import read_clips
 
 NORMALIZE_TOLERANCE = 1e-5

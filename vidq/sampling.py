@@ -57,7 +57,6 @@ class Window:
     end_sec: float
 
 
-
 def plan_windows(sampling: Sampling, duration_s: float, clip_duration: Fraction) -> list[Window]:
     """The windows a sampling strategy classifies in a video of ``duration_s`` seconds."""
     span = float(clip_duration)

@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 
 from vidq.errors import ConfigError, InputError, VidqError
+from vidq.sampling import Sampling, plan_windows
 from vidq.settings import Settings
 from worker.models import (
     LoadedModel,
@@ -26,7 +27,6 @@ from worker.models import (
     load_model,
 )
 from worker.transforms import clip_views
-from vidq.sampling import Sampling, plan_windows
 from worker.video import ClipFrames, Limits, VideoInfo, VideoReader
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -155,10 +155,11 @@ class Classifier:
         # The fast path, at every precision: BN folded into the convs (one pass over
         # the activations instead of two; the same function up to float rounding)
         # and channels_last_3d, the layout oneDNN's and cuDNN's fast 3D convolutions
-        # use. Together 1.6x on an fp32 slow_r50 forward on an AVX2 CPU. In reduced
-        # precision the conv/linear weights are stored in the autocast dtype too,
-        # which autocast would otherwise re-cast from fp32 on every forward (same
-        # rounding, so the same results): ~20% off a bf16 forward on an AMX CPU.
+        # use. Together 1.5x on an fp32 slow_r50 forward on an AVX2 CPU
+        # (benchmarks/forward_variants.py). In reduced precision the conv/linear
+        # weights are stored in the autocast dtype too, which autocast would otherwise
+        # re-cast from fp32 on every forward (same rounding, so the same results):
+        # ~20% off a bf16 forward on an AMX CPU.
         fold_batch_norms(module)
         if self.precision != "fp32":
             for layer in module.modules():
