@@ -1,20 +1,28 @@
 """Decoding with PyAV and clip sampling.
 
-One sequential decode pass per video serves all of its clips. Frames stay in
-the decoder's YUV form until a window closes; only the frames the temporal
-subsample keeps are converted to RGB. Windows are placed on the stream's own
-timestamps, with the same second-to-pts arithmetic as PyTorchVideo's
-``EncodedVideo.get_clip``, so 24/25/60 fps and variable frame rate videos span
-the right seconds and the frames chosen are the seed's frames.
+One sequential pass per video serves all of its clips. Packets are demuxed a
+window ahead of the decoder, so each window's frame timestamps are known before
+any of its frames is decoded: the temporal subsample is chosen from the packets'
+timestamps, only the frames it picks are kept (memory stays bounded whatever the
+file's frame rate), and packets of frames that nothing samples and nothing
+references (most B-frames, read from the bitstream by worker/bitstream.py) never
+reach the decoder. Every frame that is decoded is decoded exactly as it would be
+without skipping. Windows are placed on the stream's own timestamps, with the
+same second-to-pts arithmetic as PyTorchVideo's ``EncodedVideo.get_clip``, so
+24/25/60 fps and variable frame rate videos span the right seconds and the
+frames chosen are the seed's frames.
 """
 
 from __future__ import annotations
 
 import math
+import time
+from collections import Counter, deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import av
 import numpy as np
@@ -22,6 +30,7 @@ import torch
 
 from vidq.errors import InputError
 from vidq.sampling import Sampling, Window, plan_windows
+from worker.bitstream import ReferenceReader
 
 # A file's *content* can make FFmpeg open other resources: an HLS playlist or a
 # concat script saved as .mp4 would fetch URLs or read other local files. Only
@@ -59,11 +68,32 @@ class ClipFrames:
     """Frames the window held before subsampling (fewer than expected: padded)."""
 
 
+@dataclass
+class DecodeStats:
+    """What one video's decode did: the share of packets decoded is the work done."""
+
+    packets: int = 0
+    """Video packets read from the container (one per frame)."""
+    skipped: int = 0
+    """Packets never sent to the decoder: unsampled and unreferenced."""
+    decoded: int = 0
+    """Frames the decoder returned."""
+    replanned: bool = False
+    """The decoder's frames contradicted the packet timestamps: decoded again, holding frames."""
+
+
 @dataclass(frozen=True)
 class Limits:
+    """What a video may cost; 0 switches a limit off. Checked against the headers
+    at open and, because headers can lie, against what is actually decoded."""
+
     max_duration_s: float = 0.0
     max_pixels: int = 0
     max_frames: int = 0
+    max_window_frames: int = 0
+    """Frames in one clip window (a 1,000 fps stream holds 2,133 in a slow_r50 window)."""
+    max_decode_s: float = 0.0
+    """Wall time of one video's decode."""
 
 
 def _secs_to_pts(seconds: float, time_base: Fraction, start_pts: int) -> int:
@@ -81,11 +111,47 @@ def _rational(value: Fraction | None) -> float:
     return float(value) if value else 0.0
 
 
+class _Replan(Exception):
+    """The frames out of the decoder are not the ones the packets announced."""
+
+
+@dataclass(eq=False)
+class _WindowPlan:
+    """One window's state: collecting packet timestamps, then waiting for its frames."""
+
+    lo: int
+    hi: int
+    window: Window
+    pts: list[int] = field(default_factory=list)
+    """Timestamps of the packets in [lo, hi), in demux order."""
+    present: frozenset[int] = frozenset()
+    sampled: list[int] = field(default_factory=list)
+    """The timestamps the subsample picks, in pick order (repeats when padding)."""
+    held: dict[int, av.VideoFrame] = field(default_factory=dict)
+    decoded: set[int] = field(default_factory=set)
+    skipped: set[int] = field(default_factory=set)
+
+    def holds(self, pts: int) -> bool:
+        return self.lo <= pts < self.hi
 class VideoReader:
     """An opened video: metadata at once, clips through one decode pass."""
 
-    def __init__(self, path: str | Path, *, limits: Limits = Limits(), threads: int = 0) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        limits: Limits = Limits(),
+        threads: int = 0,
+        skip_unused_frames: bool = True,
+    ) -> None:
         self.path = str(path)
+        self.limits = limits
+        self.threads = threads
+        self.skip_unused_frames = skip_unused_frames
+        self.stats = DecodeStats()
+        self._open()
+
+    def _open(self) -> None:
         try:
             self._container = av.open(self.path, metadata_errors="ignore", options=SAFE_OPEN)
         except av.error.InvalidDataError:
@@ -97,7 +163,7 @@ class VideoReader:
         except av.error.FFmpegError as exc:
             raise InputError(f"{self.path}: cannot open ({exc.strerror}).", kind="not_a_video") from None
         try:
-            self._open_stream(limits, threads)
+            self._open_stream(self.limits, self.threads)
         except BaseException:
             self._container.close()
             raise
@@ -174,86 +240,183 @@ class VideoReader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+
+    # -- decoding ------------------------------------------------------------------
+
     def clips(
         self, windows: list[Window], *, num_frames: int, seek_gap_s: float = 4.0
     ) -> Iterator[ClipFrames]:
-        """Yield each window's subsampled RGB frames, in window order, from one decode pass.
+        """Yield each window's subsampled RGB frames, as windows end, from one decode pass.
 
         Seeks forward only across gaps longer than ``seek_gap_s`` (sparse uniform
         clips of a long video); otherwise decoding straight through is cheaper.
+        ``self.stats`` counts the packets read, skipped and decoded.
         """
-        ranges = sorted(
+        plans = sorted(
             (
-                (_secs_to_pts(w.start_sec, self.time_base, self.start_pts),
-                 _secs_to_pts(w.end_sec, self.time_base, self.start_pts), w)
+                _WindowPlan(
+                    lo=_secs_to_pts(w.start_sec, self.time_base, self.start_pts),
+                    hi=_secs_to_pts(w.end_sec, self.time_base, self.start_pts),
+                    window=w,
+                )
                 for w in windows
             ),
-            key=lambda r: (r[0], r[2].index),
+            key=lambda p: (p.lo, p.window.index),
         )
         gap_pts = int(seek_gap_s / self.time_base) if seek_gap_s > 0 else 0
-        active: list[tuple[int, int, Window, dict[int, av.VideoFrame]]] = []
-        nxt = 0
-        last_pts: int | None = None
-        decoded = 0
-
-        sought: list[int] = []
-
-        def seek_to(pts: int) -> None:
-            # A seek lands on the keyframe before ``pts``, which can be further back
-            # than the gap (long GOPs, a window past the end): seek to each target at
-            # most once, or the same gap would trigger the same seek forever.
-            if sought and pts <= sought[-1]:
-                return
-            sought.append(pts)
-            self._container.seek(pts, backward=True, any_frame=False, stream=self._stream)
-
-        if ranges and gap_pts and ranges[0][0] - self.start_pts > gap_pts:
-            seek_to(ranges[0][0])
+        self.stats = DecodeStats()
+        self._sought: list[int] = []
+        started = time.monotonic()
+        done: set[int] = set()
         try:
-            frames_iter = self._container.decode(self._stream)
-            for frame in frames_iter:
-                pts = frame.pts
-                if pts is None:
-                    continue
-                decoded += 1
-                last_pts = pts if last_pts is None else max(last_pts, pts)
-                while nxt < len(ranges) and ranges[nxt][0] <= pts:
-                    lo, hi, w = ranges[nxt]
-                    active.append((lo, hi, w, {}))
-                    nxt += 1
-                still: list[tuple[int, int, Window, dict[int, av.VideoFrame]]] = []
-                for lo, hi, w, held in active:
-                    if pts >= hi:
-                        clip = self._finish(w, held, num_frames)
-                        if clip is not None:
-                            yield clip
-                        continue
-                    if pts >= lo:
-                        held[pts] = frame
-                    still.append((lo, hi, w, held))
-                active = still
-                if not active:
-                    if nxt == len(ranges):
-                        break
-                    if gap_pts and ranges[nxt][0] - pts > gap_pts:
-                        seek_to(ranges[nxt][0])
+            with self._decode_errors():
+                planned = _PlannedPass(self, plans, num_frames=num_frames, gap_pts=gap_pts, started=started)
+                for clip in planned.run():
+                    done.add(clip.window.index)
+                    yield clip
+            last_pts, unopened = planned.last_pts, planned.unopened
+        except _Replan:
+            # Never seen with H.264, HEVC or VP9 as FFmpeg decodes them; kept so that a
+            # decoder that drops or invents frames still gets the frames it always got.
+            self._container.close()
+            self._open()
+            self.stats = DecodeStats(replanned=True)
+            self._sought = []
+            rest = [_WindowPlan(p.lo, p.hi, p.window) for p in plans if p.window.index not in done]
+            with self._decode_errors():
+                holding = self._holding_pass(rest, num_frames=num_frames, gap_pts=gap_pts, started=started)
+                yield from holding
+            last_pts, unopened = self._hold_last_pts, self._hold_unopened
+        if self.stats.decoded == 0:
+            raise InputError(f"{self.path}: no decodable video frame.", kind="no_frames")
+        self._check_truncation(last_pts, unopened)
+
+    @contextmanager
+    def _decode_errors(self) -> Iterator[None]:
+        try:
+            yield
         except av.error.FFmpegError as exc:
-            if decoded == 0:
+            if self.stats.decoded == 0:
                 raise InputError(
                     f"{self.path}: cannot decode video ({exc.strerror}).", kind="undecodable"
                 ) from None
             raise InputError(
-                f"{self.path}: decoding failed after {decoded} frames ({exc.strerror}); "
+                f"{self.path}: decoding failed after {self.stats.decoded} frames ({exc.strerror}); "
                 "the file is corrupt or truncated.",
                 kind="corrupt",
             ) from None
-        if decoded == 0:
-            raise InputError(f"{self.path}: no decodable video frame.", kind="no_frames")
-        for _lo, _hi, w, held in active:
-            clip = self._finish(w, held, num_frames)
-            if clip is not None:
-                yield clip
-        self._check_truncation(last_pts, [r[2] for r in ranges[nxt:]])
+
+    def _may_seek(self, pts: int) -> bool:
+        # A seek lands on the keyframe before ``pts``, which can be further back than
+        # the gap (long GOPs, a window past the end): seek to each target at most
+        # once, or the same gap would trigger the same seek forever.
+        return not (self._sought and pts <= self._sought[-1])
+
+    def _seek(self, pts: int) -> None:
+        if self._may_seek(pts):
+            self._sought.append(pts)
+            self._container.seek(pts, backward=True, any_frame=False, stream=self._stream)
+
+    def _over_limit(self, what: str, setting: str, value: float) -> InputError:
+        return InputError(f"{self.path}: {what}, over the limit {setting}={value:g}.", kind="over_limit")
+
+    def _check_time(self, started: float) -> None:
+        limit = self.limits.max_decode_s
+        if limit and time.monotonic() - started > limit:
+            raise self._over_limit(f"decoding took over {limit:g}s", "VIDQ_MAX_DECODE_S", limit)
+
+    def _count_packet(self, started: float) -> None:
+        self.stats.packets += 1
+        limit = self.limits.max_frames
+        if limit and self.stats.packets > limit:
+            raise self._over_limit(f"the stream carries over {limit} frames", "VIDQ_MAX_FRAMES", limit)
+        self._check_time(started)
+
+    def _count_frame(self, frame: av.VideoFrame, started: float) -> None:
+        # Headers can understate the frame size (a resolution change mid-stream).
+        self.stats.decoded += 1
+        limit = self.limits.max_pixels
+        if limit and frame.width * frame.height > limit:
+            at = float(((frame.pts or self.start_pts) - self.start_pts) * self.time_base)
+            raise self._over_limit(
+                f"a frame of {frame.width}x{frame.height} at {at:.2f}s is", "VIDQ_MAX_PIXELS", limit
+            )
+        if self.limits.max_frames and self.stats.decoded > self.limits.max_frames:
+            limit = self.limits.max_frames
+            raise self._over_limit(f"the stream carries over {limit} frames", "VIDQ_MAX_FRAMES", limit)
+        self._check_time(started)
+
+    def _check_window_size(self, plan: _WindowPlan, count: int) -> None:
+        limit = self.limits.max_window_frames
+        if limit and count > limit:
+            raise self._over_limit(
+                f"the clip window at {plan.window.start_sec:.2f}s holds over {limit} frames",
+                "VIDQ_MAX_WINDOW_FRAMES",
+                limit,
+            )
+
+    def _stack(self, window: Window, picked: list[av.VideoFrame]) -> np.ndarray:
+        """RGB of the picked frames (each converted once; padding repeats frames)."""
+        rgb: dict[int, np.ndarray] = {}
+        for frame in picked:
+            if id(frame) not in rgb:
+                rgb[id(frame)] = frame.to_ndarray(format="rgb24")
+        sizes = sorted({(a.shape[1], a.shape[0]) for a in rgb.values()})
+        if len(sizes) > 1:
+            (w0, h0), (w1, h1) = sizes[0], sizes[-1]
+            raise InputError(
+                f"{self.path}: the frame size changes inside the clip at {window.start_sec:.2f}s "
+                f"({w0}x{h0} and {w1}x{h1}); re-encode the video at one size.",
+                kind="unsupported",
+            )
+        return np.stack([rgb[id(frame)] for frame in picked])
+
+    def _holding_pass(
+        self, plans: list[_WindowPlan], *, num_frames: int, gap_pts: int, started: float
+    ) -> Iterator[ClipFrames]:
+        """Decode every packet and keep every frame of an open window (up to the limit)."""
+        nxt = 0
+        active: list[_WindowPlan] = []
+        self._hold_last_pts: int | None = None
+        self._hold_unopened: list[Window] = []
+        if plans and gap_pts and plans[0].lo - self.start_pts > gap_pts:
+            self._seek(plans[0].lo)
+        for frame in self._container.decode(self._stream):
+            self.stats.packets += 1
+            self._count_frame(frame, started)
+            pts = frame.pts
+            if pts is None:
+                continue
+            self._hold_last_pts = pts if self._hold_last_pts is None else max(self._hold_last_pts, pts)
+            while nxt < len(plans) and plans[nxt].lo <= pts:
+                active.append(plans[nxt])
+                nxt += 1
+            still: list[_WindowPlan] = []
+            for plan in active:
+                if pts >= plan.hi:
+                    if plan.held:
+                        yield self._finish_held(plan, num_frames)
+                    continue
+                if pts >= plan.lo:
+                    plan.held[pts] = frame
+                    self._check_window_size(plan, len(plan.held))
+                still.append(plan)
+            active = still
+            if not active:
+                if nxt == len(plans):
+                    break
+                if gap_pts and plans[nxt].lo - pts > gap_pts:
+                    self._seek(plans[nxt].lo)
+        for plan in active:
+            if plan.held:
+                yield self._finish_held(plan, num_frames)
+        self._hold_unopened = [p.window for p in plans[nxt:]]
+
+    def _finish_held(self, plan: _WindowPlan, num_frames: int) -> ClipFrames:
+        ordered = [plan.held[p] for p in sorted(plan.held)]
+        picked = [ordered[i] for i in subsample_indices(len(ordered), num_frames)]
+        frames = self._stack(plan.window, picked)
+        return ClipFrames(window=plan.window, frames=frames, source_frames=len(ordered))
 
     def _check_truncation(self, last_pts: int | None, unopened: list[Window]) -> None:
         if not unopened or last_pts is None:
@@ -266,20 +429,197 @@ class VideoReader:
                 kind="truncated",
             )
 
-    @staticmethod
-    def _finish(
-        window: Window, held: dict[int, av.VideoFrame], num_frames: int
-    ) -> ClipFrames | None:
-        if not held:
-            return None
-        ordered = [held[p] for p in sorted(held)]
-        picks = subsample_indices(len(ordered), num_frames)
-        rgb: dict[int, np.ndarray] = {}
-        for i in picks:
-            if i not in rgb:
-                rgb[i] = ordered[i].to_ndarray(format="rgb24")
-        frames = np.stack([rgb[i] for i in picks])
-        return ClipFrames(window=window, frames=frames, source_frames=len(ordered))
+
+class _PlannedPass:
+    """One decode pass that demuxes a window ahead of the decoder.
+
+    A window collects the timestamps of its packets until a packet's dts reaches
+    its end (pts >= dts, so no later packet can fall inside it); then its
+    subsample is chosen. Packets leave the look-ahead buffer in demux order once
+    no collecting window contains them: to the decoder if a planned window samples
+    them, if they may be references, or if they lead their keyframe (after a seek,
+    the decoder may drop those); otherwise they are skipped. When the frames that
+    come out are not the ones the packets announced, ``_Replan`` is raised.
+    """
+
+    def __init__(
+        self,
+        reader: VideoReader,
+        plans: list[_WindowPlan],
+        *,
+        num_frames: int,
+        gap_pts: int,
+        started: float,
+    ) -> None:
+        self.reader = reader
+        self.plans = plans
+        self.num_frames = num_frames
+        self.gap_pts = gap_pts
+        self.started = started
+        self.codec = reader._stream.codec_context
+        self.refs = (
+            ReferenceReader(codec=self.codec.name, extradata=self.codec.extradata)
+            if reader.skip_unused_frames
+            else None
+        )
+        self.nxt = 0
+        self.collecting: list[_WindowPlan] = []
+        self.waiting: list[_WindowPlan] = []
+        self.needed: Counter[int] = Counter()
+        self.buffer: deque[av.Packet] = deque()
+        # Look-ahead is one window of packets; far more means the timestamps do not
+        # close windows (no dts): fall back to decoding while holding frames.
+        self.buffer_cap = 2 * (reader.limits.max_window_frames or 2000) + 64
+        self.ready: list[ClipFrames] = []
+        self.frontier: int | None = None
+        self.keyframe_pts: int | None = None
+        self.max_pts: int | None = None
+        self.last_pts: int | None = None
+
+    @property
+    def unopened(self) -> list[Window]:
+        return [p.window for p in self.plans[self.nxt :]]
+
+    def run(self) -> Iterator[ClipFrames]:
+        reader, plans = self.reader, self.plans
+        if plans and self.gap_pts and plans[0].lo - reader.start_pts > self.gap_pts:
+            reader._seek(plans[0].lo)
+        for packet in reader._container.demux(reader._stream):
+            if packet.size == 0:  # PyAV's end-of-stream marker; _drain flushes
+                continue
+            reader._count_packet(self.started)
+            self._add(packet)
+            self._release()
+            yield from self._take_ready()
+            if self.collecting:
+                continue
+            if self.nxt == len(plans):
+                break
+            target = plans[self.nxt].lo
+            if (
+                self.gap_pts
+                and packet.pts is not None
+                and target - packet.pts > self.gap_pts
+                and reader._may_seek(target)
+            ):
+                self._drain()
+                yield from self._take_ready()
+                reader._seek(target)
+                self.frontier = self.keyframe_pts = None
+        self.frontier = None
+        self._plan_ended(final=True)
+        self._release()
+        self._drain()
+        yield from self._take_ready()
+
+    def _take_ready(self) -> Iterable[ClipFrames]:
+        ready, self.ready = self.ready, []
+        return ready
+
+    def _add(self, packet: av.Packet) -> None:
+        self.buffer.append(packet)
+        if len(self.buffer) > self.buffer_cap:
+            raise _Replan
+        pts, dts = packet.pts, packet.dts
+        if pts is None:
+            return
+        if self.keyframe_pts is None and packet.is_keyframe:
+            self.keyframe_pts = pts
+        self.max_pts = pts if self.max_pts is None else max(self.max_pts, pts)
+        while self.nxt < len(self.plans) and self.plans[self.nxt].lo <= pts:
+            self.collecting.append(self.plans[self.nxt])
+            self.nxt += 1
+        for plan in self.collecting:
+            if plan.holds(pts):
+                plan.pts.append(pts)
+                self.reader._check_window_size(plan, len(plan.pts))
+        if dts is not None:
+            self.frontier = dts if self.frontier is None else max(self.frontier, dts)
+            self._plan_ended(final=False)
+
+    def _plan_ended(self, *, final: bool) -> None:
+        """Choose the subsample of every window no later packet can fall into."""
+        still: list[_WindowPlan] = []
+        for plan in self.collecting:
+            if not final and (self.frontier is None or self.frontier < plan.hi):
+                still.append(plan)
+                continue
+            present = sorted(set(plan.pts))
+            plan.pts = []
+            plan.present = frozenset(present)
+            if present:
+                picks = subsample_indices(len(present), self.num_frames)
+                plan.sampled = [present[i] for i in picks]
+                self.needed.update(set(plan.sampled))
+            self.waiting.append(plan)
+        self.collecting = still
+
+    def _release(self) -> None:
+        while self.buffer:
+            packet = self.buffer[0]
+            pts = packet.pts
+            if pts is not None and any(plan.holds(pts) for plan in self.collecting):
+                return
+            self.buffer.popleft()
+            if self._wanted(packet):
+                for frame in self.codec.decode(packet):
+                    self._on_frame(frame)
+            else:
+                self.reader.stats.skipped += 1
+                for plan in self.waiting:
+                    if plan.holds(pts):  # type: ignore[arg-type]
+                        plan.skipped.add(pts)  # type: ignore[arg-type]
+
+    def _wanted(self, packet: av.Packet) -> bool:
+        pts = packet.pts
+        if self.refs is None or pts is None or self.needed[pts]:
+            return True
+        if self.keyframe_pts is None or pts < self.keyframe_pts:
+            return True
+        return self.refs.is_reference(memoryview(packet)) is not False
+
+    def _on_frame(self, frame: av.VideoFrame) -> None:
+        self.reader._count_frame(frame, self.started)
+        pts = frame.pts
+        if pts is None:
+            return
+        self.last_pts = pts if self.last_pts is None else max(self.last_pts, pts)
+        if self.max_pts is None or pts > self.max_pts:
+            raise _Replan  # a frame no packet announced
+        if any(plan.holds(pts) for plan in self.collecting):
+            raise _Replan
+        still: list[_WindowPlan] = []
+        for plan in self.waiting:
+            if pts >= plan.hi:
+                self._finish(plan)
+                continue
+            if pts >= plan.lo:
+                plan.decoded.add(pts)
+                if pts in plan.sampled:
+                    plan.held[pts] = frame
+            still.append(plan)
+        self.waiting = still
+
+    def _drain(self) -> None:
+        for frame in self.codec.decode(None):
+            self._on_frame(frame)
+        for plan in self.waiting:
+            self._finish(plan)
+        self.waiting = []
+
+    def _finish(self, plan: _WindowPlan) -> None:
+        if plan.decoded | plan.skipped != plan.present:
+            raise _Replan
+        for pts in set(plan.sampled):
+            self.needed[pts] -= 1
+            if not self.needed[pts]:
+                del self.needed[pts]
+        if plan.present:
+            frames = self.reader._stack(plan.window, [plan.held[p] for p in plan.sampled])
+            self.ready.append(
+                ClipFrames(window=plan.window, frames=frames, source_frames=len(plan.present))
+            )
+        plan.held = {}
 
 
 def read_clips(
@@ -289,9 +629,10 @@ def read_clips(
     num_frames: int,
     clip_duration: Fraction,
     limits: Limits = Limits(),
+    skip_unused_frames: bool = True,
 ) -> tuple[VideoInfo, list[ClipFrames]]:
     """Open, plan windows, decode once. Raises InputError with a kind on bad input."""
-    with VideoReader(path, limits=limits) as reader:
+    with VideoReader(path, limits=limits, skip_unused_frames=skip_unused_frames) as reader:
         windows = plan_windows(sampling, reader.info.duration_s, clip_duration)
         clips = list(reader.clips(windows, num_frames=num_frames))
         if not clips:
