@@ -66,7 +66,22 @@ class Settings:
     """Videos with more pixels per frame than this are refused (width x height)."""
 
     max_frames: int = 2_000_000
-    """Videos whose stream declares more frames than this are refused."""
+    """Videos whose stream declares more frames than this, or carries more when
+    decoded, are refused. ``max_pixels`` applies to every decoded frame too: headers
+    can understate both."""
+
+    max_window_frames: int = 2000
+    """Clip windows holding more frames than this are refused: a slow_r50 window is
+    2.13 s, so 2000 allows ~940 fps. Only the sampled frames of a window are kept in
+    memory; this bounds the look-ahead of compressed packets and the work per clip."""
+
+    max_decode_s: float = 1800.0
+    """Decoding one video for longer than this (wall seconds) refuses it."""
+
+    skip_unused_frames: bool = True
+    """Leave out of the decoder the packets of frames that no clip samples and no
+    other frame references (most H.264/HEVC B-frames). Decoded frames and results
+    are the same either way; ``false`` decodes every frame."""
 
     task_time_limit_s: int = 3600
     """Hard time limit of one job; the soft limit is 60 s earlier."""

@@ -27,7 +27,7 @@ from worker.models import (
     load_model,
 )
 from worker.transforms import clip_views
-from worker.video import ClipFrames, Limits, VideoInfo, VideoReader
+from worker.video import ClipFrames, DecodeStats, Limits, VideoInfo, VideoReader
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -97,6 +97,8 @@ class VideoResult:
     clips: list[ClipPrediction]
     top: list[LabelScore]
     timing: dict[str, float] = field(default_factory=dict)
+    decode_stats: DecodeStats = field(default_factory=DecodeStats)
+    """Packets read, skipped and decoded: ``decoded / packets`` is the decode work done."""
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -116,6 +118,7 @@ class _Pending:
     clips: list[tuple[ClipFrames, torch.Tensor]] = field(default_factory=list)
     decode_s: float = 0.0
     model_s: float = 0.0
+    decode_stats: DecodeStats = field(default_factory=DecodeStats)
 
 
 _END = object()
@@ -139,6 +142,7 @@ class Classifier:
         top_k: int = 5,
         limits: Limits = Limits(),
         compile: bool = False,
+        skip_unused_frames: bool = True,
     ) -> None:
         self.preset = get_preset(model)
         self.device = resolve_device(device)
@@ -148,6 +152,7 @@ class Classifier:
         self.batch_size = batch_size or (16 if self.device.type == "cuda" else 1)
         self.top_k = top_k
         self.limits = limits
+        self.skip_unused_frames = skip_unused_frames
         self.labels = kinetics400_labels()
         loaded: LoadedModel = load_model(self.preset, weights)
         self.weights_id = loaded.weights_id
@@ -185,8 +190,11 @@ class Classifier:
                 max_duration_s=settings.max_duration_s,
                 max_pixels=settings.max_pixels,
                 max_frames=settings.max_frames,
+                max_window_frames=settings.max_window_frames,
+                max_decode_s=settings.max_decode_s,
             ),
             compile=settings.compile,
+            skip_unused_frames=settings.skip_unused_frames,
         )
 
     # -- one batch -----------------------------------------------------------------
@@ -215,7 +223,9 @@ class Classifier:
         """Producer side of the pipeline: put ('start'|'clip'|'end'|'error', seq, ...) items."""
         t0 = time.perf_counter()
         try:
-            with VideoReader(path, limits=self.limits) as reader:
+            with VideoReader(
+                path, limits=self.limits, skip_unused_frames=self.skip_unused_frames
+            ) as reader:
                 put(("start", seq, (path, reader.info), t0))
                 windows = plan_windows(sampling, reader.info.duration_s, self.preset.clip_duration)
                 n = 0
@@ -230,7 +240,7 @@ class Classifier:
                         f"(video is {reader.info.duration_s:.2f}s long).",
                         kind="no_frames",
                     )
-                put(("end", seq, n, time.perf_counter() - t0))
+                put(("end", seq, n, (time.perf_counter() - t0, reader.stats)))
         except _Stopped:
             raise
         except VidqError as exc:
@@ -315,7 +325,7 @@ class Classifier:
                         run_batch()
                 elif kind == "end":
                     pending[seq].expected = a
-                    pending[seq].decode_s = b
+                    pending[seq].decode_s, pending[seq].decode_stats = b
                     if items.empty():
                         run_batch()  # nothing else queued: do not wait to fill the batch
                 else:  # error
@@ -370,4 +380,5 @@ class Classifier:
                 "model_s": round(pend.model_s, 4),
                 "total_s": round(total, 4),
             },
+            decode_stats=pend.decode_stats,
         )
