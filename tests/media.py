@@ -25,7 +25,9 @@ BLOCK = 8
 INDEX_BITS = 12
 """Frames per video are limited to 2**12 = 4096."""
 
-CODEC_SUFFIX = {"libx264": ".mp4", "mpeg4": ".avi", "libvpx": ".webm", "libvpx-vp9": ".webm"}
+CODEC_SUFFIX = {
+    "libx264": ".mp4", "libx265": ".mp4", "mpeg4": ".avi", "libvpx": ".webm", "libvpx-vp9": ".webm",
+}
 
 
 def _bit_origin(bit: int, width: int) -> tuple[int, int]:
@@ -47,6 +49,12 @@ def draw_frame(index: int, *, width: int, height: int, seed: int = 0) -> np.ndar
     img[(xx - cx) ** 2 + (yy - cy) ** 2 < radius**2] = (250, 70, 30)
     noise = rng.integers(-10, 11, img.shape)
     img = np.clip(img.astype(np.int16) + noise, 0, 255).astype(np.uint8)
+    return stamp(img, index)
+
+
+def stamp(img: np.ndarray, index: int) -> np.ndarray:
+    """Write ``index`` into the top-left blocks of ``img`` (in place) and return it."""
+    width = img.shape[1]
     for bit in range(INDEX_BITS):
         y, x = _bit_origin(bit, width)
         img[y : y + BLOCK, x : x + BLOCK] = 255 if (index >> bit) & 1 else 0
@@ -97,6 +105,7 @@ def make_video(
     faststart: bool = False,
     gop: int = 0,
     seed: int = 0,
+    options: dict[str, str] | None = None,
 ) -> list[Fraction]:
     """Write a video whose frame i shows ``draw_frame(i)``; return its frame times (s).
 
@@ -105,7 +114,9 @@ def make_video(
     video. ``vfr`` writes irregular timestamps with a 1/1000 time base.
     ``faststart`` puts an MP4's index (moov) before the media data, as streaming
     files have it; by default it is written at the end. ``gop``: frames between
-    keyframes (default: one second's worth).
+    keyframes (default: one second's worth). ``options`` are encoder options laid
+    over the defaults (e.g. ``{"preset": "medium"}`` for libx264's default B-frames,
+    ``x264-params``/``x265-params`` for GOP structure); libx265 writes HEVC.
     """
     path = str(path)
     times = frame_times(seconds=seconds, fps=fps, vfr=vfr)
@@ -117,16 +128,19 @@ def make_video(
         if vfr:
             stream.codec_context.time_base = Fraction(1, 1000)
             stream.time_base = Fraction(1, 1000)
-        options = {"g": str(gop or max(int(fps), 1))}
+        encoder_options = {"g": str(gop or max(int(fps), 1))}
         if gop:
-            options["keyint_min"] = str(gop)
+            encoder_options["keyint_min"] = str(gop)
         if codec == "libx264":
-            options.update(preset="ultrafast", crf="16")
+            encoder_options.update(preset="ultrafast", crf="16")
+        elif codec == "libx265":
+            encoder_options.update(preset="ultrafast", crf="16", **{"x265-params": "log-level=error"})
         elif codec == "mpeg4":
-            options.update(qscale="3")
+            encoder_options.update(qscale="3")
         elif codec.startswith("libvpx"):
-            options.update(crf="10", deadline="realtime", **{"cpu-used": "8", "b": "0"})
-        stream.options = options
+            encoder_options.update(crf="10", deadline="realtime", **{"cpu-used": "8", "b": "0"})
+        encoder_options.update(options or {})
+        stream.options = encoder_options
         audio_stream = None
         if audio:
             audio_codec = "libopus" if path.endswith(".webm") else "aac"
@@ -149,6 +163,83 @@ def make_video(
         if audio_stream is not None:
             _write_tone(out, audio_stream, seconds=float(times[-1]) + 1 / float(rate))
     return times
+
+
+def make_dense(
+    path: str | Path,
+    *,
+    declared_fps: int = 30,
+    per_second: int = 1000,
+    seconds: float = 1.0,
+    width: int = 160,
+    height: int = 96,
+) -> int:
+    """A file that declares ``declared_fps`` but carries ``per_second`` frames a second.
+
+    The encoder (and so the H.264 headers) are told ``declared_fps``; the frames'
+    timestamps are 1/``per_second`` apart. In Matroska, FFmpeg then reports the
+    declared rate and ``duration x rate`` frames. The picture is still but for the
+    stamped index, so the file stays tiny whatever its frame count (the shape of a
+    decompression bomb). Returns the number of frames written.
+    """
+    base = draw_frame(0, width=width, height=height)
+    count = int(round(seconds * per_second))
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=declared_fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, per_second)
+        stream.time_base = Fraction(1, per_second)
+        stream.options = {"preset": "ultrafast", "crf": "16"}
+        for i in range(count):
+            frame = av.VideoFrame.from_ndarray(stamp(base.copy(), i), format="rgb24")
+            frame.pts, frame.time_base = i, Fraction(1, per_second)
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return count
+
+
+def make_size_change(
+    path: str | Path,
+    *,
+    sizes: tuple[tuple[int, int], ...] = ((160, 96), (320, 192)),
+    seconds_each: float = 1.0,
+    fps: int = 30,
+) -> None:
+    """H.264 in MPEG-TS whose frame size changes mid-stream (width, height per segment).
+
+    Each segment comes from its own encoder and carries its own SPS in band; the
+    container's header (the first SPS) states only the first size. Frame indices
+    run on across segments.
+    """
+    rate = Fraction(fps)
+    per_segment = int(round(seconds_each * fps))
+    with av.open(str(path), "w", format="mpegts") as out:
+        stream = out.add_stream("libx264", rate=rate)
+        stream.width, stream.height = sizes[0]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"preset": "ultrafast", "crf": "16", "g": str(fps)}
+        for n, (width, height) in enumerate(sizes):
+            if n == 0:
+                encoder = stream.codec_context
+            else:
+                encoder = av.CodecContext.create("libx264", "w")
+                encoder.width, encoder.height, encoder.pix_fmt = width, height, "yuv420p"
+                encoder.time_base = 1 / rate
+                encoder.framerate = rate
+                encoder.options = {"preset": "ultrafast", "crf": "16", "g": str(fps)}
+            for i in range(n * per_segment, (n + 1) * per_segment):
+                frame = av.VideoFrame.from_ndarray(
+                    draw_frame(i, width=width, height=height), format="rgb24"
+                )
+                frame.pts, frame.time_base = i, 1 / rate
+                for packet in encoder.encode(frame):
+                    packet.stream = stream
+                    out.mux(packet)
+            for packet in encoder.encode(None):
+                packet.stream = stream
+                out.mux(packet)
 
 
 def _write_tone(

@@ -149,6 +149,7 @@ class VideoReader:
         self.threads = threads
         self.skip_unused_frames = skip_unused_frames
         self.stats = DecodeStats()
+        self._used = False
         self._open()
 
     def _open(self) -> None:
@@ -264,6 +265,10 @@ class VideoReader:
             key=lambda p: (p.lo, p.window.index),
         )
         gap_pts = int(seek_gap_s / self.time_base) if seek_gap_s > 0 else 0
+        if self._used:  # a decoder that has been flushed takes no more packets
+            self._container.close()
+            self._open()
+        self._used = True
         self.stats = DecodeStats()
         self._sought: list[int] = []
         started = time.monotonic()
@@ -317,19 +322,27 @@ class VideoReader:
             self._sought.append(pts)
             self._container.seek(pts, backward=True, any_frame=False, stream=self._stream)
 
-    def _over_limit(self, what: str, setting: str, value: float) -> InputError:
-        return InputError(f"{self.path}: {what}, over the limit {setting}={value:g}.", kind="over_limit")
+    def _over_limit(self, what: str, setting: str) -> InputError:
+        return InputError(f"{self.path}: {what} is over the limit {setting}.", kind="over_limit")
 
     def _check_time(self, started: float) -> None:
         limit = self.limits.max_decode_s
         if limit and time.monotonic() - started > limit:
-            raise self._over_limit(f"decoding took over {limit:g}s", "VIDQ_MAX_DECODE_S", limit)
+            raise self._over_limit(
+                f"decoding for more than {limit:g}s", f"VIDQ_MAX_DECODE_S={limit:g}"
+            )
+
+    def _check_count(self, count: int) -> None:
+        limit = self.limits.max_frames
+        if limit and count > limit:
+            raise self._over_limit(
+                f"more than {limit} frames (the header declares {self.info.frames})",
+                f"VIDQ_MAX_FRAMES={limit}",
+            )
 
     def _count_packet(self, started: float) -> None:
         self.stats.packets += 1
-        limit = self.limits.max_frames
-        if limit and self.stats.packets > limit:
-            raise self._over_limit(f"the stream carries over {limit} frames", "VIDQ_MAX_FRAMES", limit)
+        self._check_count(self.stats.packets)
         self._check_time(started)
 
     def _count_frame(self, frame: av.VideoFrame, started: float) -> None:
@@ -339,20 +352,19 @@ class VideoReader:
         if limit and frame.width * frame.height > limit:
             at = float(((frame.pts or self.start_pts) - self.start_pts) * self.time_base)
             raise self._over_limit(
-                f"a frame of {frame.width}x{frame.height} at {at:.2f}s is", "VIDQ_MAX_PIXELS", limit
+                f"a frame of {frame.width}x{frame.height} at {at:.2f}s", f"VIDQ_MAX_PIXELS={limit}"
             )
-        if self.limits.max_frames and self.stats.decoded > self.limits.max_frames:
-            limit = self.limits.max_frames
-            raise self._over_limit(f"the stream carries over {limit} frames", "VIDQ_MAX_FRAMES", limit)
+        self._check_count(self.stats.decoded)
         self._check_time(started)
 
     def _check_window_size(self, plan: _WindowPlan, count: int) -> None:
         limit = self.limits.max_window_frames
         if limit and count > limit:
+            span = plan.window.end_sec - plan.window.start_sec
             raise self._over_limit(
-                f"the clip window at {plan.window.start_sec:.2f}s holds over {limit} frames",
-                "VIDQ_MAX_WINDOW_FRAMES",
-                limit,
+                f"a {span:.2f}s clip window at {plan.window.start_sec:.2f}s holding more than "
+                f"{limit} frames",
+                f"VIDQ_MAX_WINDOW_FRAMES={limit}",
             )
 
     def _stack(self, window: Window, picked: list[av.VideoFrame]) -> np.ndarray:

@@ -1,0 +1,334 @@
+"""Skipping unreferenced, unsampled packets (worker/video.py, worker/bitstream.py).
+
+Skipping must never change a result: for every GOP structure, framing and clip
+plan, the frames vidq samples with skipping are byte-identical to those without,
+they are the frames the seed's subsample picks (read back from the stamped
+indices), and the model's fp32 logits are identical. And skipping must happen
+where B-frames exist, or these tests would pass with the feature switched off.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import pytest
+import torch
+
+from tests import media
+from vidq.sampling import Sampling, Window, plan_windows
+from vidq.settings import Settings
+from worker.bitstream import ReferenceReader
+from worker.inference import Classifier
+from worker.models import get_preset
+from worker.transforms import clip_views
+from worker.video import ClipFrames, DecodeStats, VideoReader
+
+HAS_X265 = "libx265" in av.codecs_available
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    spec: dict[str, object] = field(default_factory=dict)
+    skips: bool = True
+    """Whether the stream has frames nothing references (B-frames)."""
+    hevc: bool = False
+
+
+VERYFAST = {"preset": "veryfast"}
+CASES = [
+    # libx264's defaults (preset medium): 3 B-frames, b-pyramid normal (B-refs).
+    Case("h264_default.mp4", dict(options={"preset": "medium"})),
+    Case("h264_pyramid_strict.mp4", dict(options={**VERYFAST, "x264-params": "bframes=3:b-pyramid=strict"})),
+    Case("h264_no_pyramid.mkv", dict(options={**VERYFAST, "x264-params": "bframes=2:b-pyramid=none"})),
+    Case(
+        "h264_open_gop.mp4",
+        dict(options={**VERYFAST, "x264-params": "bframes=3:open-gop=1:keyint=20:min-keyint=20"}),
+    ),
+    Case("h264_annexb.ts", dict(options=VERYFAST)),
+    Case("h264_vfr.mp4", dict(options=VERYFAST, vfr=True)),
+    Case("h264_vfr.mkv", dict(options=VERYFAST, vfr=True)),
+    Case("h264_no_bframes.mp4", dict(), skips=False),  # ultrafast: P-frames only
+    Case("hevc.mp4", dict(codec="libx265"), hevc=True),
+    Case(
+        "hevc_open_gop.mkv",
+        dict(codec="libx265", options={"x265-params": "log-level=error:open-gop=1:keyint=20"}),
+        hevc=True,
+    ),
+    Case("hevc_annexb.ts", dict(codec="libx265"), hevc=True),
+    Case("vp9.webm", dict(codec="libvpx-vp9"), skips=False),
+]
+
+PLANS = {
+    "single": Sampling(strategy="single", start_sec=0.9),
+    "uniform": Sampling(strategy="uniform", clips=4),
+    "sliding": Sampling(strategy="sliding", stride_s=0.7),  # overlapping windows
+}
+SPAN = Fraction(64, 30)
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("skip_media")
+    out = {}
+    for case in CASES:
+        if case.hevc and not HAS_X265:
+            continue
+        out[case.name] = root / case.name
+        media.make_video(out[case.name], seconds=4, **case.spec)  # type: ignore[arg-type]
+    return out
+
+
+def video(videos: dict[str, Path], case: Case) -> Path:
+    if case.name not in videos:
+        pytest.skip("this PyAV build has no libx265 encoder")
+    return videos[case.name]
+
+
+def decode(
+    path: Path, sampling: Sampling, *, skip: bool, num_frames: int = 8, threads: int = 0
+) -> tuple[dict[int, ClipFrames], DecodeStats, list[Window]]:
+    with VideoReader(path, skip_unused_frames=skip, threads=threads) as reader:
+        windows = plan_windows(sampling, reader.info.duration_s, SPAN)
+        clips = {c.window.index: c for c in reader.clips(windows, num_frames=num_frames)}
+        return clips, reader.stats, windows
+
+
+def assert_identical(a: dict[int, ClipFrames], b: dict[int, ClipFrames]) -> None:
+    assert sorted(a) == sorted(b)
+    for index in a:
+        assert a[index].source_frames == b[index].source_frames, f"window {index}"
+        assert a[index].frames.shape == b[index].frames.shape, f"window {index}"
+        assert a[index].frames.tobytes() == b[index].frames.tobytes(), f"window {index}"
+
+
+@pytest.mark.parametrize("plan", list(PLANS))
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_skipping_samples_byte_identical_frames_the_seeds_subsample_picks(
+    videos: dict[str, Path], seed_modules: None, case: Case, plan: str
+) -> None:
+    from pytorchvideo.transforms.functional import uniform_temporal_subsample
+
+    path = video(videos, case)
+    skipped, with_stats, windows = decode(path, PLANS[plan], skip=True)
+    full, full_stats, _ = decode(path, PLANS[plan], skip=False)
+    assert_identical(skipped, full)
+    truth = media.decoded_frames(path)
+    assert len(skipped) == len(windows)
+    for w in windows:
+        lo = media_pts(truth, w.start_sec)
+        hi = media_pts(truth, w.end_sec)
+        inside = [i for pts, i in sorted(truth.frames) if lo <= pts < hi]
+        picked = uniform_temporal_subsample(torch.tensor(inside), 8, temporal_dim=0).tolist()
+        got = [media.frame_index(f) for f in skipped[w.index].frames]
+        assert got == picked and skipped[w.index].source_frames == len(inside), f"window {w.index}"
+    assert not with_stats.replanned and not full_stats.replanned
+    assert full_stats.skipped == 0 and full_stats.decoded == full_stats.packets
+    assert with_stats.packets == full_stats.packets
+    assert with_stats.decoded + with_stats.skipped == with_stats.packets
+    if case.skips:
+        assert with_stats.skipped > 0, "B-frames present but nothing was skipped"
+    else:
+        assert with_stats.skipped == 0
+
+
+def media_pts(truth: media.DecodedStream, seconds: float) -> int:
+    from pytorchvideo.data.utils import secs_to_pts
+
+    return int(secs_to_pts(seconds, truth.time_base, truth.start_pts, round_mode="ceil"))
+
+
+def test_default_h264_skips_about_a_third_of_packets_for_x3d_xs(videos: dict[str, Path]) -> None:
+    """x3d_xs samples 4 frames from 48: most unreferenced B-frames go unused."""
+    x3d = get_preset("x3d_xs")
+    with VideoReader(videos["h264_default.mp4"]) as reader:
+        windows = plan_windows(Sampling(strategy="sliding"), reader.info.duration_s, x3d.clip_duration)
+        list(reader.clips(windows, num_frames=x3d.num_frames))
+        stats = reader.stats
+    assert stats.packets == 120 and stats.skipped >= 30, stats
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_frame_threading_does_not_change_what_skipping_decodes(
+    videos: dict[str, Path], threads: int
+) -> None:
+    sampling = PLANS["sliding"]
+    threaded, stats, _ = decode(videos["h264_default.mp4"], sampling, skip=True, threads=threads)
+    reference, _, _ = decode(videos["h264_default.mp4"], sampling, skip=False, threads=1)
+    assert_identical(threaded, reference)
+    assert stats.skipped > 0
+
+
+def test_seeking_between_sparse_windows_keeps_frames_identical(
+    videos: dict[str, Path]
+) -> None:
+    """seek_gap_s small enough that the reader seeks (into open GOPs) between windows."""
+    for name in ("h264_open_gop.mp4", "hevc_open_gop.mkv"):
+        if name not in videos:
+            continue
+        results = []
+        for skip in (True, False):
+            with VideoReader(videos[name], skip_unused_frames=skip) as reader:
+                windows = plan_windows(Sampling(strategy="uniform", clips=3), 4.0, Fraction(1, 2))
+                clips = {c.window.index: c for c in reader.clips(windows, num_frames=6, seek_gap_s=0.3)}
+                results.append((clips, reader.stats))
+        assert_identical(results[0][0], results[1][0])
+        assert not results[0][1].replanned and results[0][1].packets < 120  # it did seek
+
+
+# -- the model sees the same input: identical fp32 logits ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def x3d_xs() -> Classifier:
+    torch.manual_seed(0)
+    return Classifier(model="x3d_xs", weights="random", device="cpu", precision="fp32")
+
+
+def logits(clf: Classifier, clips: dict[int, ClipFrames], crops: int) -> torch.Tensor:
+    views = torch.cat(
+        [clip_views(clips[i].frames, clf.preset, crops=crops) for i in sorted(clips)]
+    )
+    with torch.inference_mode():
+        return clf.module(views.contiguous(memory_format=torch.channels_last_3d))
+
+
+LOGIT_CASES = ["h264_default.mp4", "h264_open_gop.mp4", "h264_annexb.ts", "h264_vfr.mkv", "hevc.mp4"]
+
+
+@pytest.mark.parametrize("crops", [1, 3])
+@pytest.mark.parametrize("plan", list(PLANS))
+@pytest.mark.parametrize("name", LOGIT_CASES)
+def test_x3d_xs_fp32_logits_and_results_identical_with_and_without_skipping(
+    videos: dict[str, Path], x3d_xs: Classifier, name: str, plan: str, crops: int
+) -> None:
+    if name not in videos:
+        pytest.skip("this PyAV build has no libx265 encoder")
+    sampling = dataclasses.replace(PLANS[plan], crops=crops)
+    outputs = []
+    for skip in (True, False):
+        with VideoReader(videos[name], skip_unused_frames=skip) as reader:
+            windows = plan_windows(sampling, reader.info.duration_s, x3d_xs.preset.clip_duration)
+            clips = {
+                c.window.index: c
+                for c in reader.clips(windows, num_frames=x3d_xs.preset.num_frames)
+            }
+        outputs.append(logits(x3d_xs, clips, crops))
+    assert torch.equal(outputs[0], outputs[1])
+    results = []
+    for skip in (True, False):
+        x3d_xs.skip_unused_frames = skip
+        try:
+            result = x3d_xs.classify(videos[name], sampling)
+        finally:
+            x3d_xs.skip_unused_frames = True
+        results.append(result)
+    assert results[0].decode_stats.skipped > 0 and results[1].decode_stats.skipped == 0
+    for r in results:
+        r.timing, r.decode_stats = {}, DecodeStats()
+    assert results[0].to_json() == results[1].to_json()
+
+
+@pytest.mark.slow
+def test_slow_r50_fp32_logits_identical_with_and_without_skipping(videos: dict[str, Path]) -> None:
+    torch.manual_seed(0)
+    clf = Classifier(model="slow_r50", weights="random", device="cpu", precision="fp32")
+    sampling = Sampling(strategy="uniform", clips=2)
+    outputs = []
+    for skip in (True, False):
+        clips, _, _ = decode(videos["h264_default.mp4"], sampling, skip=skip)
+        outputs.append(logits(clf, clips, 1))
+    assert torch.equal(outputs[0], outputs[1])
+
+
+def test_decode_stats_are_in_the_result_and_the_setting_turns_skipping_off(
+    videos: dict[str, Path]
+) -> None:
+    path = videos["h264_default.mp4"]
+    on = Classifier.from_settings(Settings.from_env({}, model="x3d_xs", weights="random", device="cpu"))
+    assert on.skip_unused_frames
+    stats = on.classify(path).to_json()["decode_stats"]
+    assert stats["skipped"] > 0 and stats["decoded"] + stats["skipped"] == stats["packets"]
+    env = {"VIDQ_SKIP_UNUSED_FRAMES": "false"}
+    off = Classifier.from_settings(Settings.from_env(env, model="x3d_xs", weights="random", device="cpu"))
+    stats = off.classify(path).to_json()["decode_stats"]
+    assert stats["skipped"] == 0 and stats["decoded"] == stats["packets"] > 0
+
+
+# -- reading reference status from NAL headers ----------------------------------------------
+
+
+def length_prefixed(*units: bytes, size: int = 4) -> bytes:
+    return b"".join(len(u).to_bytes(size, "big") + u for u in units)
+
+
+def annexb(*units: bytes) -> bytes:
+    return b"".join(b"\x00\x00\x00\x01" + u for u in units)
+
+
+AVCC = bytes([1, 0x64, 0, 0x1F, 0xFF, 0xE0])  # lengthSizeMinusOne = 3, no SPS/PPS
+SEI, AUD = bytes([0x06, 0x05]), bytes([0x09, 0xF0])
+
+
+def h264_slice(ref_idc: int, nal_type: int = 1) -> bytes:
+    return bytes([(ref_idc << 5) | nal_type, 0x88, 0x84])
+
+
+def test_h264_reference_status_from_nal_ref_idc() -> None:
+    mp4 = ReferenceReader(codec="h264", extradata=AVCC + b"\x00")
+    assert mp4.length_size == 4
+    assert mp4.is_reference(length_prefixed(AUD, SEI, h264_slice(0))) is False
+    assert mp4.is_reference(length_prefixed(h264_slice(0), h264_slice(0))) is False
+    assert mp4.is_reference(length_prefixed(h264_slice(2))) is True
+    assert mp4.is_reference(length_prefixed(h264_slice(0), h264_slice(1))) is True
+    assert mp4.is_reference(length_prefixed(h264_slice(3, nal_type=5))) is True
+    assert mp4.is_reference(length_prefixed(SEI)) is None  # no slice: cannot tell
+    assert mp4.is_reference(length_prefixed(h264_slice(0))[:-1]) is None  # lengths do not add up
+    assert mp4.is_reference(length_prefixed(h264_slice(0, nal_type=2))) is None  # partition
+    two_byte = ReferenceReader(codec="h264", extradata=bytes([1, 0x64, 0, 0x1F, 0xFD, 0xE0, 0]))
+    assert two_byte.is_reference(length_prefixed(h264_slice(0), size=2)) is False
+    ts = ReferenceReader(codec="h264", extradata=None)
+    assert ts.length_size == 0
+    assert ts.is_reference(annexb(AUD, h264_slice(0))) is False
+    assert ts.is_reference(b"\x00\x00\x01" + h264_slice(0) + b"\x00\x00\x01" + h264_slice(1)) is True
+    assert ts.is_reference(b"garbage without start codes") is None
+
+
+def hevc_nal(nal_type: int, temporal_id: int = 0) -> bytes:
+    return bytes([nal_type << 1, temporal_id + 1, 0xAF, 0x00])
+
+
+def hevc_sps(max_sub_layers: int) -> bytes:
+    return bytes([33 << 1, 1, (max_sub_layers - 1) << 1, 0x60])
+
+
+def test_hevc_reference_status_from_nal_unit_type_and_sub_layer() -> None:
+    reader = ReferenceReader(codec="hevc", extradata=None)
+    # No SPS seen yet: a sub-layer non-reference picture may feed a higher sub-layer.
+    assert reader.is_reference(annexb(hevc_nal(0))) is True
+    assert reader.is_reference(annexb(hevc_sps(1), hevc_nal(19))) is True  # IDR_W_RADL
+    for n_type in (0, 2, 4, 6, 8, 10, 12, 14):
+        assert reader.is_reference(annexb(hevc_nal(35), hevc_nal(n_type))) is False, n_type
+    for r_type in (1, 3, 5, 7, 9, 16, 19, 21):
+        assert reader.is_reference(annexb(hevc_nal(r_type))) is True, r_type
+    assert reader.is_reference(annexb(hevc_nal(39))) is None  # SEI only
+    layered = ReferenceReader(codec="hevc", extradata=annexb(hevc_sps(2)))
+    assert layered.is_reference(annexb(hevc_nal(0, temporal_id=0))) is True  # TemporalId 1 may use it
+    assert layered.is_reference(annexb(hevc_nal(0, temporal_id=1))) is False
+    hvcc = bytearray(23)
+    hvcc[0], hvcc[21], hvcc[22] = 1, 0x03, 1
+    sps = hevc_sps(1)
+    hvcc += bytes([33]) + (1).to_bytes(2, "big") + len(sps).to_bytes(2, "big") + sps
+    mp4 = ReferenceReader(codec="hevc", extradata=bytes(hvcc))
+    assert mp4.length_size == 4 and mp4.max_temporal_id == 0
+    assert mp4.is_reference(length_prefixed(hevc_nal(1))) is True
+    assert mp4.is_reference(length_prefixed(hevc_nal(0))) is False
+
+
+def test_other_codecs_are_never_read() -> None:
+    for codec in ("vp9", "mpeg4", "av1"):
+        assert ReferenceReader(codec=codec, extradata=b"\x01" * 30).is_reference(b"\x00" * 20) is None
