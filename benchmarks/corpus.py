@@ -13,13 +13,17 @@ SEED_WINDOW_FRAMES = 64
 
 
 def make_video(path: Path, *, frames: int = 4 * SEED_WINDOW_FRAMES, fps: int = 30,
-               width: int = 640, height: int = 360, seed: int = 0) -> Path:
+               width: int = 640, height: int = 360, seed: int = 0,
+               options: dict[str, str] | None = None, noise: int = 12) -> Path:
+    """``options``: libx264 options; default veryfast with a 2 s GOP, ``{}`` is libx264's
+    own defaults (preset medium: 3 B-frames, b-pyramid, 250-frame GOP). ``noise``:
+    amplitude of the fresh per-frame noise (grain that no motion search can predict)."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:height, 0:width]
     with av.open(str(path), "w") as out:
         stream = out.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"preset": "veryfast", "g": "60"}
+        stream.options = {"preset": "veryfast", "g": "60"} if options is None else options
         for i in range(frames):
             img = np.zeros((height, width, 3), np.uint8)
             cx = int((i * 7 + seed * 50) % width)
@@ -27,7 +31,7 @@ def make_video(path: Path, *, frames: int = 4 * SEED_WINDOW_FRAMES, fps: int = 3
             img[..., 0] = ((xx + i * 3) % 256).astype(np.uint8)
             img[..., 1] = ((yy * 2 + i + seed * 10) % 256).astype(np.uint8)
             img[(xx - cx) ** 2 + (yy - cy) ** 2 < 40**2] = (255, 64, 32)
-            img = np.clip(img.astype(np.int16) + rng.integers(-12, 12, img.shape), 0, 255)
+            img = np.clip(img.astype(np.int16) + rng.integers(-noise, noise, img.shape), 0, 255)
             for packet in stream.encode(av.VideoFrame.from_ndarray(img.astype(np.uint8), format="rgb24")):
                 out.mux(packet)
         for packet in stream.encode():

@@ -183,7 +183,7 @@ def make_dense(
     decompression bomb). Returns the number of frames written.
     """
     base = draw_frame(0, width=width, height=height)
-    count = int(round(seconds * per_second))
+    count = round(seconds * per_second)
     with av.open(str(path), "w") as out:
         stream = out.add_stream("libx264", rate=declared_fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
@@ -214,7 +214,7 @@ def make_size_change(
     run on across segments.
     """
     rate = Fraction(fps)
-    per_segment = int(round(seconds_each * fps))
+    per_segment = round(seconds_each * fps)
     with av.open(str(path), "w", format="mpegts") as out:
         stream = out.add_stream("libx264", rate=rate)
         stream.width, stream.height = sizes[0]

@@ -10,15 +10,14 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-from fractions import Fraction
 from pathlib import Path
 
 import pytest
 
 from tests import media
+from vidq.errors import InputError
 from vidq.sampling import Window
 from vidq.settings import Settings
-from vidq.errors import InputError
 from worker.inference import Classifier
 from worker.video import Limits, VideoReader
 
@@ -42,9 +41,9 @@ def size_change(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def refusal(path: Path, limits: Limits, windows: list[Window], **kw: object) -> InputError:
-    with VideoReader(path, limits=limits, **kw) as reader:  # type: ignore[arg-type]
-        with pytest.raises(InputError) as info:
-            list(reader.clips(windows, num_frames=8))
+    reader = VideoReader(path, limits=limits, **kw)  # type: ignore[arg-type]
+    with reader, pytest.raises(InputError) as info:
+        list(reader.clips(windows, num_frames=8))
     error = info.value
     assert error.kind == "over_limit"
     assert error.message.startswith(f"{path}: ") and "\n" not in error.message
@@ -95,9 +94,8 @@ def test_windows_on_either_side_of_a_size_change_keep_their_size(size_change: Pa
     with VideoReader(size_change) as reader:
         clips = list(reader.clips([Window(0, 0.0, 0.5), Window(1, 1.2, 1.8)], num_frames=4))
     assert [c.frames.shape for c in clips] == [(4, 96, 160, 3), (4, 192, 320, 3)]
-    with VideoReader(size_change) as reader:
-        with pytest.raises(InputError) as info:
-            list(reader.clips([Window(0, 0.8, 1.3)], num_frames=8))
+    with VideoReader(size_change) as reader, pytest.raises(InputError) as info:
+        list(reader.clips([Window(0, 0.8, 1.3)], num_frames=8))
     assert info.value.kind == "unsupported" and "160x96 and 320x192" in info.value.message
 
 

@@ -42,25 +42,31 @@ class Case:
 VERYFAST = {"preset": "veryfast"}
 CASES = [
     # libx264's defaults (preset medium): 3 B-frames, b-pyramid normal (B-refs).
-    Case("h264_default.mp4", dict(options={"preset": "medium"})),
-    Case("h264_pyramid_strict.mp4", dict(options={**VERYFAST, "x264-params": "bframes=3:b-pyramid=strict"})),
-    Case("h264_no_pyramid.mkv", dict(options={**VERYFAST, "x264-params": "bframes=2:b-pyramid=none"})),
+    Case("h264_default.mp4", {"options": {"preset": "medium"}}),
+    Case(
+        "h264_pyramid_strict.mp4",
+        {"options": {**VERYFAST, "x264-params": "bframes=3:b-pyramid=strict"}},
+    ),
+    Case(
+        "h264_no_pyramid.mkv",
+        {"options": {**VERYFAST, "x264-params": "bframes=2:b-pyramid=none"}},
+    ),
     Case(
         "h264_open_gop.mp4",
-        dict(options={**VERYFAST, "x264-params": "bframes=3:open-gop=1:keyint=20:min-keyint=20"}),
+        {"options": {**VERYFAST, "x264-params": "bframes=3:open-gop=1:keyint=20:min-keyint=20"}},
     ),
-    Case("h264_annexb.ts", dict(options=VERYFAST)),
-    Case("h264_vfr.mp4", dict(options=VERYFAST, vfr=True)),
-    Case("h264_vfr.mkv", dict(options=VERYFAST, vfr=True)),
-    Case("h264_no_bframes.mp4", dict(), skips=False),  # ultrafast: P-frames only
-    Case("hevc.mp4", dict(codec="libx265"), hevc=True),
+    Case("h264_annexb.ts", {"options": VERYFAST}),
+    Case("h264_vfr.mp4", {"options": VERYFAST, "vfr": True}),
+    Case("h264_vfr.mkv", {"options": VERYFAST, "vfr": True}),
+    Case("h264_no_bframes.mp4", {}, skips=False),  # ultrafast: P-frames only
+    Case("hevc.mp4", {"codec": "libx265"}, hevc=True),
     Case(
         "hevc_open_gop.mkv",
-        dict(codec="libx265", options={"x265-params": "log-level=error:open-gop=1:keyint=20"}),
+        {"codec": "libx265", "options": {"x265-params": "log-level=error:open-gop=1:keyint=20"}},
         hevc=True,
     ),
-    Case("hevc_annexb.ts", dict(codec="libx265"), hevc=True),
-    Case("vp9.webm", dict(codec="libvpx-vp9"), skips=False),
+    Case("hevc_annexb.ts", {"codec": "libx265"}, hevc=True),
+    Case("vp9.webm", {"codec": "libvpx-vp9"}, skips=False),
 ]
 
 PLANS = {
@@ -100,10 +106,10 @@ def decode(
 
 def assert_identical(a: dict[int, ClipFrames], b: dict[int, ClipFrames]) -> None:
     assert sorted(a) == sorted(b)
-    for index in a:
-        assert a[index].source_frames == b[index].source_frames, f"window {index}"
-        assert a[index].frames.shape == b[index].frames.shape, f"window {index}"
-        assert a[index].frames.tobytes() == b[index].frames.tobytes(), f"window {index}"
+    for index, clip in a.items():
+        assert clip.source_frames == b[index].source_frames, f"window {index}"
+        assert clip.frames.shape == b[index].frames.shape, f"window {index}"
+        assert clip.frames.tobytes() == b[index].frames.tobytes(), f"window {index}"
 
 
 @pytest.mark.parametrize("plan", list(PLANS))

@@ -20,7 +20,7 @@ the avcC/hvcC extradata); MPEG-TS and raw streams use Annex B start codes.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 H264_SLICE_TYPES = (1, 5)
 HEVC_NON_REFERENCE_TYPES = frozenset({0, 2, 4, 6, 8, 10, 12, 14})

@@ -281,8 +281,9 @@ class VideoReader:
                     yield clip
             last_pts, unopened = planned.last_pts, planned.unopened
         except _Replan:
-            # Never seen with H.264, HEVC or VP9 as FFmpeg decodes them; kept so that a
-            # decoder that drops or invents frames still gets the frames it always got.
+            # Not seen with the tests' H.264, HEVC and VP9 files. Kept so that a decoder
+            # that drops frames (before a stream's first keyframe, say) or invents them
+            # still yields the frames that every frame decoded and held would yield.
             self._container.close()
             self._open()
             self.stats = DecodeStats(replanned=True)

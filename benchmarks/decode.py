@@ -1,0 +1,146 @@
+"""Decode-side effect of skipping unused frames, and its effect end to end.
+
+    python benchmarks/decode.py [--seconds 8] [--rounds 3] [--dir /tmp/vidq-decode-bench]
+
+Corpus: one H.264 file per size (360p, 720p, 1080p) written with libx264's own
+defaults (preset medium: 3 B-frames, b-pyramid, 250-frame GOP), moving shapes plus
+fresh per-frame noise of +-``--noise`` (benchmarks/corpus.py); kept in ``--dir``
+between runs. How many frames nothing references is the encoder's choice: with
+the other benchmarks' +-12 grain, x264 writes few B-frames at 360p (39 of 240);
+with +-4 (the default here), about 45% of frames, as on ordinary camera video.
+
+Decode side: every sliding window of the file decoded and transformed
+(``VideoReader.clips`` with FFmpeg's own threads, then ``clip_views`` on one
+thread, as vidq's decode thread runs them), with
+``skip_unused_frames`` on and off in alternating rounds, so a noisy moment on a
+shared machine hits both; each round prints both rates and their ratio, and the
+summary the median ratio per size, for slow_r50's sampling (8 of 64 frames) and
+x3d_xs's (4 of 48). Two ratios: wall time, and CPU time of the process (all
+decoder threads), the work saved, which other jobs on a shared machine disturb less.
+
+End to end: ``Classifier.classify_many`` over the corpus with on/off alternating,
+for x3d_xs and slow_r50 with random weights (the speed of a forward does not
+depend on the weights), fp32 on CPU unless --device says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SIZES = {"360p": (640, 360), "720p": (1280, 720), "1080p": (1920, 1080)}
+
+
+def corpus(directory: Path, seconds: float, noise: int) -> dict[str, Path]:
+    from benchmarks.corpus import make_video
+
+    directory.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for name, (width, height) in SIZES.items():
+        path = directory / f"default_x264_{name}_{seconds:g}s_noise{noise}.mp4"
+        if not path.exists():
+            t = time.perf_counter()
+            tmp = path.with_suffix(".part.mp4")
+            make_video(tmp, frames=int(seconds * 30), width=width, height=height, options={},
+                       noise=noise)
+            tmp.rename(path)
+            print(f"wrote {path.name} in {time.perf_counter() - t:.0f}s", flush=True)
+        out[name] = path
+    return out
+
+
+def decode_rate(path: Path, *, model: str, skip: bool) -> tuple[float, float, float]:
+    """(windows/s, windows per CPU s, share of packets decoded): every sliding window."""
+    from vidq.sampling import Sampling, plan_windows
+    from worker.models import get_preset
+    from worker.transforms import clip_views
+    from worker.video import VideoReader
+
+    preset = get_preset(model)
+    t, cpu = time.perf_counter(), time.process_time()
+    with VideoReader(path, skip_unused_frames=skip) as reader:
+        windows = plan_windows(Sampling(strategy="sliding"), reader.info.duration_s, preset.clip_duration)
+        n = 0
+        for clip in reader.clips(windows, num_frames=preset.num_frames):
+            clip_views(clip.frames, preset)
+            n += 1
+        stats = reader.stats
+    wall, cpu = time.perf_counter() - t, time.process_time() - cpu
+    return n / wall, n / cpu, stats.decoded / stats.packets
+
+
+def end_to_end_rate(clf: object, paths: list[Path], *, skip: bool) -> float:
+    clf.skip_unused_frames = skip  # type: ignore[attr-defined]
+    t = time.perf_counter()
+    clips = sum(len(r.clips) for r in clf.classify_many(paths))  # type: ignore[attr-defined]
+    return clips / (time.perf_counter() - t)
+
+
+def alternate(label: str, rounds: int, measure) -> str:  # type: ignore[no-untyped-def]
+    """Rounds of on/off (order swapped each round); the median ratio(s) as text."""
+    wall, cpu = [], []
+    for i in range(rounds):
+        if i % 2 == 0:
+            on, off = measure(True), measure(False)
+        else:
+            off, on = measure(False), measure(True)
+        wall.append(on[0] / off[0])
+        line = f"  {label} round {i + 1}: skip on {on[0]:.2f}/s, off {off[0]:.2f}/s, wall ratio {wall[-1]:.2f}x"
+        if len(on) > 1:
+            cpu.append(on[1] / off[1])
+            line += f", CPU ratio {cpu[-1]:.2f}x, decoded {on[2]:.0%} of packets"
+        print(line, flush=True)
+    text = f"wall {statistics.median(wall):.2f}x"
+    return text + (f", CPU {statistics.median(cpu):.2f}x" if cpu else "")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=8.0, help="length of each corpus file")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating on/off rounds (decode side)")
+    ap.add_argument("--e2e-rounds", type=int, default=2, help="alternating rounds end to end")
+    ap.add_argument("--noise", type=int, default=4, help="per-frame noise amplitude of the corpus")
+    ap.add_argument("--dir", type=Path, default=Path("/tmp/vidq-decode-bench"))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--skip-e2e", action="store_true")
+    args = ap.parse_args()
+
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # vidq's decode thread runs its transforms on one core
+    files = corpus(args.dir, args.seconds, args.noise)
+    summary = []
+    print("decode + transform, windows/s (every sliding window):")
+    for model in ("slow_r50", "x3d_xs"):
+        for name, path in files.items():
+            def measure(skip: bool, path: Path = path, model: str = model) -> tuple[float, ...]:
+                return decode_rate(path, model=model, skip=skip)
+
+            summary.append((f"decode {model} {name}", alternate(f"{model} {name}", args.rounds, measure)))
+    if not args.skip_e2e:
+        from worker.inference import Classifier
+
+        torch.set_num_threads(threads)
+        print("end to end, clips/s (Classifier.classify_many, random weights, fp32):")
+        for model in ("x3d_xs", "slow_r50"):
+            clf = Classifier(model=model, weights="random", device=args.device, precision="fp32")
+            paths = list(files.values())
+
+            def measure_e2e(skip: bool, clf: Classifier = clf, paths: list[Path] = paths) -> tuple[float]:
+                return (end_to_end_rate(clf, paths, skip=skip),)
+
+            summary.append((f"end to end {model}", alternate(model, args.e2e_rounds, measure_e2e)))
+    print("median ratio, skip on / skip off:")
+    for label, ratio in summary:
+        print(f"  {label}: {ratio}")
+
+
+if __name__ == "__main__":
+    main()
