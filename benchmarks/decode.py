@@ -15,8 +15,9 @@ thread, as vidq's decode thread runs them), with
 ``skip_unused_frames`` on and off in alternating rounds, so a noisy moment on a
 shared machine hits both; each round prints both rates and their ratio, and the
 summary the median ratio per size, for slow_r50's sampling (8 of 64 frames) and
-x3d_xs's (4 of 48). Two ratios: wall time, and CPU time of the process (all
-decoder threads), the work saved, which other jobs on a shared machine disturb less.
+x3d_xs's (4 of 48). Ratios of wall time and of the process's CPU time (all
+decoder threads: the work saved, which other jobs on a shared machine disturb
+less), for decode+transform and for the decode alone.
 
 End to end: ``Classifier.classify_many`` over the corpus with on/off alternating,
 for x3d_xs and slow_r50 with random weights (the speed of a forward does not
@@ -55,24 +56,32 @@ def corpus(directory: Path, seconds: float, noise: int) -> dict[str, Path]:
     return out
 
 
-def decode_rate(path: Path, *, model: str, skip: bool) -> tuple[float, float, float]:
-    """(windows/s, windows per CPU s, share of packets decoded): every sliding window."""
+def decode_rate(path: Path, *, model: str, skip: bool) -> tuple[float, ...]:
+    """Windows per second over every sliding window: (decode+transform wall, its CPU,
+    decode alone wall, its CPU, share of packets decoded). "Decode alone" is the same
+    pass less the time spent in ``clip_views`` (RGB conversion stays in: it is the
+    reader's)."""
     from vidq.sampling import Sampling, plan_windows
     from worker.models import get_preset
     from worker.transforms import clip_views
     from worker.video import VideoReader
 
     preset = get_preset(model)
+    transform_wall = transform_cpu = 0.0
     t, cpu = time.perf_counter(), time.process_time()
     with VideoReader(path, skip_unused_frames=skip) as reader:
         windows = plan_windows(Sampling(strategy="sliding"), reader.info.duration_s, preset.clip_duration)
         n = 0
         for clip in reader.clips(windows, num_frames=preset.num_frames):
+            tw, tc = time.perf_counter(), time.process_time()
             clip_views(clip.frames, preset)
+            transform_wall += time.perf_counter() - tw
+            transform_cpu += time.process_time() - tc
             n += 1
         stats = reader.stats
     wall, cpu = time.perf_counter() - t, time.process_time() - cpu
-    return n / wall, n / cpu, stats.decoded / stats.packets
+    return (n / wall, n / cpu, n / (wall - transform_wall), n / (cpu - transform_cpu),
+            stats.decoded / stats.packets)
 
 
 def end_to_end_rate(clf: object, paths: list[Path], *, skip: bool) -> float:
@@ -83,21 +92,26 @@ def end_to_end_rate(clf: object, paths: list[Path], *, skip: bool) -> float:
 
 
 def alternate(label: str, rounds: int, measure) -> str:  # type: ignore[no-untyped-def]
-    """Rounds of on/off (order swapped each round); the median ratio(s) as text."""
-    wall, cpu = [], []
+    """Rounds of on/off (order swapped each round); the median ratios as text."""
+    names = ["wall", "CPU", "decode-only wall", "decode-only CPU"]
+    ratios: list[list[float]] = [[] for _ in names]
     for i in range(rounds):
         if i % 2 == 0:
             on, off = measure(True), measure(False)
         else:
             off, on = measure(False), measure(True)
-        wall.append(on[0] / off[0])
-        line = f"  {label} round {i + 1}: skip on {on[0]:.2f}/s, off {off[0]:.2f}/s, wall ratio {wall[-1]:.2f}x"
-        if len(on) > 1:
-            cpu.append(on[1] / off[1])
-            line += f", CPU ratio {cpu[-1]:.2f}x, decoded {on[2]:.0%} of packets"
+        measured = min(len(on), len(names))
+        for k in range(measured):
+            ratios[k].append(on[k] / off[k])
+        line = f"  {label} round {i + 1}: skip on {on[0]:.2f}/s, off {off[0]:.2f}/s, " + ", ".join(
+            f"{names[k]} {ratios[k][-1]:.2f}x" for k in range(measured)
+        )
+        if len(on) > len(names):
+            line += f"; decoded {on[-1]:.0%} of packets"
         print(line, flush=True)
-    text = f"wall {statistics.median(wall):.2f}x"
-    return text + (f", CPU {statistics.median(cpu):.2f}x" if cpu else "")
+    return ", ".join(
+        f"{name} {statistics.median(r):.2f}x" for name, r in zip(names, ratios) if r
+    )
 
 
 def main() -> None:

@@ -242,6 +242,23 @@ def make_size_change(
                 out.mux(packet)
 
 
+def cut_at_keyframe(source: str | Path, path: str | Path, *, keyframe: int = 2) -> None:
+    """``source``'s video packets from its ``keyframe``-th keyframe on (stream copy): a
+    stream cut mid-file, which with open GOPs starts at a non-IDR keyframe whose
+    leading pictures reference frames the cut removed."""
+    with av.open(str(source)) as inp, av.open(str(path), "w") as out:
+        video = inp.streams.video[0]
+        stream = out.add_stream_from_template(video)
+        seen = 0
+        for packet in inp.demux(video):
+            if packet.size == 0:
+                continue
+            seen += packet.is_keyframe
+            if seen >= keyframe:
+                packet.stream = stream
+                out.mux(packet)
+
+
 def _write_tone(
     out: av.container.OutputContainer, stream: av.AudioStream, *, seconds: float
 ) -> None:

@@ -186,6 +186,25 @@ def test_seeking_between_sparse_windows_keeps_frames_identical(
         assert not results[0][1].replanned and results[0][1].packets < 120  # it did seek
 
 
+@pytest.mark.parametrize("name", ["h264_open_gop.mp4", "hevc_open_gop.mkv"])
+def test_a_stream_cut_at_an_open_gop_keyframe_keeps_frames_identical(
+    videos: dict[str, Path], tmp_path: Path, name: str
+) -> None:
+    """It starts at a keyframe whose leading pictures lost their references."""
+    if name not in videos:
+        pytest.skip("this PyAV build has no libx265 encoder")
+    path = tmp_path / f"cut{videos[name].suffix}"
+    media.cut_at_keyframe(videos[name], path, keyframe=2)
+    sampling = Sampling(strategy="sliding", stride_s=0.5)
+    skipped, stats, _ = decode(path, sampling, skip=True)
+    full, _, _ = decode(path, sampling, skip=False)
+    assert_identical(skipped, full)
+    assert stats.skipped > 0 and not stats.replanned
+    truth = [index for _pts, index in sorted(media.decoded_frames(path).frames)]
+    first = [media.frame_index(f) for f in skipped[0].frames]
+    assert first[0] == truth[0] == 20  # the cut starts at frame 20 (keyint=20)
+
+
 # -- the model sees the same input: identical fp32 logits ---------------------------------
 
 
