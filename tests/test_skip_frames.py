@@ -89,10 +89,10 @@ def videos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return out
 
 
-def video(videos: dict[str, Path], case: Case) -> Path:
-    if case.name not in videos:
+def video(videos: dict[str, Path], name: str) -> Path:
+    if name not in videos:
         pytest.skip("this PyAV build has no libx265 encoder")
-    return videos[case.name]
+    return videos[name]
 
 
 def decode(
@@ -119,7 +119,7 @@ def test_skipping_samples_byte_identical_frames_the_seeds_subsample_picks(
 ) -> None:
     from pytorchvideo.transforms.functional import uniform_temporal_subsample
 
-    path = video(videos, case)
+    path = video(videos, case.name)
     skipped, with_stats, windows = decode(path, PLANS[plan], skip=True)
     full, full_stats, _ = decode(path, PLANS[plan], skip=False)
     assert_identical(skipped, full)
@@ -191,10 +191,9 @@ def test_a_stream_cut_at_an_open_gop_keyframe_keeps_frames_identical(
     videos: dict[str, Path], tmp_path: Path, name: str
 ) -> None:
     """It starts at a keyframe whose leading pictures lost their references."""
-    if name not in videos:
-        pytest.skip("this PyAV build has no libx265 encoder")
-    path = tmp_path / f"cut{videos[name].suffix}"
-    media.cut_at_keyframe(videos[name], path, keyframe=2)
+    source = video(videos, name)
+    path = tmp_path / f"cut{source.suffix}"
+    media.cut_at_keyframe(source, path, keyframe=2)
     sampling = Sampling(strategy="sliding", stride_s=0.5)
     skipped, stats, _ = decode(path, sampling, skip=True)
     full, _, _ = decode(path, sampling, skip=False)
@@ -203,6 +202,20 @@ def test_a_stream_cut_at_an_open_gop_keyframe_keeps_frames_identical(
     truth = [index for _pts, index in sorted(media.decoded_frames(path).frames)]
     first = [media.frame_index(f) for f in skipped[0].frames]
     assert first[0] == truth[0] == 20  # the cut starts at frame 20 (keyint=20)
+
+
+def test_frames_the_decoder_does_not_return_as_announced_fall_back_to_decoding_all(
+    videos: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A wrong reference reading (here: every packet read as unreferenced) starves the
+    decoder of references; it then drops frames the plan counted. The reader sees the
+    mismatch and decodes again holding every frame: the clips are still the right ones."""
+    path = videos["h264_default.mp4"]
+    full, _, _ = decode(path, PLANS["sliding"], skip=False)
+    monkeypatch.setattr(ReferenceReader, "is_reference", lambda self, data: False)
+    fallback, stats, _ = decode(path, PLANS["sliding"], skip=True)
+    assert stats.replanned and stats.skipped == 0
+    assert_identical(fallback, full)
 
 
 # -- the model sees the same input: identical fp32 logits ---------------------------------
@@ -235,12 +248,11 @@ LOGIT_PLANS = {
 def test_x3d_xs_fp32_logits_identical_with_and_without_skipping(
     videos: dict[str, Path], x3d_xs: Classifier, name: str, plan: str
 ) -> None:
-    if name not in videos:
-        pytest.skip("this PyAV build has no libx265 encoder")
+    path = video(videos, name)
     sampling = LOGIT_PLANS[plan]
     outputs = []
     for skip in (True, False):
-        with VideoReader(videos[name], skip_unused_frames=skip) as reader:
+        with VideoReader(path, skip_unused_frames=skip) as reader:
             windows = plan_windows(sampling, reader.info.duration_s, x3d_xs.preset.clip_duration)
             clips = {
                 c.window.index: c
@@ -254,14 +266,13 @@ def test_x3d_xs_fp32_logits_identical_with_and_without_skipping(
 def test_classify_results_identical_with_and_without_skipping(
     videos: dict[str, Path], x3d_xs: Classifier, name: str
 ) -> None:
-    if name not in videos:
-        pytest.skip("this PyAV build has no libx265 encoder")
+    path = video(videos, name)
     sampling = dataclasses.replace(PLANS["sliding"], crops=3)
     results = []
     for skip in (True, False):
         x3d_xs.skip_unused_frames = skip
         try:
-            results.append(x3d_xs.classify(videos[name], sampling))
+            results.append(x3d_xs.classify(path, sampling))
         finally:
             x3d_xs.skip_unused_frames = True
     assert results[0].decode_stats.skipped > 0 and results[1].decode_stats.skipped == 0
