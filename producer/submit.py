@@ -175,7 +175,7 @@ def submit(
         digests = list(pool.map(sha256_file, [p for p, _ in accepted]))
 
     key = request.config_key()
-    make_session = sessions(settings.database_url)
+    make_session = sessions(settings.database_url, auto_migrate=settings.auto_migrate)
     to_publish: list[tuple[int, int, str]] = []
     with make_session() as session, session.begin():
         batch_id = _batch_id(session, report.batch)

@@ -221,7 +221,7 @@ def _wait(settings: Settings, batch: str, poll_s: float = 1.0) -> None:
     from producer.query import status_summary
     from vidq.db import sessions
 
-    make_session = sessions(settings.database_url)
+    make_session = sessions(settings.database_url, auto_migrate=settings.auto_migrate)
     with make_session() as session:
         total = sum(status_summary(session, batch).counts.values())
     with tqdm(total=total, desc=batch, unit="job", file=sys.stderr) as bar:
@@ -288,7 +288,7 @@ def status(batch: str | None, as_json: bool) -> None:
     from vidq.db import sessions
 
     settings = Settings.from_env()
-    with sessions(settings.database_url)() as session:
+    with sessions(settings.database_url, auto_migrate=settings.auto_migrate)() as session:
         summary = status_summary(session, batch)
     if as_json:
         click.echo(json.dumps(summary.to_json()))
@@ -318,7 +318,7 @@ def results(batch: str | None, label: str | None, min_score: float | None, all_r
     from vidq.db import sessions
 
     settings = Settings.from_env()
-    with sessions(settings.database_url)() as session:
+    with sessions(settings.database_url, auto_migrate=settings.auto_migrate)() as session:
         rows = iter_results(session, batch=batch, label=label, min_score=min_score,
                             all_ranks=all_ranks, limit=limit)
         out = click.get_text_stream("stdout")
@@ -347,7 +347,7 @@ def show(job_id: int, as_json: bool) -> None:
     from vidq.db import sessions
 
     settings = Settings.from_env()
-    with sessions(settings.database_url)() as session:
+    with sessions(settings.database_url, auto_migrate=settings.auto_migrate)() as session:
         job = show_job(session, job_id)
     if as_json:
         click.echo(json.dumps(job, default=str))
@@ -388,7 +388,7 @@ def retry(batch: str | None, only_failed: bool, cancelled: bool, job_ids: tuple[
 
     settings = Settings.from_env()
     statuses = (JobStatus.FAILED.value,) + ((JobStatus.CANCELLED.value,) if cancelled else ())
-    with sessions(settings.database_url)() as session, session.begin():
+    with sessions(settings.database_url, auto_migrate=settings.auto_migrate)() as session, session.begin():
         tasks = requeue(session, batch=batch, statuses=statuses, job_ids=list(job_ids))
     _publish(settings, tasks)
     click.echo(f"{len(tasks)} jobs queued again")
@@ -406,7 +406,7 @@ def cancel(batch: str | None, job_ids: tuple[int, ...]) -> None:
     if batch is None and not job_ids:
         raise click.UsageError("give --batch or job ids.")
     settings = Settings.from_env()
-    with sessions(settings.database_url)() as session, session.begin():
+    with sessions(settings.database_url, auto_migrate=settings.auto_migrate)() as session, session.begin():
         n = cancel_jobs(session, batch=batch, job_ids=list(job_ids))
     click.echo(f"{n} jobs cancelled")
 
@@ -454,6 +454,11 @@ def worker(device: str | None, concurrency: int | None, queues: str | None, logl
             listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
             n = max(1, listed.stdout.count("GPU "))
     os.environ["VIDQ_WORKER_PROCESSES"] = str(n)
+    from vidq.db import dispose_engines, get_engine
+
+    # Refuse a schema that is behind or ahead here, in one line, not in every child.
+    get_engine(settings.database_url, auto_migrate=settings.auto_migrate)
+    dispose_engines()
     from worker.tasks import app
 
     app.worker_main([
@@ -463,6 +468,103 @@ def worker(device: str | None, concurrency: int | None, queues: str | None, logl
     ])
 
 
+
+
+@main.group()
+def db() -> None:
+    """The results database's schema: upgrade, current revision, history."""
+
+
+@db.command("upgrade")
+@click.option("--revision", default="head", show_default=True, help="Target revision.")
+@click.option("--sql", "as_sql", is_flag=True,
+              help="Print the SQL for a DBA instead of running it.")
+@run_cli
+def db_upgrade(revision: str, as_sql: bool) -> None:
+    """Migrate the database to this vidq's schema (a 0.1.0 database is stamped first)."""
+    from sqlalchemy.exc import OperationalError
+
+    from vidq import migrate
+    from vidq.db import make_engine, mask_url, unreachable
+
+    settings = Settings.from_env()
+    url = settings.database_url
+    engine = make_engine(url)
+    try:
+        if as_sql:
+            # From where the database stands, when it can be reached; else from empty.
+            try:
+                with engine.connect() as conn:
+                    state = migrate.schema_state(conn)
+                start = migrate.BASELINE if state.legacy else state.current
+            except OperationalError:
+                start = None
+            click.echo(migrate.upgrade_sql(url, from_revision=start, revision=revision), nl=False)
+            return
+        try:
+            before, after = migrate.upgrade(engine, revision)
+        except OperationalError as exc:
+            raise unreachable(url, exc) from None
+    finally:
+        engine.dispose()
+    if before.current == after.current and not before.legacy:
+        click.echo(f"{mask_url(url)}: already at revision {after.current} (head {after.head})")
+    else:
+        click.echo(f"{mask_url(url)}: {before.describe()} -> revision {after.current}")
+
+
+@db.command("downgrade")
+@click.argument("revision")
+@run_cli
+def db_downgrade(revision: str) -> None:
+    """Migrate the database back to REVISION (``base`` drops every vidq table)."""
+    from vidq import migrate
+    from vidq.db import make_engine, mask_url
+
+    settings = Settings.from_env()
+    engine = make_engine(settings.database_url)
+    try:
+        before, after = migrate.downgrade(engine, revision)
+    finally:
+        engine.dispose()
+    click.echo(f"{mask_url(settings.database_url)}: {before.describe()} -> {after.describe()}")
+
+
+@db.command("current")
+@run_cli
+def db_current() -> None:
+    """The database's schema revision, and this vidq's."""
+    from sqlalchemy.exc import OperationalError
+
+    from vidq import migrate
+    from vidq.db import make_engine, mask_url, unreachable
+
+    settings = Settings.from_env()
+    engine = make_engine(settings.database_url)
+    try:
+        with engine.connect() as conn:
+            state = migrate.schema_state(conn)
+    except OperationalError as exc:
+        raise unreachable(settings.database_url, exc) from None
+    finally:
+        engine.dispose()
+    verdict = ("up to date" if state.up_to_date else
+               "newer than this vidq" if not state.known else "behind: run `vidq db upgrade`")
+    click.echo(f"{mask_url(settings.database_url)}: {state.describe()}; this vidq: "
+               f"{state.head} ({verdict})")
+    if not state.up_to_date:
+        sys.exit(1)
+
+
+@db.command("history")
+def db_history() -> None:
+    """Every schema revision, oldest first."""
+    from vidq import migrate
+
+    head = migrate.head_revision()
+    for rev, down, doc in migrate.history():
+        mark = " (head)" if rev == head else ""
+        click.echo(f"{down or 'base':>6} -> {rev}{mark}  {doc}")
 
 
 @main.command()

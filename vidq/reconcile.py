@@ -93,7 +93,7 @@ def reconcile(
     stale_after_s = settings.stale_after_s
     report = ReconcileReport()
     now = utcnow()
-    make_session = sessions(settings.database_url)
+    make_session = sessions(settings.database_url, auto_migrate=settings.auto_migrate)
     with make_session() as session:
         stale = session.execute(
             select(Job.id, Job.priority, Job.task_id).where(

@@ -27,6 +27,11 @@ class Settings:
     """Results database (SQLAlchemy URL). The SQLite file is the embedded default;
     ``postgresql+psycopg://user:pass@host/db`` at scale."""
 
+    auto_migrate: bool | None = None
+    """Migrate the database schema on start when it is empty or behind. Unset (``auto``):
+    only for SQLite, the embedded default; a shared PostgreSQL is upgraded by an operator
+    with ``vidq db upgrade``, and workers refuse to run against a schema that differs."""
+
     queue: str = "vidq"
     """Celery queue that jobs go to and workers consume."""
 
@@ -131,7 +136,9 @@ def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
     try:
         if kind == "int":
             return int(raw)
-        if kind == "bool":
+        if kind.startswith("bool"):
+            if raw.lower() == "auto" and "None" in kind:
+                return None
             if raw.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
                 raise ValueError(raw)
             return raw.lower() in ("1", "true", "yes", "on")

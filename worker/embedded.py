@@ -26,7 +26,7 @@ def run_jobs(
 ) -> list[Outcome]:
     """Execute jobs one after another; transient errors retry with backoff."""
     classifier = classifier or Classifier.from_settings(settings)
-    store = JobStore(settings.database_url, stale_after_s=settings.stale_after_s)
+    store = JobStore.from_settings(settings)
     outcomes = []
     for job_id in job_ids:
         attempt = 0

@@ -47,9 +47,16 @@ class Outcome:
 class JobStore:
     """The jobs-table operations a worker performs. Database trouble is transient."""
 
-    def __init__(self, database_url: str, *, stale_after_s: float) -> None:
-        self._sessions = sessions(database_url)
+    def __init__(
+        self, database_url: str, *, stale_after_s: float, auto_migrate: bool | None = None
+    ) -> None:
+        self._sessions = sessions(database_url, auto_migrate=auto_migrate)
         self.stale_after_s = stale_after_s
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> JobStore:
+        return cls(settings.database_url, stale_after_s=settings.stale_after_s,
+                   auto_migrate=settings.auto_migrate)
 
     def _run(self, fn: Callable[[Session], T]) -> T:
         try:

@@ -71,8 +71,7 @@ def load_process_state() -> _ProcessState:
         )
         if classifier.weights_id == "random-init":
             log.warning("RANDOM WEIGHTS: every result row will carry weights_id=random-init")
-        _state = _ProcessState(classifier, JobStore(settings.database_url,
-                                                    stale_after_s=settings.stale_after_s))
+        _state = _ProcessState(classifier, JobStore.from_settings(settings))
     return _state
 
 
