@@ -434,40 +434,31 @@ def reconcile(older_than: float | None, dry_run: bool) -> None:
 @click.option("--device", default=None, help="auto | cpu | cuda[:N] (VIDQ_DEVICE).")
 @click.option("--concurrency", type=int, default=None,
               help="Worker processes (default: one per GPU, or one on CPU).")
+@click.option("--inflight", type=click.IntRange(min=1), default=None,
+              help="Jobs each process holds at once (VIDQ_INFLIGHT; default: enough to keep "
+                   "its decoders and model busy).")
+@click.option("--decode-workers", type=click.IntRange(min=1), default=None,
+              help="Videos each process decodes at once (VIDQ_DECODE_WORKERS).")
 @click.option("--queues", default=None, help="Comma-separated queues (default VIDQ_QUEUE).")
 @click.option("--loglevel", default="INFO", show_default=True)
 @run_cli
-def worker(device: str | None, concurrency: int | None, queues: str | None, loglevel: str) -> None:
-    """Start a Celery worker; each process loads the model once, then takes jobs."""
-    import os
-    import shutil
-    import subprocess
-
-    if device:
-        os.environ["VIDQ_DEVICE"] = device
-    settings = Settings.from_env()
-    n = concurrency or settings.worker_concurrency
-    if not n:
-        n = 1
-        if settings.device in ("auto", "cuda") and shutil.which("nvidia-smi"):
-            # Count GPUs without touching CUDA in this (parent) process.
-            listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
-            n = max(1, listed.stdout.count("GPU "))
-    os.environ["VIDQ_WORKER_PROCESSES"] = str(n)
+def worker(device: str | None, concurrency: int | None, inflight: int | None,
+           decode_workers: int | None, queues: str | None, loglevel: str) -> None:
+    """Start worker processes (one per GPU): each loads the model once and keeps
+    VIDQ_INFLIGHT jobs in flight through its decoders and model."""
     from vidq.db import dispose_engines, get_engine
+    from worker.supervisor import WorkerPlan, run_workers
 
-    # Refuse a schema that is behind or ahead here, in one line, not in every child.
+    settings = Settings.from_env(device=device, inflight=inflight,
+                                 decode_workers=decode_workers)
+    # Refuse a schema that is behind or ahead here, in one line, not in every process.
     get_engine(settings.database_url, auto_migrate=settings.auto_migrate)
     dispose_engines()
-    from worker.tasks import app
-
-    app.worker_main([
-        "worker", "--pool=prefork", f"--concurrency={n}",
-        f"--queues={queues or settings.queue}", f"--loglevel={loglevel}",
-        f"--hostname=vidq-{os.getpid()}@%h", "--without-mingle",
-    ])
-
-
+    plan = WorkerPlan.for_host(settings, processes=concurrency)
+    click.echo(f"vidq worker: {plan.processes} process(es), {plan.inflight} jobs in flight "
+               f"and {plan.decode_workers} decoders each, batches of {plan.batch_size}",
+               err=True)
+    sys.exit(run_workers(settings, plan, queues=queues or settings.queue, loglevel=loglevel))
 
 
 @main.group()

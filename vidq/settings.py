@@ -51,6 +51,18 @@ class Settings:
     batch_size: int = 0
     """Clips per forward pass; 0 picks 1 on CPU (fastest per clip there) and 16 on CUDA."""
 
+    inflight: int = 0
+    """Jobs one worker process holds at once (its Celery thread pool). 0 = twice the
+    decode workers plus the batch size: every decoder has a next video waiting, and a
+    batch of one-clip videos fits. 1 = one job at a time."""
+
+    decode_workers: int = 0
+    """Videos decoded and transformed at the same time in one worker process (threads).
+    0 = the CPU cores the process may use, less one for the model (at least 1)."""
+
+    batch_wait_ms: float = 5.0
+    """How long the model loop waits for a fuller batch before it runs what it has."""
+
     compile: bool = False
     """Wrap the model in ``torch.compile`` (slower start, can be faster on GPU)."""
 

@@ -14,18 +14,24 @@ import os
 import random
 import socket
 import threading
+import time
 import uuid
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import TYPE_CHECKING, Callable, TypeVar
 
-from sqlalchemy import delete, insert, or_, select, update
+from sqlalchemy import delete, insert, or_, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
 from vidq.db import ClipPrediction, Job, JobStatus, VideoLabel, first_line, sessions, utcnow
-from vidq.errors import PermanentError, TransientError, VidqError
+from vidq.errors import Cancelled, PermanentError, TransientError, VidqError
 from vidq.media import check_video_path
+from vidq.sampling import Sampling
 from vidq.settings import Settings
+
+if TYPE_CHECKING:
+    from worker.pipeline import Pipeline
 
 log = logging.getLogger("vidq.worker")
 T = TypeVar("T")
@@ -104,13 +110,17 @@ class JobStore:
 
         return self._run(op)
 
-    def heartbeat(self, job_id: int, token: str) -> None:
-        self._run(
+    def heartbeat(self, job_id: int, token: str) -> bool:
+        """Refresh the lease; False once the job is no longer ours to run (cancelled, or
+        taken over after this worker stalled)."""
+        return self._run(
             lambda s: s.execute(
                 update(Job)
-                .where(Job.id == job_id, Job.lease_token == token)
+                .where(Job.id == job_id, Job.lease_token == token,
+                       Job.status == JobStatus.RUNNING.value)
                 .values(heartbeat_at=utcnow())
-            )
+            ).rowcount
+            == 1
         )
 
     def release(self, job_id: int, token: str) -> None:
@@ -211,10 +221,12 @@ class JobStore:
 
 
 class Heartbeat:
-    """Refreshes a running job's heartbeat from a daemon thread."""
+    """Refreshes a running job's heartbeat from a daemon thread, and notices when the
+    job stops being ours (``vidq cancel``, or another worker took it over)."""
 
     def __init__(self, store: JobStore, job_id: int, token: str, every_s: float) -> None:
         self._stop = threading.Event()
+        self.lost: str | None = None
         self._thread = threading.Thread(
             target=self._loop, args=(store, job_id, token, every_s), daemon=True,
             name=f"vidq-heartbeat-{job_id}",
@@ -223,7 +235,9 @@ class Heartbeat:
     def _loop(self, store: JobStore, job_id: int, token: str, every_s: float) -> None:
         while not self._stop.wait(every_s):
             try:
-                store.heartbeat(job_id, token)
+                if not store.heartbeat(job_id, token):
+                    self.lost = "the job was cancelled or taken over by another worker"
+                    return
             except VidqError as exc:
                 log.warning("job %s: heartbeat not written (%s)", job_id, exc.message)
 
@@ -236,26 +250,30 @@ class Heartbeat:
         self._thread.join(timeout=5)
 
 
-def execute_job(
-    job_id: int, *, classifier: object, settings: Settings, store: JobStore
-) -> Outcome:
-    """Claim, classify and persist one job. Permanent errors fail the job at once;
-    TransientError propagates for the caller to retry (the lease is released)."""
-    from vidq.sampling import Sampling
-    from worker.inference import Classifier, oom_errors
+class TimeLimit(PermanentError):
+    kind = "timeout"
 
-    assert isinstance(classifier, Classifier)
+
+def execute_job(
+    job_id: int, *, pipeline: Pipeline, settings: Settings, store: JobStore
+) -> Outcome:
+    """Claim, classify (through the process's pipeline) and persist one job. Permanent
+    errors fail the job at once; TransientError propagates for the caller to retry
+    (the lease is released). Many calls run at once, one per job in flight."""
     token = uuid.uuid4().hex
     claimed = store.claim(job_id, token, f"{socket.gethostname()}:{os.getpid()}")
     if isinstance(claimed, Outcome):
         return claimed
     job = claimed
+    preset = pipeline.classifier.preset.name
+    limit_s = max(1.0, settings.task_time_limit_s - 60.0)
+    deadline = time.monotonic() + limit_s
     try:
-        with Heartbeat(store, job_id, token, settings.heartbeat_s):
-            if job.model != classifier.preset.name:
+        with Heartbeat(store, job_id, token, settings.heartbeat_s) as beat:
+            if job.model != preset:
                 raise PermanentError(
-                    f"job asks for model {job.model} but this worker serves "
-                    f"{classifier.preset.name}; send it to a queue of {job.model} workers.",
+                    f"job asks for model {job.model} but this worker serves {preset}; "
+                    f"send it to a queue of {job.model} workers.",
                     kind="wrong_model",
                 )
             path = check_video_path(
@@ -265,10 +283,22 @@ def execute_job(
                 strategy=job.strategy, clips=job.clips_requested, stride_s=job.stride_s,
                 start_sec=job.start_sec, crops=job.crops,
             )
+            over = TimeLimit(f"{job.path}: not finished within VIDQ_TASK_TIME_LIMIT_S="
+                             f"{settings.task_time_limit_s} (less 60 s of margin).")
+
+            def should_stop() -> VidqError | None:
+                if beat.lost is not None:
+                    return Cancelled(beat.lost)
+                return over if time.monotonic() > deadline else None
+
+            future = pipeline.submit(str(path), sampling, should_stop=should_stop)
             try:
-                result = classifier.classify(path, sampling)
-            except oom_errors() as exc:
-                raise TransientError(f"out of accelerator memory ({first_line(exc)})") from None
+                result = future.result(timeout=max(0.0, deadline - time.monotonic()))
+            except FutureTimeout:
+                raise over from None  # should_stop ends the video at its next clip
+    except Cancelled as exc:
+        log.info("job %s given up: %s", job_id, exc.message)
+        return Outcome(job_id, "skipped", exc.message)
     except PermanentError as exc:
         store.fail(job_id, token, exc)
         log.info("job %s failed: %s: %s", job_id, exc.kind, exc.message)
@@ -282,4 +312,3 @@ def execute_job(
     if store.succeed(job_id, token, result):
         return Outcome(job_id, "succeeded", result.top[0].label)
     return Outcome(job_id, "skipped", "lease lost: another delivery owns this job")
-

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from vidq.errors import TransientError, VidqError
 from vidq.queue import TASK_CLASSIFY, make_celery
 from vidq.settings import Settings
 from worker.jobs import JobStore, backoff_s, execute_job
+from worker.supervisor import CONFIG_EXIT
 
 log = logging.getLogger("vidq.worker")
 
@@ -33,11 +35,12 @@ app = make_celery(settings)
 
 @dataclass
 class _ProcessState:
-    classifier: Any
+    pipeline: Any
     store: JobStore
 
 
 _state: _ProcessState | None = None
+_state_lock = threading.Lock()
 
 
 def _device_for_this_process(s: Settings) -> str:
@@ -53,30 +56,61 @@ def _device_for_this_process(s: Settings) -> str:
 
 
 def load_process_state() -> _ProcessState:
-    """Build this process's classifier and job store (once)."""
+    """Build this process's classifier, pipeline and job store (once, thread-safe)."""
     global _state
-    if _state is None:
-        import torch
+    with _state_lock:
+        if _state is None:
+            import torch
 
-        from worker.inference import Classifier
+            from worker.inference import Classifier
 
-        procs = int(os.environ.get("VIDQ_WORKER_PROCESSES", "1") or 1)
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // procs))
-        device = _device_for_this_process(settings)
-        classifier = Classifier.from_settings(settings.replace(device=device))
-        log.info(
-            "vidq worker process %s ready: %s weights %s, %s on %s",
-            os.getpid(), classifier.preset.name, classifier.weights_id,
-            classifier.precision, classifier.device,
-        )
-        if classifier.weights_id == "random-init":
-            log.warning("RANDOM WEIGHTS: every result row will carry weights_id=random-init")
-        _state = _ProcessState(classifier, JobStore.from_settings(settings))
-    return _state
+            procs = int(os.environ.get("VIDQ_WORKER_PROCESSES", "1") or 1)
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // procs))
+            device = _device_for_this_process(settings)
+            classifier = Classifier.from_settings(settings.replace(device=device))
+            _state = _ProcessState(classifier.pipeline(), JobStore.from_settings(settings))
+            if current_process().name != "MainProcess":  # a prefork child: logging is set up
+                _log_ready(_state)
+        return _state
+
+
+def _log_ready(state: _ProcessState) -> None:
+    classifier = state.pipeline.classifier
+    log.info(
+        "vidq worker process %s ready: %s weights %s, %s on %s, %d decoders, batches of %d",
+        os.getpid(), classifier.preset.name, classifier.weights_id, classifier.precision,
+        classifier.device, state.pipeline.decode_workers, state.pipeline.batch_size,
+    )
+    if classifier.weights_id == "random-init":
+        log.warning("RANDOM WEIGHTS: every result row will carry weights_id=random-init")
+
+
+@signals.worker_init.connect
+def _init_threaded_worker(sender: Any = None, **_: Any) -> None:
+    """Pools without children (``--pool threads``, what ``vidq worker`` runs): load the
+    model in this process before it takes any message. Prefork and solo load in
+    ``worker_process_init`` instead (after the fork)."""
+    from celery import concurrency
+
+    pool = concurrency.get_implementation(getattr(sender, "pool_cls", None) or "prefork")
+    if pool.__module__.endswith(".thread"):
+        try:
+            load_process_state()
+        except VidqError as exc:  # missing weights, a schema mismatch: one line, no restart
+            log.error("%s", exc.message)
+            os._exit(CONFIG_EXIT)
+
+
+@signals.worker_shutdown.connect
+def _close_pipeline(**_: Any) -> None:
+    if _state is not None:
+        _state.pipeline.close()
 
 
 @signals.worker_ready.connect
 def _start_reconciler(**_: Any) -> None:
+    if _state is not None and current_process().name == "MainProcess":
+        _log_ready(_state)  # loaded in worker_init, before Celery set up logging
     if settings.reconcile_every_s > 0:
         threading.Thread(target=_reconcile_loop, name="vidq-reconcile", daemon=True).start()
 
@@ -141,7 +175,7 @@ def classify(self: Any, job_id: Any = None, transient: int = 0) -> str:
         raise Reject("malformed vidq message", requeue=False)
     state = load_process_state()
     try:
-        outcome = execute_job(job_id, classifier=state.classifier, settings=settings,
+        outcome = execute_job(job_id, pipeline=state.pipeline, settings=settings,
                               store=state.store)
     except TransientError as exc:
         if transient >= settings.max_retries:
@@ -164,5 +198,33 @@ def classify(self: Any, job_id: Any = None, transient: int = 0) -> str:
         raise self.retry(kwargs={"job_id": job_id, "transient": transient}, args=(),
                          countdown=settings.stale_after_s, max_retries=None)
     log.info("job %s %s %s", job_id, outcome.status, outcome.detail)
+    _recycle_if_over_memory()
     return outcome.status
+
+
+_recycling = threading.Event()
+
+
+def _recycle_if_over_memory() -> None:
+    """``VIDQ_WORKER_MAX_MEMORY_MB`` for pools without children (prefork has Celery's own
+    ``worker_max_memory_per_child``): a warm shutdown, after which the supervisor
+    starts a fresh process."""
+    limit = settings.worker_max_memory_mb
+    if not limit or _recycling.is_set() or current_process().name != "MainProcess":
+        return
+    rss = resident_mb()
+    if rss is not None and rss > limit:
+        _recycling.set()
+        log.warning("worker process %s uses %.0f MiB > VIDQ_WORKER_MAX_MEMORY_MB=%d: "
+                    "finishing its jobs, then restarting", os.getpid(), rss, limit)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def resident_mb() -> float | None:
+    try:
+        with open("/proc/self/statm") as fh:
+            pages = int(fh.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
