@@ -163,14 +163,17 @@ def requeue(
 
 
 def cancel(session: Session, *, batch: str | None, job_ids: list[int] | None = None) -> int:
-    """Cancel queued jobs (running ones finish; workers skip cancelled ones)."""
-    stmt = update(Job).where(Job.status == JobStatus.QUEUED.value)
+    """Cancel queued and running jobs. A worker skips a cancelled job it receives, and
+    gives a running one up at its next clip once its heartbeat sees the change; the
+    guarded commit never writes results for a cancelled job."""
+    stmt = update(Job).where(Job.status.in_(ACTIVE))
     bid = batch_id(session, batch)
     if bid is not None:
         stmt = stmt.where(Job.batch_id == bid)
     if job_ids:
         stmt = stmt.where(Job.id.in_(job_ids))
-    return session.execute(stmt.values(status=JobStatus.CANCELLED.value, finished_at=utcnow())).rowcount
+    return session.execute(stmt.values(status=JobStatus.CANCELLED.value, finished_at=utcnow(),
+                                       lease_token=None)).rowcount
 
 
 def active_count(session: Session, batch: str | None) -> int:

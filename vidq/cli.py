@@ -399,7 +399,7 @@ def retry(batch: str | None, only_failed: bool, cancelled: bool, job_ids: tuple[
 @click.argument("job_ids", nargs=-1, type=int)
 @run_cli
 def cancel(batch: str | None, job_ids: tuple[int, ...]) -> None:
-    """Cancel queued jobs of a batch (or the given ids); running ones finish."""
+    """Cancel the queued and running jobs of a batch (or the given ids)."""
     from producer.query import cancel as cancel_jobs
     from vidq.db import sessions
 
@@ -446,13 +446,14 @@ def worker(device: str | None, concurrency: int | None, inflight: int | None,
            decode_workers: int | None, queues: str | None, loglevel: str) -> None:
     """Start worker processes (one per GPU): each loads the model once and keeps
     VIDQ_INFLIGHT jobs in flight through its decoders and model."""
-    from vidq.db import dispose_engines, get_engine
+    from vidq.db import dispose_engines, wait_for_database
     from worker.supervisor import WorkerPlan, run_workers
 
     settings = Settings.from_env(device=device, inflight=inflight,
                                  decode_workers=decode_workers)
-    # Refuse a schema that is behind or ahead here, in one line, not in every process.
-    get_engine(settings.database_url, auto_migrate=settings.auto_migrate)
+    # Refuse a schema that is behind or ahead here, in one line, not in every process;
+    # wait out a database that is down rather than failing messages.
+    wait_for_database(settings.database_url, auto_migrate=settings.auto_migrate, on_wait=warn)
     dispose_engines()
     plan = WorkerPlan.for_host(settings, processes=concurrency)
     click.echo(f"vidq worker: {plan.processes} process(es), {plan.inflight} jobs in flight "

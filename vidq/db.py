@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-from typing import Any
+import time
+from typing import Any, Callable
 
 from sqlalchemy import (
     BigInteger,
@@ -208,6 +209,22 @@ def get_engine(url: str, *, auto_migrate: bool | None = None) -> Engine:
         raise
     _ENGINES[url] = engine
     return engine
+
+
+def wait_for_database(
+    url: str, *, auto_migrate: bool | None, on_wait: Callable[[str], None]
+) -> Engine:
+    """``get_engine``, waiting with backoff while the database is unreachable: a worker
+    that starts during an outage waits for it instead of failing its messages."""
+    attempt = 0
+    while True:
+        try:
+            return get_engine(url, auto_migrate=auto_migrate)
+        except TransientError as exc:
+            delay = min(30.0, 2.0**attempt)
+            on_wait(f"{exc.message} Waiting {delay:.0f}s.")
+            time.sleep(delay)
+            attempt += 1
 
 
 def make_engine(url: str) -> Engine:

@@ -91,6 +91,13 @@ class Settings:
     max_retries: int = 5
     """Transient failures (database, broker, GPU memory) retried this many times."""
 
+    max_attempts: int = 3
+    """Attempts a job may start, however each ended (a crash, an out-of-memory kill, an
+    unexpected exception); then it is failed with what happened to the last one."""
+
+    commit_retry_s: float = 3600.0
+    """How long a finished result keeps retrying its commit while the database is down."""
+
     worker_concurrency: int = 0
     """Worker processes per host; 0 means one per GPU, or one on CPU."""
 

@@ -20,12 +20,13 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, TypeVar
 
-from sqlalchemy import delete, insert, or_, update
+from sqlalchemy import String, cast, delete, func, insert, literal, or_, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
 from vidq.db import ClipPrediction, Job, JobStatus, VideoLabel, first_line, sessions, utcnow
 from vidq.errors import Cancelled, PermanentError, TransientError, VidqError
+from vidq.faultpoints import pause_point
 from vidq.media import check_video_path
 from vidq.sampling import Sampling
 from vidq.settings import Settings
@@ -54,15 +55,17 @@ class JobStore:
     """The jobs-table operations a worker performs. Database trouble is transient."""
 
     def __init__(
-        self, database_url: str, *, stale_after_s: float, auto_migrate: bool | None = None
+        self, database_url: str, *, stale_after_s: float, auto_migrate: bool | None = None,
+        max_attempts: int = 0,
     ) -> None:
         self._sessions = sessions(database_url, auto_migrate=auto_migrate)
         self.stale_after_s = stale_after_s
+        self.max_attempts = max_attempts
 
     @classmethod
     def from_settings(cls, settings: Settings) -> JobStore:
         return cls(settings.database_url, stale_after_s=settings.stale_after_s,
-                   auto_migrate=settings.auto_migrate)
+                   auto_migrate=settings.auto_migrate, max_attempts=settings.max_attempts)
 
     def _run(self, fn: Callable[[Session], T]) -> T:
         try:
@@ -74,21 +77,47 @@ class JobStore:
             raise
 
     def claim(self, job_id: int, token: str, host: str) -> Job | Outcome:
-        """Take the job if it is queued, or running with a stale heartbeat."""
+        """Take the job if it is queued, or running with a stale heartbeat (its attempt
+        died). A job that has used up ``max_attempts`` is failed instead, with what
+        happened to its last attempt."""
 
         def op(s: Session) -> Job | Outcome:
             now = utcnow()
             stale = now - dt.timedelta(seconds=self.stale_after_s)
+            claimable = or_(
+                Job.status == JobStatus.QUEUED.value,
+                (Job.status == JobStatus.RUNNING.value)
+                & or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale),
+            )
+            # An attempt that stopped heartbeating died with its process (SIGKILL, the
+            # OOM killer, a segfault): that is what its record says from now on.
+            s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status == JobStatus.RUNNING.value,
+                       or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale))
+                .values(error_kind="crashed", error_message=literal(
+                    "the worker running attempt ") + cast(Job.attempts, String) + literal(
+                    " stopped (killed, out of memory or crashed) on ")
+                    + func.coalesce(Job.worker_host, literal("?")))
+            )
+            if self.max_attempts:
+                gave_up = s.execute(
+                    update(Job)
+                    .where(Job.id == job_id, claimable, Job.attempts >= self.max_attempts)
+                    .values(
+                        status=JobStatus.FAILED.value, lease_token=None, finished_at=now,
+                        error_kind=func.coalesce(Job.error_kind, literal("crashed")),
+                        error_message=literal(f"gave up after {self.max_attempts} attempts "
+                                              "(VIDQ_MAX_ATTEMPTS); the last: ")
+                        + func.coalesce(Job.error_message, literal("no error recorded")),
+                    )
+                ).rowcount
+                if gave_up:
+                    return Outcome(job_id, "failed", "attempts exhausted")
             res = s.execute(
                 update(Job)
                 .where(Job.id == job_id)
-                .where(
-                    or_(
-                        Job.status == JobStatus.QUEUED.value,
-                        (Job.status == JobStatus.RUNNING.value)
-                        & or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale),
-                    )
-                )
+                .where(claimable)
                 .values(
                     status=JobStatus.RUNNING.value,
                     lease_token=token,
@@ -123,14 +152,19 @@ class JobStore:
             == 1
         )
 
-    def release(self, job_id: int, token: str) -> None:
-        """Give the job back to the queue (graceful shutdown, transient failure)."""
+    def release(self, job_id: int, token: str, error: VidqError | None = None) -> None:
+        """Give the job back to the queue (graceful shutdown, transient failure), with
+        the error that ended this attempt on record."""
+        values: dict[str, object] = dict(
+            status=JobStatus.QUEUED.value, lease_token=None, heartbeat_at=None)
+        if error is not None:
+            values.update(error_kind=error.kind, error_message=error.message[:2000])
         self._run(
             lambda s: s.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.lease_token == token,
                        Job.status == JobStatus.RUNNING.value)
-                .values(status=JobStatus.QUEUED.value, lease_token=None, heartbeat_at=None)
+                .values(**values)
             )
         )
 
@@ -270,6 +304,7 @@ def execute_job(
     deadline = time.monotonic() + limit_s
     try:
         with Heartbeat(store, job_id, token, settings.heartbeat_s) as beat:
+            pause_point("after_claim")
             if job.model != preset:
                 raise PermanentError(
                     f"job asks for model {job.model} but this worker serves {preset}; "
@@ -296,6 +331,9 @@ def execute_job(
                 result = future.result(timeout=max(0.0, deadline - time.monotonic()))
             except FutureTimeout:
                 raise over from None  # should_stop ends the video at its next clip
+            pause_point("before_commit")
+            committed = commit_result(store, job_id, token, result,
+                                      horizon_s=settings.commit_retry_s)
     except Cancelled as exc:
         log.info("job %s given up: %s", job_id, exc.message)
         return Outcome(job_id, "skipped", exc.message)
@@ -303,12 +341,43 @@ def execute_job(
         store.fail(job_id, token, exc)
         log.info("job %s failed: %s: %s", job_id, exc.kind, exc.message)
         return Outcome(job_id, "failed", f"{exc.kind}: {exc.message}")
-    except TransientError:
-        try:
-            store.release(job_id, token)
-        except TransientError:
-            pass  # the heartbeat goes stale; the retry reclaims the job
+    except TransientError as exc:
+        _release(store, job_id, token, exc)
         raise
-    if store.succeed(job_id, token, result):
+    except Exception as exc:  # a bug, or a library error vidq does not know: this attempt
+        # counts (VIDQ_MAX_ATTEMPTS), and its record says what happened.
+        log.exception("job %s: unexpected error", job_id)
+        error = TransientError(f"{type(exc).__name__}: {exc}".splitlines()[0][:500],
+                               kind="exception")
+        _release(store, job_id, token, error)
+        raise error from None
+    if committed:
         return Outcome(job_id, "succeeded", result.top[0].label)
     return Outcome(job_id, "skipped", "lease lost: another delivery owns this job")
+
+
+def _release(store: JobStore, job_id: int, token: str, error: VidqError) -> None:
+    try:
+        store.release(job_id, token, error)
+    except TransientError:
+        pass  # the heartbeat goes stale; the retry reclaims the job
+
+
+def commit_result(store: JobStore, job_id: int, token: str, result: object, *,
+                  horizon_s: float) -> bool:
+    """Write a finished result, retrying with backoff while the database is down (up to
+    ``horizon_s``): an outage must not throw away work already done. The heartbeat
+    keeps the lease live meanwhile; if the job was taken over, the commit is refused."""
+    deadline = time.monotonic() + horizon_s
+    attempt = 0
+    while True:
+        try:
+            return store.succeed(job_id, token, result)
+        except TransientError as exc:
+            if time.monotonic() >= deadline:
+                raise
+            delay = min(60.0, backoff_s(attempt))
+            log.warning("job %s: result kept, commit failed (%s); again in %.0fs", job_id,
+                        exc.message, delay)
+            time.sleep(delay)
+            attempt += 1

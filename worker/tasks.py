@@ -20,7 +20,7 @@ from celery import signals
 from celery.exceptions import InvalidTaskError, Reject
 from celery.worker.request import Request
 
-from vidq.db import dispose_engines
+from vidq.db import dispose_engines, wait_for_database
 from vidq.errors import TransientError, VidqError
 from vidq.queue import TASK_CLASSIFY, make_celery
 from vidq.settings import Settings
@@ -68,6 +68,8 @@ def load_process_state() -> _ProcessState:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // procs))
             device = _device_for_this_process(settings)
             classifier = Classifier.from_settings(settings.replace(device=device))
+            wait_for_database(settings.database_url, auto_migrate=settings.auto_migrate,
+                              on_wait=log.warning)
             _state = _ProcessState(classifier.pipeline(), JobStore.from_settings(settings))
             if current_process().name != "MainProcess":  # a prefork child: logging is set up
                 _log_ready(_state)
