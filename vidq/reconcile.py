@@ -32,6 +32,11 @@ UNACKED_KEY = "unacked"  # kombu's Redis transport defaults
 UNACKED_INDEX_KEY = "unacked_index"  # delivery tag -> Unix time it was delivered
 
 
+# Kept on the row: if the job uses up VIDQ_MAX_ATTEMPTS, this is why it failed.
+STALE_MESSAGE = ("the worker running it stopped heartbeating (killed, out of memory or "
+                 "crashed)")
+
+
 @dataclass
 class ReconcileReport:
     stale_running: list[int] = field(default_factory=list)
@@ -125,7 +130,8 @@ def reconcile(
                 .where(Job.id == row.id, Job.status == JobStatus.RUNNING.value,
                        Job.heartbeat_at < now - dt.timedelta(seconds=stale_after_s))
                 .values(status=JobStatus.QUEUED.value, lease_token=None, heartbeat_at=None,
-                        task_id=task_id, enqueued_at=utcnow())
+                        task_id=task_id, enqueued_at=utcnow(), error_kind="crashed",
+                        error_message=STALE_MESSAGE)
             ).rowcount
             if done:
                 report.stale_running.append(row.id)
