@@ -1,8 +1,10 @@
 """Celery glue, thin like a web view: load the job, call worker/jobs.py, map
 errors to retry or permanent failure. ``celery -A worker.tasks worker`` works.
 
-Each worker *process* loads the model once, after the fork (CUDA is never
-touched in the parent), and keeps it for every job it takes.
+Each worker *process* loads the model once and keeps it, with its pipeline
+(worker/pipeline.py), for every job it takes: with the threads pool that
+``vidq worker`` runs (worker/supervisor.py), before it takes a message; with
+prefork, in each child after the fork (CUDA is never touched in a parent).
 """
 
 from __future__ import annotations
