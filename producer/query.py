@@ -32,6 +32,10 @@ class StatusSummary:
     jobs_per_s: float
     clips_per_s: float
     eta_s: float | None
+    oldest_queued_s: float | None = None
+    """Age of the oldest queued job (seconds since it was submitted)."""
+    queue_depth: dict[str, dict[str, int]] | None = None
+    """Messages waiting in the broker, per queue and vidq priority (and ``unacked``)."""
 
     def to_json(self) -> dict[str, Any]:
         return self.__dict__.copy()
@@ -64,7 +68,14 @@ def status_summary(session: Session, batch: str | None = None) -> StatusSummary:
         jobs_per_s, clips_per_s = n_recent / span, clips_recent / span
     left = counts[JobStatus.QUEUED.value] + counts[JobStatus.RUNNING.value]
     eta = left / jobs_per_s if jobs_per_s > 0 else (0.0 if left == 0 else None)
-    return StatusSummary(counts, int(clips_done), jobs_per_s, clips_per_s, eta)
+    oldest = session.scalar(
+        select(func.min(Job.submitted_at)).where(*scope, Job.status == JobStatus.QUEUED.value))
+    oldest_s = None
+    if oldest is not None:
+        if oldest.tzinfo is None:
+            oldest = oldest.replace(tzinfo=dt.timezone.utc)
+        oldest_s = max(0.0, (utcnow() - oldest).total_seconds())
+    return StatusSummary(counts, int(clips_done), jobs_per_s, clips_per_s, eta, oldest_s)
 
 
 RESULT_COLUMNS = (

@@ -278,18 +278,30 @@ def run(inputs: tuple[str, ...], recursive: bool, pattern: str | None,
         sys.exit(1)
 
 
+def _status(settings: Settings, batch: str | None) -> Any:
+    """Counts from the database, plus the broker's queue depths when it answers."""
+    from producer.query import status_summary
+    from vidq.db import sessions
+    from vidq.queue import queue_depths
+
+    with sessions(settings.database_url, auto_migrate=settings.auto_migrate)() as session:
+        summary = status_summary(session, batch)
+    try:
+        summary.queue_depth = queue_depths(settings, [settings.queue])
+    except Exception as exc:  # the broker is down: the database view still stands
+        warn(f"broker not reachable for queue depths ({type(exc).__name__})")
+    return summary
+
+
 @main.command()
 @click.option("--batch", default=None)
 @click.option("--json", "as_json", is_flag=True)
 @run_cli
 def status(batch: str | None, as_json: bool) -> None:
-    """Counts by status, clips/s over the last 10 minutes, and an ETA."""
-    from producer.query import status_summary
-    from vidq.db import sessions
-
+    """Counts by status, clips/s over the last 10 minutes, an ETA, the oldest queued job
+    and the broker's queue depth."""
     settings = Settings.from_env()
-    with sessions(settings.database_url, auto_migrate=settings.auto_migrate)() as session:
-        summary = status_summary(session, batch)
+    summary = _status(settings, batch)
     if as_json:
         click.echo(json.dumps(summary.to_json()))
         return
@@ -298,6 +310,36 @@ def status(batch: str | None, as_json: bool) -> None:
     click.echo(f"{batch or 'all batches'}: {counts}")
     click.echo(f"clips done {summary.clips_done}  {summary.jobs_per_s:.2f} jobs/s  "
                f"{summary.clips_per_s:.2f} clips/s  ETA {eta}")
+    if summary.oldest_queued_s is not None:
+        click.echo(f"oldest queued job: submitted {summary.oldest_queued_s:.0f}s ago")
+    if summary.queue_depth:
+        waiting = {q: sum(d.values()) for q, d in summary.queue_depth.items()}
+        click.echo("broker: " + "  ".join(f"{q} {n}" for q, n in waiting.items()))
+
+
+@main.command("metrics")
+@click.option("--batch", default=None)
+@run_cli
+def metrics_cmd(batch: str | None) -> None:
+    """The same view as `vidq status --json`, in Prometheus' text format (for a
+    textfile collector or a push gateway, where workers are not scraped)."""
+    settings = Settings.from_env()
+    summary = _status(settings, batch)
+    label = f'batch="{batch}"' if batch else 'batch=""'
+    lines = ["# TYPE vidq_db_jobs gauge"]
+    lines += [f'vidq_db_jobs{{{label},status="{k}"}} {v}' for k, v in summary.counts.items()]
+    lines += ["# TYPE vidq_db_clips_per_second gauge",
+              f"vidq_db_clips_per_second{{{label}}} {summary.clips_per_s:.6g}",
+              "# TYPE vidq_db_clips_done gauge",
+              f"vidq_db_clips_done{{{label}}} {summary.clips_done}",
+              "# TYPE vidq_db_oldest_queued_seconds gauge",
+              f"vidq_db_oldest_queued_seconds{{{label}}} {summary.oldest_queued_s or 0:.6g}"]
+    if summary.queue_depth:
+        lines.append("# TYPE vidq_broker_queue_depth gauge")
+        for queue, depths in summary.queue_depth.items():
+            for priority, n in depths.items():
+                lines.append(f'vidq_broker_queue_depth{{queue="{queue}",priority="{priority}"}} {n}')
+    click.echo("\n".join(lines))
 
 
 @main.command()

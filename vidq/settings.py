@@ -110,6 +110,14 @@ class Settings:
     reconcile_every_s: int = 60
     """How often a worker host runs reconcile (one host at a time, via a Redis lock); 0 = never."""
 
+    metrics_port: int = 0
+    """``vidq worker`` serves Prometheus metrics (/metrics) and a health check (/healthz)
+    of its worker processes on this port; 0 = off."""
+
+    log_format: str = "text"
+    """``text``, or ``json``: one JSON object per log line, with the job id, batch,
+    attempt and timings on every job line."""
+
     heartbeat_s: int = 15
     """How often a running job's heartbeat is written."""
 

@@ -17,13 +17,14 @@ import threading
 import time
 import uuid
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, TypeVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from sqlalchemy import String, cast, delete, func, insert, literal, or_, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
+from vidq import metrics
 from vidq.db import ClipPrediction, Job, JobStatus, VideoLabel, first_line, sessions, utcnow
 from vidq.errors import Cancelled, PermanentError, TransientError, VidqError
 from vidq.faultpoints import pause_point
@@ -49,6 +50,8 @@ class Outcome:
     status: str
     """succeeded | failed | skipped (already done or cancelled) | busy (another live delivery)."""
     detail: str = ""
+    fields: dict[str, Any] = field(default_factory=dict, compare=False)
+    """For the job's log line: batch, attempt, error kind, timings."""
 
 
 class JobStore:
@@ -299,6 +302,10 @@ def execute_job(
     if isinstance(claimed, Outcome):
         return claimed
     job = claimed
+    fields: dict[str, Any] = {"job_id": job_id, "batch_id": job.batch_id,
+                              "attempt": job.attempts, "path": job.path}
+    metrics.ATTEMPTS.inc()
+    metrics.QUEUE_WAIT.observe(max(0.0, (utcnow() - _aware(job.submitted_at)).total_seconds()))
     preset = pipeline.classifier.preset.name
     limit_s = max(1.0, settings.task_time_limit_s - 60.0)
     deadline = time.monotonic() + limit_s
@@ -335,14 +342,19 @@ def execute_job(
             committed = commit_result(store, job_id, token, result,
                                       horizon_s=settings.commit_retry_s)
     except Cancelled as exc:
-        log.info("job %s given up: %s", job_id, exc.message)
-        return Outcome(job_id, "skipped", exc.message)
+        log.info("job %s given up: %s", job_id, exc.message,
+                 extra={"vidq": {**fields, "status": "cancelled"}})
+        metrics.JOBS.labels("cancelled", "").inc()
+        return Outcome(job_id, "skipped", exc.message, fields)
     except PermanentError as exc:
         store.fail(job_id, token, exc)
-        log.info("job %s failed: %s: %s", job_id, exc.kind, exc.message)
-        return Outcome(job_id, "failed", f"{exc.kind}: {exc.message}")
+        fields.update(status="failed", error_kind=exc.kind)
+        log.info("job %s failed: %s: %s", job_id, exc.kind, exc.message, extra={"vidq": fields})
+        metrics.JOBS.labels("failed", exc.kind).inc()
+        return Outcome(job_id, "failed", f"{exc.kind}: {exc.message}", fields)
     except TransientError as exc:
         _release(store, job_id, token, exc)
+        metrics.JOBS.labels("retried", exc.kind).inc()
         raise
     except Exception as exc:  # a bug, or a library error vidq does not know: this attempt
         # counts (VIDQ_MAX_ATTEMPTS), and its record says what happened.
@@ -350,10 +362,21 @@ def execute_job(
         error = TransientError(f"{type(exc).__name__}: {exc}".splitlines()[0][:500],
                                kind="exception")
         _release(store, job_id, token, error)
+        metrics.JOBS.labels("retried", error.kind).inc()
         raise error from None
+    fields.update(clips=len(result.clips), **result.timing)
     if committed:
-        return Outcome(job_id, "succeeded", result.top[0].label)
-    return Outcome(job_id, "skipped", "lease lost: another delivery owns this job")
+        metrics.JOBS.labels("succeeded", "").inc()
+        metrics.CLIPS.inc(len(result.clips))
+        return Outcome(job_id, "succeeded", result.top[0].label,
+                       {**fields, "status": "succeeded"})
+    return Outcome(job_id, "skipped", "lease lost: another delivery owns this job",
+                   {**fields, "status": "skipped"})
+
+
+def _aware(t: dt.datetime) -> dt.datetime:
+    """SQLite hands back naive datetimes (UTC, as vidq writes them)."""
+    return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
 
 
 def _release(store: JobStore, job_id: int, token: str, error: VidqError) -> None:

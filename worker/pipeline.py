@@ -35,6 +35,7 @@ from typing import Any, Callable
 
 import torch
 
+from vidq import metrics
 from vidq.errors import InputError, TransientError, VidqError
 from vidq.sampling import Sampling, plan_windows
 from worker.video import ClipFrames, VideoInfo, VideoReader
@@ -68,6 +69,7 @@ class _Video:
             if self.done:
                 return
             self.done = True
+        metrics.IN_FLIGHT.dec()
         self.scored = []
         if error is not None:
             self.future.set_exception(error)
@@ -149,6 +151,7 @@ class Pipeline:
         if self._closing.is_set():
             raise RuntimeError("pipeline is closed")
         video = _Video(path=path, sampling=sampling, future=Future(), should_stop=should_stop)
+        metrics.IN_FLIGHT.inc()
         self._todo.put(video)
         return video.future
 
@@ -282,6 +285,7 @@ class Pipeline:
                 batch.append((video, item[2], item[3]))
         elif kind == "end":
             video.expected, video.decode_s = item[2], item[3]
+            metrics.DECODE_SECONDS.observe(video.decode_s)
             self._complete_if_scored(video, batch)
         else:
             video.finish(error=item[2])
@@ -315,6 +319,10 @@ class Pipeline:
         if backlogged:
             s.backlogged_batches += 1
             s.backlogged_views += views
+        metrics.MODEL_SECONDS.observe(dt)
+        metrics.BATCH_FILL.observe(views / self.batch_size)
+        if self.classifier.device.type == "cuda":
+            metrics.DEVICE_MEMORY.set(torch.cuda.memory_allocated(self.classifier.device))
         offset = 0
         touched: dict[int, _Video] = {}
         for video, clip, _ in batch:

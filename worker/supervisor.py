@@ -25,6 +25,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -92,6 +93,20 @@ def run_workers(settings: Settings, plan: WorkerPlan, *, queues: str, loglevel: 
     """Start, supervise and stop the worker processes; returns the exit status."""
     stopping = False
     children: dict[int, tuple[subprocess.Popen[bytes], float]] = {}
+    metrics_env: dict[str, str] = {}
+    if settings.metrics_port:
+        metrics_env["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="vidq-metrics-")
+        os.environ.update(metrics_env)  # before prometheus_client reads it
+        from vidq import metrics
+
+        def healthy() -> tuple[bool, str]:
+            alive = sum(1 for proc, _ in children.values() if proc.poll() is None)
+            loaded = metrics.models_loaded()
+            ok = not stopping and alive == plan.processes and loaded >= plan.processes
+            return ok, (f"{'ok' if ok else 'unhealthy'}: {alive}/{plan.processes} worker "
+                        f"processes alive, {loaded} with a model loaded")
+
+        metrics.serve(settings.metrics_port, healthy=healthy)
 
     def spawn(index: int) -> None:
         env = {
@@ -101,6 +116,7 @@ def run_workers(settings: Settings, plan: WorkerPlan, *, queues: str, loglevel: 
             "VIDQ_DECODE_WORKERS": str(plan.decode_workers),
             "VIDQ_INFLIGHT": str(plan.inflight),
             "VIDQ_BATCH_SIZE": str(plan.batch_size),
+            **metrics_env,
         }
         cmd = [
             sys.executable, "-m", "celery", "-A", "worker.tasks", "worker",
@@ -130,6 +146,10 @@ def run_workers(settings: Settings, plan: WorkerPlan, *, queues: str, loglevel: 
             if code is None:
                 continue
             del children[index]
+            if metrics_env:
+                from vidq import metrics
+
+                metrics.mark_process_dead(proc.pid)
             if stopping:
                 continue
             if code == CONFIG_EXIT:
@@ -146,4 +166,6 @@ def run_workers(settings: Settings, plan: WorkerPlan, *, queues: str, loglevel: 
             time.sleep(backoff[index])
             if not stopping:
                 spawn(index)
+    if metrics_env:
+        shutil.rmtree(metrics_env["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
     return status

@@ -22,6 +22,7 @@ from celery import signals
 from celery.exceptions import InvalidTaskError, Reject
 from celery.worker.request import Request
 
+from vidq import metrics
 from vidq.db import dispose_engines, wait_for_database
 from vidq.errors import TransientError, VidqError
 from vidq.queue import TASK_CLASSIFY, make_celery
@@ -69,10 +70,13 @@ def load_process_state() -> _ProcessState:
             procs = int(os.environ.get("VIDQ_WORKER_PROCESSES", "1") or 1)
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // procs))
             device = _device_for_this_process(settings)
+            t = time.perf_counter()
             classifier = Classifier.from_settings(settings.replace(device=device))
+            metrics.MODEL_LOAD_SECONDS.set(time.perf_counter() - t)
             wait_for_database(settings.database_url, auto_migrate=settings.auto_migrate,
                               on_wait=log.warning)
             _state = _ProcessState(classifier.pipeline(), JobStore.from_settings(settings))
+            metrics.MODEL_LOADED.set(1)
             if current_process().name != "MainProcess":  # a prefork child: logging is set up
                 _log_ready(_state)
         return _state
@@ -103,6 +107,14 @@ def _init_threaded_worker(sender: Any = None, **_: Any) -> None:
         except VidqError as exc:  # missing weights, a schema mismatch: one line, no restart
             log.error("%s", exc.message)
             os._exit(CONFIG_EXIT)
+
+
+@signals.after_setup_logger.connect
+def _log_format(logger: Any = None, **_: Any) -> None:
+    if settings.log_format == "json":
+        from vidq.logs import use_json
+
+        use_json(logger)
 
 
 @signals.worker_shutdown.connect
@@ -201,7 +213,9 @@ def classify(self: Any, job_id: Any = None, transient: int = 0) -> str:
         # child's job whose heartbeat has not gone stale yet): look again later.
         raise self.retry(kwargs={"job_id": job_id, "transient": transient}, args=(),
                          countdown=settings.stale_after_s, max_retries=None)
-    log.info("job %s %s %s", job_id, outcome.status, outcome.detail)
+    log.info("job %s %s %s", job_id, outcome.status, outcome.detail,
+             extra={"vidq": {"job_id": job_id, "status": outcome.status, **outcome.fields,
+                             "task_id": self.request.id, "transient_retries": transient}})
     _recycle_if_over_memory()
     return outcome.status
 
