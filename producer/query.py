@@ -168,9 +168,29 @@ def requeue(
             .where(Job.id == jid, Job.status.in_(statuses))
             .values(status=JobStatus.QUEUED.value, error_kind=None, error_message=None,
                     lease_token=None, heartbeat_at=None, finished_at=None,
-                    task_id=tid, enqueued_at=now)
+                    task_id=tid, enqueued_at=now, attempts=0)  # asked again: a fresh budget
         )
+    if tasks:
+        renotify(session, [jid for jid, _p, _t in tasks])
     return tasks
+
+
+def renotify(session: Session, job_ids: list[int]) -> None:
+    """Jobs of these ids became active again: their batches will complete again."""
+    for i in range(0, len(job_ids), 1000):
+        session.execute(
+            update(Batch)
+            .where(Batch.notify_url.is_not(None),
+                   Batch.id.in_(select(Job.batch_id).where(Job.id.in_(job_ids[i:i + 1000]))))
+            .values(notify_status="pending", notify_attempts=0, notify_sent_at=None)
+        )
+
+
+def batches_of(session: Session, *, batch: str | None, job_ids: list[int] | None) -> list[int]:
+    if batch is not None:
+        return [bid] if (bid := batch_id(session, batch)) is not None else []
+    return [b for b in session.scalars(
+        select(Job.batch_id).where(Job.id.in_(job_ids or [])).distinct()) if b is not None]
 
 
 def cancel(session: Session, *, batch: str | None, job_ids: list[int] | None = None) -> int:

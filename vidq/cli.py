@@ -166,6 +166,9 @@ def submission_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="0 lowest .. 9 highest."),
         click.option("--force", is_flag=True, help="Run again even if already classified."),
         click.option("--weights", default=None, help="pretrained | PATH | random (VIDQ_WEIGHTS)."),
+        click.option("--notify", default=None, metavar="URL",
+                     help="POST a JSON summary here when the batch is done (signed with "
+                          "VIDQ_WEBHOOK_SECRET)."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -174,7 +177,7 @@ def submission_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _submit(settings: Settings, inputs: tuple[str, ...], *, recursive: bool, pattern: str | None,
             manifests: tuple[str, ...], batch: str | None, force: bool, publish: bool,
-            request: Any) -> Any:
+            request: Any, notify: str | None = None) -> Any:
     from tqdm import tqdm
 
     from producer.submit import discover, submit
@@ -185,7 +188,7 @@ def _submit(settings: Settings, inputs: tuple[str, ...], *, recursive: bool, pat
     with tqdm(total=len(paths), desc="recording", unit="job", disable=len(paths) < 200,
               file=sys.stderr) as bar:
         report = submit(paths, settings=settings, request=request, batch=batch, force=force,
-                        publish=publish, on_reject=fail, progress=bar.update)
+                        publish=publish, on_reject=fail, progress=bar.update, notify=notify)
     click.echo(
         f"batch {report.batch}: {len(report.job_ids)} jobs recorded, {report.duplicates} already "
         f"classified (use --force to redo), {len(report.rejected)} rejected", err=True,
@@ -202,13 +205,18 @@ def _submit(settings: Settings, inputs: tuple[str, ...], *, recursive: bool, pat
 def submit(inputs: tuple[str, ...], recursive: bool, pattern: str | None,
            manifests: tuple[str, ...], batch: str | None, priority: int, force: bool,
            weights: str | None, model: str | None, strategy: str, clips: int,
-           stride: float | None, start_sec: float, crops: str, wait: bool) -> None:
+           stride: float | None, start_sec: float, crops: str, wait: bool,
+           notify: str | None) -> None:
     """Record jobs in the results database and enqueue them for workers."""
+    from vidq.notify import notify_if_done
+
     settings = Settings.from_env(weights=weights)
     request = _request(settings, model=model, strategy=strategy, clips=clips, stride=stride,
                        start_sec=start_sec, crops=crops, priority=priority)
     report = _submit(settings, inputs, recursive=recursive, pattern=pattern, manifests=manifests,
-                     batch=batch, force=force, publish=True, request=request)
+                     batch=batch, force=force, publish=True, request=request, notify=notify)
+    if not report.job_ids:
+        notify_if_done(settings, report.batch_id)  # nothing to wait for: done already
     if wait and report.job_ids and not report.publish_error:
         _wait(settings, report.batch)
     if report.rejected or report.publish_error:
@@ -246,7 +254,7 @@ def run(inputs: tuple[str, ...], recursive: bool, pattern: str | None,
         manifests: tuple[str, ...], batch: str | None, priority: int, force: bool,
         weights: str | None, model: str | None, strategy: str, clips: int,
         stride: float | None, start_sec: float, crops: str, device: str | None,
-        precision: str | None) -> None:
+        precision: str | None, notify: str | None) -> None:
     """Submit and classify here, with no broker: the embedded mode (SQLite by default)."""
     from tqdm import tqdm
 
@@ -261,7 +269,7 @@ def run(inputs: tuple[str, ...], recursive: bool, pattern: str | None,
     if classifier.weights_id == "random-init":
         warn("random weights (--weights random): every result row says weights_id=random-init.")
     report = _submit(settings, inputs, recursive=recursive, pattern=pattern, manifests=manifests,
-                     batch=batch, force=force, publish=False, request=request)
+                     batch=batch, force=force, publish=False, request=request, notify=notify)
     failed = 0
     with tqdm(total=len(report.job_ids), desc=report.batch, unit="video", file=sys.stderr) as bar:
         def progress(outcome: Any) -> None:
@@ -272,6 +280,10 @@ def run(inputs: tuple[str, ...], recursive: bool, pattern: str | None,
             bar.update(1)
 
         run_jobs(report.job_ids, settings=settings, on_outcome=progress, classifier=classifier)
+    from vidq.notify import notify_if_done
+
+    if notify_if_done(settings, report.batch_id) == "failed":
+        warn(f"batch {report.batch}: the completion webhook was not delivered.")
     click.echo(f"batch {report.batch}: {len(report.job_ids) - failed} succeeded, {failed} failed. "
                f"See: vidq results --batch {report.batch}", err=True)
     if failed or report.rejected:
@@ -447,10 +459,16 @@ def cancel(batch: str | None, job_ids: tuple[int, ...]) -> None:
 
     if batch is None and not job_ids:
         raise click.UsageError("give --batch or job ids.")
+    from producer.query import batches_of
+    from vidq.notify import notify_if_done
+
     settings = Settings.from_env()
     with sessions(settings.database_url, auto_migrate=settings.auto_migrate)() as session, session.begin():
         n = cancel_jobs(session, batch=batch, job_ids=list(job_ids))
+        touched = batches_of(session, batch=batch, job_ids=list(job_ids))
     click.echo(f"{n} jobs cancelled")
+    for bid in touched:  # cancelling the last active jobs completes a batch
+        notify_if_done(settings, bid)
 
 
 @main.command()
@@ -502,6 +520,31 @@ def worker(device: str | None, concurrency: int | None, inflight: int | None,
                f"and {plan.decode_workers} decoders each, batches of {plan.batch_size}",
                err=True)
     sys.exit(run_workers(settings, plan, queues=queues or settings.queue, loglevel=loglevel))
+
+
+@main.command()
+@click.option("--batch", default=None, help="Purge this batch's finished jobs.")
+@click.option("--older-than", "older_than", type=click.FloatRange(min=0), default=None,
+              metavar="DAYS", help="Purge jobs finished more than DAYS ago.")
+@click.option("--dry-run", is_flag=True, help="Only print what would be deleted.")
+@click.option("--chunk", type=click.IntRange(1, 100_000), default=1000, show_default=True,
+              help="Jobs deleted per transaction.")
+@run_cli
+def purge(batch: str | None, older_than: float | None, dry_run: bool, chunk: int) -> None:
+    """Delete finished jobs and their results, in chunks; active jobs are never touched."""
+    from producer.retention import purge as run_purge
+    from vidq.db import sessions
+
+    settings = Settings.from_env()
+    report = run_purge(sessions(settings.database_url, auto_migrate=settings.auto_migrate),
+                       batch=batch, older_than_days=older_than, dry_run=dry_run, chunk=chunk)
+    verb = "would delete" if dry_run else "deleted"
+    click.echo(f"{verb} {report.jobs} jobs, {report.clip_rows} clip rows, {report.label_rows} "
+               f"label rows and {len(report.batches)} empty batches"
+               + (f" ({', '.join(report.batches[:10])})" if report.batches else ""))
+    if report.kept_active:
+        click.echo(f"kept {report.kept_active} queued or running jobs (cancel them first to "
+                   "purge them)", err=True)
 
 
 @main.group()

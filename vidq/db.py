@@ -62,6 +62,14 @@ class Batch(Base):
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # Completion webhook (vidq/notify.py): where to, and what happened.
+    notify_url: Mapped[str | None] = mapped_column(Text)
+    notify_status: Mapped[str | None] = mapped_column(String(16))
+    """pending (due when no job is active), sending, sent or failed."""
+    notify_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    notify_claimed_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    notify_sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    notify_response: Mapped[int | None] = mapped_column(Integer)
 
 
 class Job(Base):

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import select, update
 
 from vidq.db import Job, JobStatus, sessions, utcnow
+from vidq.notify import due_batches, notify_if_done
 from vidq.queue import PRIORITY_LEVELS, make_celery, new_task_id, publish_jobs
 from vidq.settings import Settings
 
@@ -147,6 +148,8 @@ def reconcile(
             if done:
                 report.lost_queued.append(row.id)
                 tasks.append((row.id, row.priority, task_id))
+    for batch_id in due_batches(settings):  # completions whose sender died or never came
+        notify_if_done(settings, batch_id)
     if tasks:
         report.published = publish_jobs(make_celery(settings), tasks, queue=settings.queue)
         log.warning("reconcile: re-enqueued %d stale running and %d lost queued jobs",

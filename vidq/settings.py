@@ -110,6 +110,10 @@ class Settings:
     reconcile_every_s: int = 60
     """How often a worker host runs reconcile (one host at a time, via a Redis lock); 0 = never."""
 
+    webhook_secret: str = ""
+    """Shared secret that signs batch-completion webhooks (``X-Vidq-Signature``, an
+    HMAC-SHA256 of the body). Empty: webhooks are sent unsigned."""
+
     metrics_port: int = 0
     """``vidq worker`` serves Prometheus metrics (/metrics) and a health check (/healthz)
     of its worker processes on this port; 0 = off."""
@@ -150,6 +154,7 @@ class Settings:
         out = dataclasses.asdict(self)
         out["broker_url"] = mask_url(self.broker_url)
         out["database_url"] = mask_url(self.database_url)
+        out["webhook_secret"] = "***" if self.webhook_secret else ""
         return out
 
 

@@ -25,6 +25,7 @@ from celery.worker.request import Request
 from vidq import metrics
 from vidq.db import dispose_engines, wait_for_database
 from vidq.errors import TransientError, VidqError
+from vidq.notify import notify_soon
 from vidq.queue import TASK_CLASSIFY, make_celery
 from vidq.settings import Settings
 from worker.jobs import JobStore, backoff_s, execute_job
@@ -213,6 +214,8 @@ def classify(self: Any, job_id: Any = None, transient: int = 0) -> str:
         # child's job whose heartbeat has not gone stale yet): look again later.
         raise self.retry(kwargs={"job_id": job_id, "transient": transient}, args=(),
                          countdown=settings.stale_after_s, max_retries=None)
+    if outcome.status in ("succeeded", "failed", "skipped"):
+        notify_soon(settings, outcome.fields.get("batch_id"))  # the batch may be complete
     log.info("job %s %s %s", job_id, outcome.status, outcome.detail,
              extra={"vidq": {"job_id": job_id, "status": outcome.status, **outcome.fields,
                              "task_id": self.request.id, "transient_retries": transient}})
