@@ -32,6 +32,10 @@ class StatusSummary:
     jobs_per_s: float
     clips_per_s: float
     eta_s: float | None
+    oldest_queued_s: float | None = None
+    """Age of the oldest queued job (seconds since it was submitted)."""
+    queue_depth: dict[str, dict[str, int]] | None = None
+    """Messages waiting in the broker, per queue and vidq priority (and ``unacked``)."""
 
     def to_json(self) -> dict[str, Any]:
         return self.__dict__.copy()
@@ -64,7 +68,14 @@ def status_summary(session: Session, batch: str | None = None) -> StatusSummary:
         jobs_per_s, clips_per_s = n_recent / span, clips_recent / span
     left = counts[JobStatus.QUEUED.value] + counts[JobStatus.RUNNING.value]
     eta = left / jobs_per_s if jobs_per_s > 0 else (0.0 if left == 0 else None)
-    return StatusSummary(counts, int(clips_done), jobs_per_s, clips_per_s, eta)
+    oldest = session.scalar(
+        select(func.min(Job.submitted_at)).where(*scope, Job.status == JobStatus.QUEUED.value))
+    oldest_s = None
+    if oldest is not None:
+        if oldest.tzinfo is None:
+            oldest = oldest.replace(tzinfo=dt.timezone.utc)
+        oldest_s = max(0.0, (utcnow() - oldest).total_seconds())
+    return StatusSummary(counts, int(clips_done), jobs_per_s, clips_per_s, eta, oldest_s)
 
 
 RESULT_COLUMNS = (
@@ -157,20 +168,43 @@ def requeue(
             .where(Job.id == jid, Job.status.in_(statuses))
             .values(status=JobStatus.QUEUED.value, error_kind=None, error_message=None,
                     lease_token=None, heartbeat_at=None, finished_at=None,
-                    task_id=tid, enqueued_at=now)
+                    task_id=tid, enqueued_at=now, attempts=0)  # asked again: a fresh budget
         )
+    if tasks:
+        renotify(session, [jid for jid, _p, _t in tasks])
     return tasks
 
 
+def renotify(session: Session, job_ids: list[int]) -> None:
+    """Jobs of these ids became active again: their batches will complete again."""
+    for i in range(0, len(job_ids), 1000):
+        session.execute(
+            update(Batch)
+            .where(Batch.notify_url.is_not(None),
+                   Batch.id.in_(select(Job.batch_id).where(Job.id.in_(job_ids[i:i + 1000]))))
+            .values(notify_status="pending", notify_attempts=0, notify_sent_at=None)
+        )
+
+
+def batches_of(session: Session, *, batch: str | None, job_ids: list[int] | None) -> list[int]:
+    if batch is not None:
+        return [bid] if (bid := batch_id(session, batch)) is not None else []
+    return [b for b in session.scalars(
+        select(Job.batch_id).where(Job.id.in_(job_ids or [])).distinct()) if b is not None]
+
+
 def cancel(session: Session, *, batch: str | None, job_ids: list[int] | None = None) -> int:
-    """Cancel queued jobs (running ones finish; workers skip cancelled ones)."""
-    stmt = update(Job).where(Job.status == JobStatus.QUEUED.value)
+    """Cancel queued and running jobs. A worker skips a cancelled job it receives, and
+    gives a running one up at its next clip once its heartbeat sees the change; the
+    guarded commit never writes results for a cancelled job."""
+    stmt = update(Job).where(Job.status.in_(ACTIVE))
     bid = batch_id(session, batch)
     if bid is not None:
         stmt = stmt.where(Job.batch_id == bid)
     if job_ids:
         stmt = stmt.where(Job.id.in_(job_ids))
-    return session.execute(stmt.values(status=JobStatus.CANCELLED.value, finished_at=utcnow())).rowcount
+    return session.execute(stmt.values(status=JobStatus.CANCELLED.value, finished_at=utcnow(),
+                                       lease_token=None)).rowcount
 
 
 def active_count(session: Session, batch: str | None) -> int:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
 from vidq.db import ACTIVE, Batch, Job, JobStatus, sessions, utcnow
@@ -57,6 +57,7 @@ class JobRequest:
 @dataclass
 class SubmitReport:
     batch: str
+    batch_id: int | None = None
     found: int = 0
     job_ids: list[int] = field(default_factory=list)
     duplicates: int = 0
@@ -155,8 +156,10 @@ def submit(
     publish: bool = True,
     on_reject: Callable[[str], None] = lambda _msg: None,
     progress: Callable[[int], None] = lambda _n: None,
+    notify: str | None = None,
 ) -> SubmitReport:
-    """Record and enqueue one job per acceptable video."""
+    """Record and enqueue one job per acceptable video. ``notify``: a URL the batch's
+    completion is POSTed to (vidq/notify.py)."""
     report = SubmitReport(batch=batch or default_batch_name())
     accepted: list[tuple[str, int]] = []
     for raw in paths:
@@ -175,10 +178,15 @@ def submit(
         digests = list(pool.map(sha256_file, [p for p, _ in accepted]))
 
     key = request.config_key()
-    make_session = sessions(settings.database_url)
+    make_session = sessions(settings.database_url, auto_migrate=settings.auto_migrate)
     to_publish: list[tuple[int, int, str]] = []
     with make_session() as session, session.begin():
         batch_id = _batch_id(session, report.batch)
+        report.batch_id = batch_id
+        if notify:
+            session.execute(update(Batch).where(Batch.id == batch_id).values(
+                notify_url=notify, notify_status="pending", notify_attempts=0,
+                notify_sent_at=None))
         known: set[str] = set()
         if not force:
             unique = sorted(set(digests))
@@ -222,6 +230,10 @@ def submit(
                 (job_id, request.priority, row["task_id"]) for job_id, row in zip(ids, chunk)
             )
             progress(len(chunk))
+        if rows and not notify:  # more work in a batch that notifies: pending again
+            session.execute(update(Batch).where(Batch.id == batch_id,
+                                                Batch.notify_url.is_not(None)).values(
+                notify_status="pending", notify_attempts=0, notify_sent_at=None))
     if publish and to_publish:
         report.published, report.publish_error = enqueue(settings, to_publish)
     return report

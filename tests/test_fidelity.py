@@ -322,3 +322,62 @@ def test_bf16_fast_path_stays_within_bounds_of_the_seeds_fp32(
     assert top1_agree == len(prob_diffs)
     assert all(m <= 2 * BF16_LOGIT_TOLERANCE for m in swap_margins)
     assert min(overlaps) >= 3
+
+
+# -- the GPU path (run where CUDA is present: `pytest -m gpu`) -----------------------
+# On CUDA the decoders hand over uint8 frames and the transform runs on the device
+# (worker/transforms.py frames_to_views), then the model runs in bf16 by default.
+# Bounds: the device's bilinear resize and cuDNN's convolutions (TF32 allowed) round
+# differently from the CPU's, so the fp32 device path is bounded like the CPU's bf16
+# path would be at most; bf16 on the device gets the CPU bf16 bounds above.
+GPU_INPUT_TOLERANCE = 1e-4
+GPU_FP32_PROB_TOLERANCE = 5e-3
+GPU_BF16_PROB_TOLERANCE = 2e-2
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_transform_matches_the_cpu_transform(videos: dict[str, Path]) -> None:
+    from worker.transforms import frames_to_views
+
+    preset = get_preset("slow_r50")
+    with VideoReader(videos["24fps"]) as reader:
+        windows = plan_windows(Sampling(strategy="sliding"), reader.info.duration_s,
+                               preset.clip_duration)
+        clips = list(reader.clips(windows, num_frames=preset.num_frames))
+    worst = 0.0
+    for clip in clips:
+        for crops in (1, 3):
+            cpu = clip_views(clip.frames, preset, crops=crops)
+            gpu = frames_to_views(torch.from_numpy(clip.frames).cuda(), preset, crops=crops)
+            worst = max(worst, (gpu.cpu() - cpu).abs().max().item())
+    print(f"\nGPU vs CPU transform: max |diff| {worst:.2e} (bound {GPU_INPUT_TOLERANCE:g})")
+    assert worst <= GPU_INPUT_TOLERANCE
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("precision,bound", [("fp32", GPU_FP32_PROB_TOLERANCE),
+                                             ("bf16", GPU_BF16_PROB_TOLERANCE)])
+def test_gpu_pipeline_matches_the_cpu_fp32_pipeline(
+    checkpoint: Path, fp32: Classifier, videos: dict[str, Path], precision: str, bound: float
+) -> None:
+    gpu = Classifier(model="slow_r50", weights=str(checkpoint), device="cuda",
+                     precision=precision)
+    sampling = Sampling(strategy="sliding")
+    paths = list(videos.values())
+    cpu_results = list(fp32.classify_many(paths, sampling))
+    gpu_results = list(gpu.classify_many(paths, sampling))
+    worst, same_top1 = 0.0, 0
+    for ours, ref in zip(gpu_results, cpu_results):
+        assert not isinstance(ours, Exception) and not isinstance(ref, Exception)
+        for a, b in zip(ours.clips, ref.clips):
+            same_top1 += a.top[0].class_id == b.top[0].class_id
+            scores_b = {t.class_id: t.score for t in b.top}
+            worst = max(worst, *(abs(t.score - scores_b.get(t.class_id, 0.0)) for t in a.top))
+    n = sum(len(r.clips) for r in cpu_results)
+    print(f"\nGPU {precision} vs CPU fp32: top-1 {same_top1}/{n}, max |dp| {worst:.2e}")
+    assert same_top1 == n
+    assert worst <= bound

@@ -166,6 +166,9 @@ def submission_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="0 lowest .. 9 highest."),
         click.option("--force", is_flag=True, help="Run again even if already classified."),
         click.option("--weights", default=None, help="pretrained | PATH | random (VIDQ_WEIGHTS)."),
+        click.option("--notify", default=None, metavar="URL",
+                     help="POST a JSON summary here when the batch is done (signed with "
+                          "VIDQ_WEBHOOK_SECRET)."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -174,7 +177,7 @@ def submission_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _submit(settings: Settings, inputs: tuple[str, ...], *, recursive: bool, pattern: str | None,
             manifests: tuple[str, ...], batch: str | None, force: bool, publish: bool,
-            request: Any) -> Any:
+            request: Any, notify: str | None = None) -> Any:
     from tqdm import tqdm
 
     from producer.submit import discover, submit
@@ -185,7 +188,7 @@ def _submit(settings: Settings, inputs: tuple[str, ...], *, recursive: bool, pat
     with tqdm(total=len(paths), desc="recording", unit="job", disable=len(paths) < 200,
               file=sys.stderr) as bar:
         report = submit(paths, settings=settings, request=request, batch=batch, force=force,
-                        publish=publish, on_reject=fail, progress=bar.update)
+                        publish=publish, on_reject=fail, progress=bar.update, notify=notify)
     click.echo(
         f"batch {report.batch}: {len(report.job_ids)} jobs recorded, {report.duplicates} already "
         f"classified (use --force to redo), {len(report.rejected)} rejected", err=True,
@@ -202,13 +205,18 @@ def _submit(settings: Settings, inputs: tuple[str, ...], *, recursive: bool, pat
 def submit(inputs: tuple[str, ...], recursive: bool, pattern: str | None,
            manifests: tuple[str, ...], batch: str | None, priority: int, force: bool,
            weights: str | None, model: str | None, strategy: str, clips: int,
-           stride: float | None, start_sec: float, crops: str, wait: bool) -> None:
+           stride: float | None, start_sec: float, crops: str, wait: bool,
+           notify: str | None) -> None:
     """Record jobs in the results database and enqueue them for workers."""
+    from vidq.notify import notify_if_done
+
     settings = Settings.from_env(weights=weights)
     request = _request(settings, model=model, strategy=strategy, clips=clips, stride=stride,
                        start_sec=start_sec, crops=crops, priority=priority)
     report = _submit(settings, inputs, recursive=recursive, pattern=pattern, manifests=manifests,
-                     batch=batch, force=force, publish=True, request=request)
+                     batch=batch, force=force, publish=True, request=request, notify=notify)
+    if not report.job_ids:
+        notify_if_done(settings, report.batch_id)  # nothing to wait for: done already
     if wait and report.job_ids and not report.publish_error:
         _wait(settings, report.batch)
     if report.rejected or report.publish_error:
@@ -221,7 +229,7 @@ def _wait(settings: Settings, batch: str, poll_s: float = 1.0) -> None:
     from producer.query import status_summary
     from vidq.db import sessions
 
-    make_session = sessions(settings.database_url)
+    make_session = sessions(settings.database_url, auto_migrate=settings.auto_migrate)
     with make_session() as session:
         total = sum(status_summary(session, batch).counts.values())
     with tqdm(total=total, desc=batch, unit="job", file=sys.stderr) as bar:
@@ -246,7 +254,7 @@ def run(inputs: tuple[str, ...], recursive: bool, pattern: str | None,
         manifests: tuple[str, ...], batch: str | None, priority: int, force: bool,
         weights: str | None, model: str | None, strategy: str, clips: int,
         stride: float | None, start_sec: float, crops: str, device: str | None,
-        precision: str | None) -> None:
+        precision: str | None, notify: str | None) -> None:
     """Submit and classify here, with no broker: the embedded mode (SQLite by default)."""
     from tqdm import tqdm
 
@@ -261,7 +269,7 @@ def run(inputs: tuple[str, ...], recursive: bool, pattern: str | None,
     if classifier.weights_id == "random-init":
         warn("random weights (--weights random): every result row says weights_id=random-init.")
     report = _submit(settings, inputs, recursive=recursive, pattern=pattern, manifests=manifests,
-                     batch=batch, force=force, publish=False, request=request)
+                     batch=batch, force=force, publish=False, request=request, notify=notify)
     failed = 0
     with tqdm(total=len(report.job_ids), desc=report.batch, unit="video", file=sys.stderr) as bar:
         def progress(outcome: Any) -> None:
@@ -272,10 +280,29 @@ def run(inputs: tuple[str, ...], recursive: bool, pattern: str | None,
             bar.update(1)
 
         run_jobs(report.job_ids, settings=settings, on_outcome=progress, classifier=classifier)
+    from vidq.notify import notify_if_done
+
+    if notify_if_done(settings, report.batch_id) == "failed":
+        warn(f"batch {report.batch}: the completion webhook was not delivered.")
     click.echo(f"batch {report.batch}: {len(report.job_ids) - failed} succeeded, {failed} failed. "
                f"See: vidq results --batch {report.batch}", err=True)
     if failed or report.rejected:
         sys.exit(1)
+
+
+def _status(settings: Settings, batch: str | None) -> Any:
+    """Counts from the database, plus the broker's queue depths when it answers."""
+    from producer.query import status_summary
+    from vidq.db import sessions
+    from vidq.queue import queue_depths
+
+    with sessions(settings.database_url, auto_migrate=settings.auto_migrate)() as session:
+        summary = status_summary(session, batch)
+    try:
+        summary.queue_depth = queue_depths(settings, [settings.queue])
+    except Exception as exc:  # the broker is down: the database view still stands
+        warn(f"broker not reachable for queue depths ({type(exc).__name__})")
+    return summary
 
 
 @main.command()
@@ -283,13 +310,10 @@ def run(inputs: tuple[str, ...], recursive: bool, pattern: str | None,
 @click.option("--json", "as_json", is_flag=True)
 @run_cli
 def status(batch: str | None, as_json: bool) -> None:
-    """Counts by status, clips/s over the last 10 minutes, and an ETA."""
-    from producer.query import status_summary
-    from vidq.db import sessions
-
+    """Counts by status, clips/s over the last 10 minutes, an ETA, the oldest queued job
+    and the broker's queue depth."""
     settings = Settings.from_env()
-    with sessions(settings.database_url)() as session:
-        summary = status_summary(session, batch)
+    summary = _status(settings, batch)
     if as_json:
         click.echo(json.dumps(summary.to_json()))
         return
@@ -298,6 +322,36 @@ def status(batch: str | None, as_json: bool) -> None:
     click.echo(f"{batch or 'all batches'}: {counts}")
     click.echo(f"clips done {summary.clips_done}  {summary.jobs_per_s:.2f} jobs/s  "
                f"{summary.clips_per_s:.2f} clips/s  ETA {eta}")
+    if summary.oldest_queued_s is not None:
+        click.echo(f"oldest queued job: submitted {summary.oldest_queued_s:.0f}s ago")
+    if summary.queue_depth:
+        waiting = {q: sum(d.values()) for q, d in summary.queue_depth.items()}
+        click.echo("broker: " + "  ".join(f"{q} {n}" for q, n in waiting.items()))
+
+
+@main.command("metrics")
+@click.option("--batch", default=None)
+@run_cli
+def metrics_cmd(batch: str | None) -> None:
+    """The same view as `vidq status --json`, in Prometheus' text format (for a
+    textfile collector or a push gateway, where workers are not scraped)."""
+    settings = Settings.from_env()
+    summary = _status(settings, batch)
+    label = f'batch="{batch}"' if batch else 'batch=""'
+    lines = ["# TYPE vidq_db_jobs gauge"]
+    lines += [f'vidq_db_jobs{{{label},status="{k}"}} {v}' for k, v in summary.counts.items()]
+    lines += ["# TYPE vidq_db_clips_per_second gauge",
+              f"vidq_db_clips_per_second{{{label}}} {summary.clips_per_s:.6g}",
+              "# TYPE vidq_db_clips_done gauge",
+              f"vidq_db_clips_done{{{label}}} {summary.clips_done}",
+              "# TYPE vidq_db_oldest_queued_seconds gauge",
+              f"vidq_db_oldest_queued_seconds{{{label}}} {summary.oldest_queued_s or 0:.6g}"]
+    if summary.queue_depth:
+        lines.append("# TYPE vidq_broker_queue_depth gauge")
+        for queue, depths in summary.queue_depth.items():
+            for priority, n in depths.items():
+                lines.append(f'vidq_broker_queue_depth{{queue="{queue}",priority="{priority}"}} {n}')
+    click.echo("\n".join(lines))
 
 
 @main.command()
@@ -318,7 +372,7 @@ def results(batch: str | None, label: str | None, min_score: float | None, all_r
     from vidq.db import sessions
 
     settings = Settings.from_env()
-    with sessions(settings.database_url)() as session:
+    with sessions(settings.database_url, auto_migrate=settings.auto_migrate)() as session:
         rows = iter_results(session, batch=batch, label=label, min_score=min_score,
                             all_ranks=all_ranks, limit=limit)
         out = click.get_text_stream("stdout")
@@ -347,7 +401,7 @@ def show(job_id: int, as_json: bool) -> None:
     from vidq.db import sessions
 
     settings = Settings.from_env()
-    with sessions(settings.database_url)() as session:
+    with sessions(settings.database_url, auto_migrate=settings.auto_migrate)() as session:
         job = show_job(session, job_id)
     if as_json:
         click.echo(json.dumps(job, default=str))
@@ -388,7 +442,7 @@ def retry(batch: str | None, only_failed: bool, cancelled: bool, job_ids: tuple[
 
     settings = Settings.from_env()
     statuses = (JobStatus.FAILED.value,) + ((JobStatus.CANCELLED.value,) if cancelled else ())
-    with sessions(settings.database_url)() as session, session.begin():
+    with sessions(settings.database_url, auto_migrate=settings.auto_migrate)() as session, session.begin():
         tasks = requeue(session, batch=batch, statuses=statuses, job_ids=list(job_ids))
     _publish(settings, tasks)
     click.echo(f"{len(tasks)} jobs queued again")
@@ -399,16 +453,22 @@ def retry(batch: str | None, only_failed: bool, cancelled: bool, job_ids: tuple[
 @click.argument("job_ids", nargs=-1, type=int)
 @run_cli
 def cancel(batch: str | None, job_ids: tuple[int, ...]) -> None:
-    """Cancel queued jobs of a batch (or the given ids); running ones finish."""
+    """Cancel the queued and running jobs of a batch (or the given ids)."""
     from producer.query import cancel as cancel_jobs
     from vidq.db import sessions
 
     if batch is None and not job_ids:
         raise click.UsageError("give --batch or job ids.")
+    from producer.query import batches_of
+    from vidq.notify import notify_if_done
+
     settings = Settings.from_env()
-    with sessions(settings.database_url)() as session, session.begin():
+    with sessions(settings.database_url, auto_migrate=settings.auto_migrate)() as session, session.begin():
         n = cancel_jobs(session, batch=batch, job_ids=list(job_ids))
+        touched = batches_of(session, batch=batch, job_ids=list(job_ids))
     click.echo(f"{n} jobs cancelled")
+    for bid in touched:  # cancelling the last active jobs completes a batch
+        notify_if_done(settings, bid)
 
 
 @main.command()
@@ -434,35 +494,154 @@ def reconcile(older_than: float | None, dry_run: bool) -> None:
 @click.option("--device", default=None, help="auto | cpu | cuda[:N] (VIDQ_DEVICE).")
 @click.option("--concurrency", type=int, default=None,
               help="Worker processes (default: one per GPU, or one on CPU).")
+@click.option("--inflight", type=click.IntRange(min=1), default=None,
+              help="Jobs each process holds at once (VIDQ_INFLIGHT; default: enough to keep "
+                   "its decoders and model busy).")
+@click.option("--decode-workers", type=click.IntRange(min=1), default=None,
+              help="Videos each process decodes at once (VIDQ_DECODE_WORKERS).")
 @click.option("--queues", default=None, help="Comma-separated queues (default VIDQ_QUEUE).")
 @click.option("--loglevel", default="INFO", show_default=True)
 @run_cli
-def worker(device: str | None, concurrency: int | None, queues: str | None, loglevel: str) -> None:
-    """Start a Celery worker; each process loads the model once, then takes jobs."""
-    import os
-    import shutil
-    import subprocess
+def worker(device: str | None, concurrency: int | None, inflight: int | None,
+           decode_workers: int | None, queues: str | None, loglevel: str) -> None:
+    """Start worker processes (one per GPU): each loads the model once and keeps
+    VIDQ_INFLIGHT jobs in flight through its decoders and model."""
+    from vidq.db import dispose_engines, wait_for_database
+    from worker.supervisor import WorkerPlan, run_workers
 
-    if device:
-        os.environ["VIDQ_DEVICE"] = device
+    settings = Settings.from_env(device=device, inflight=inflight,
+                                 decode_workers=decode_workers)
+    # Refuse a schema that is behind or ahead here, in one line, not in every process;
+    # wait out a database that is down rather than failing messages.
+    wait_for_database(settings.database_url, auto_migrate=settings.auto_migrate, on_wait=warn)
+    dispose_engines()
+    plan = WorkerPlan.for_host(settings, processes=concurrency)
+    click.echo(f"vidq worker: {plan.processes} process(es), {plan.inflight} jobs in flight "
+               f"and {plan.decode_workers} decoders each, batches of {plan.batch_size}",
+               err=True)
+    sys.exit(run_workers(settings, plan, queues=queues or settings.queue, loglevel=loglevel))
+
+
+@main.command()
+@click.option("--batch", default=None, help="Purge this batch's finished jobs.")
+@click.option("--older-than", "older_than", type=click.FloatRange(min=0), default=None,
+              metavar="DAYS", help="Purge jobs finished more than DAYS ago.")
+@click.option("--dry-run", is_flag=True, help="Only print what would be deleted.")
+@click.option("--chunk", type=click.IntRange(1, 100_000), default=1000, show_default=True,
+              help="Jobs deleted per transaction.")
+@run_cli
+def purge(batch: str | None, older_than: float | None, dry_run: bool, chunk: int) -> None:
+    """Delete finished jobs and their results, in chunks; active jobs are never touched."""
+    from producer.retention import purge as run_purge
+    from vidq.db import sessions
+
     settings = Settings.from_env()
-    n = concurrency or settings.worker_concurrency
-    if not n:
-        n = 1
-        if settings.device in ("auto", "cuda") and shutil.which("nvidia-smi"):
-            # Count GPUs without touching CUDA in this (parent) process.
-            listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
-            n = max(1, listed.stdout.count("GPU "))
-    os.environ["VIDQ_WORKER_PROCESSES"] = str(n)
-    from worker.tasks import app
-
-    app.worker_main([
-        "worker", "--pool=prefork", f"--concurrency={n}",
-        f"--queues={queues or settings.queue}", f"--loglevel={loglevel}",
-        f"--hostname=vidq-{os.getpid()}@%h", "--without-mingle",
-    ])
+    report = run_purge(sessions(settings.database_url, auto_migrate=settings.auto_migrate),
+                       batch=batch, older_than_days=older_than, dry_run=dry_run, chunk=chunk)
+    verb = "would delete" if dry_run else "deleted"
+    click.echo(f"{verb} {report.jobs} jobs, {report.clip_rows} clip rows, {report.label_rows} "
+               f"label rows and {len(report.batches)} empty batches"
+               + (f" ({', '.join(report.batches[:10])})" if report.batches else ""))
+    if report.kept_active:
+        click.echo(f"kept {report.kept_active} queued or running jobs (cancel them first to "
+                   "purge them)", err=True)
 
 
+@main.group()
+def db() -> None:
+    """The results database's schema: upgrade, current revision, history."""
+
+
+@db.command("upgrade")
+@click.option("--revision", default="head", show_default=True, help="Target revision.")
+@click.option("--sql", "as_sql", is_flag=True,
+              help="Print the SQL for a DBA instead of running it.")
+@run_cli
+def db_upgrade(revision: str, as_sql: bool) -> None:
+    """Migrate the database to this vidq's schema (a 0.1.0 database is stamped first)."""
+    from sqlalchemy.exc import OperationalError
+
+    from vidq import migrate
+    from vidq.db import make_engine, mask_url, unreachable
+
+    settings = Settings.from_env()
+    url = settings.database_url
+    engine = make_engine(url)
+    try:
+        if as_sql:
+            # From where the database stands, when it can be reached; else from empty.
+            try:
+                with engine.connect() as conn:
+                    state = migrate.schema_state(conn)
+                start = migrate.BASELINE if state.legacy else state.current
+            except OperationalError:
+                start = None
+            click.echo(migrate.upgrade_sql(url, from_revision=start, revision=revision), nl=False)
+            return
+        try:
+            before, after = migrate.upgrade(engine, revision)
+        except OperationalError as exc:
+            raise unreachable(url, exc) from None
+    finally:
+        engine.dispose()
+    if before.current == after.current and not before.legacy:
+        click.echo(f"{mask_url(url)}: already at revision {after.current} (head {after.head})")
+    else:
+        click.echo(f"{mask_url(url)}: {before.describe()} -> revision {after.current}")
+
+
+@db.command("downgrade")
+@click.argument("revision")
+@run_cli
+def db_downgrade(revision: str) -> None:
+    """Migrate the database back to REVISION (``base`` drops every vidq table)."""
+    from vidq import migrate
+    from vidq.db import make_engine, mask_url
+
+    settings = Settings.from_env()
+    engine = make_engine(settings.database_url)
+    try:
+        before, after = migrate.downgrade(engine, revision)
+    finally:
+        engine.dispose()
+    click.echo(f"{mask_url(settings.database_url)}: {before.describe()} -> {after.describe()}")
+
+
+@db.command("current")
+@run_cli
+def db_current() -> None:
+    """The database's schema revision, and this vidq's."""
+    from sqlalchemy.exc import OperationalError
+
+    from vidq import migrate
+    from vidq.db import make_engine, mask_url, unreachable
+
+    settings = Settings.from_env()
+    engine = make_engine(settings.database_url)
+    try:
+        with engine.connect() as conn:
+            state = migrate.schema_state(conn)
+    except OperationalError as exc:
+        raise unreachable(settings.database_url, exc) from None
+    finally:
+        engine.dispose()
+    verdict = ("up to date" if state.up_to_date else
+               "newer than this vidq" if not state.known else "behind: run `vidq db upgrade`")
+    click.echo(f"{mask_url(settings.database_url)}: {state.describe()}; this vidq: "
+               f"{state.head} ({verdict})")
+    if not state.up_to_date:
+        sys.exit(1)
+
+
+@db.command("history")
+def db_history() -> None:
+    """Every schema revision, oldest first."""
+    from vidq import migrate
+
+    head = migrate.head_revision()
+    for rev, down, doc in migrate.history():
+        mark = " (head)" if rev == head else ""
+        click.echo(f"{down or 'base':>6} -> {rev}{mark}  {doc}")
 
 
 @main.command()

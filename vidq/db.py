@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-from typing import Any
+import time
+from typing import Any, Callable
 
 from sqlalchemy import (
     BigInteger,
@@ -26,7 +27,7 @@ from sqlalchemy import (
     event,
 )
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
 from vidq.errors import TransientError
@@ -61,6 +62,14 @@ class Batch(Base):
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # Completion webhook (vidq/notify.py): where to, and what happened.
+    notify_url: Mapped[str | None] = mapped_column(Text)
+    notify_status: Mapped[str | None] = mapped_column(String(16))
+    """pending (due when no job is active), sending, sent or failed."""
+    notify_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    notify_claimed_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    notify_sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    notify_response: Mapped[int | None] = mapped_column(Integer)
 
 
 class Job(Base):
@@ -184,30 +193,62 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-def get_engine(url: str, *, create: bool = True) -> Engine:
-    """One engine per URL per process; creates the schema on first use."""
+def get_engine(url: str, *, auto_migrate: bool | None = None) -> Engine:
+    """One engine per URL per process. On first use the schema revision is checked:
+    an empty or older database is migrated when ``auto_migrate`` allows it (None:
+    only SQLite, see ``Settings.auto_migrate``), otherwise refused in one line."""
     engine = _ENGINES.get(url)
     if engine is not None:
         return engine
+    from vidq.migrate import ensure_schema
+
+    engine = make_engine(url)
+    try:
+        ensure_schema(
+            engine,
+            auto_migrate=url.startswith("sqlite") if auto_migrate is None else auto_migrate,
+            display_url=mask_url(url),
+        )
+    except OperationalError as exc:
+        engine.dispose()
+        raise unreachable(url, exc) from None
+    except BaseException:
+        engine.dispose()
+        raise
+    _ENGINES[url] = engine
+    return engine
+
+
+def wait_for_database(
+    url: str, *, auto_migrate: bool | None, on_wait: Callable[[str], None]
+) -> Engine:
+    """``get_engine``, waiting with backoff while the database is unreachable: a worker
+    that starts during an outage waits for it instead of failing its messages."""
+    attempt = 0
+    while True:
+        try:
+            return get_engine(url, auto_migrate=auto_migrate)
+        except TransientError as exc:
+            delay = min(30.0, 2.0**attempt)
+            on_wait(f"{exc.message} Waiting {delay:.0f}s.")
+            time.sleep(delay)
+            attempt += 1
+
+
+def make_engine(url: str) -> Engine:
+    """An engine with vidq's connection settings, and no schema check (``vidq db``)."""
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
-    else:
-        engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
-    if create:
-        try:
-            try:
-                Base.metadata.create_all(engine)
-            except (IntegrityError, ProgrammingError):
-                # Another process created the schema at the same moment: check again.
-                Base.metadata.create_all(engine)
-        except OperationalError as exc:
-            raise TransientError(
-                f"Database {mask_url(url)} is unreachable ({first_line(exc)}); "
-                "check VIDQ_DATABASE_URL and that the server is up."
-            ) from None
-    _ENGINES[url] = engine
-    return engine
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+
+
+def unreachable(url: str, exc: BaseException) -> TransientError:
+    return TransientError(
+        f"Database {mask_url(url)} is unreachable ({first_line(exc)}); "
+        "check VIDQ_DATABASE_URL and that the server is up."
+    )
 
 
 def dispose_engines() -> None:
@@ -217,8 +258,8 @@ def dispose_engines() -> None:
     _ENGINES.clear()
 
 
-def sessions(url: str) -> sessionmaker:
-    return sessionmaker(get_engine(url), expire_on_commit=False)
+def sessions(url: str, *, auto_migrate: bool | None = None) -> sessionmaker:
+    return sessionmaker(get_engine(url, auto_migrate=auto_migrate), expire_on_commit=False)
 
 
 def first_line(exc: BaseException) -> str:

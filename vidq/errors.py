@@ -44,3 +44,10 @@ class TransientError(VidqError):
     """The world may heal (database, broker, GPU memory): retry with backoff."""
 
     kind = "transient"
+
+
+class Cancelled(VidqError):
+    """The job stopped being this worker's to run (``vidq cancel``, or another worker took
+    it over): give it up without writing anything."""
+
+    kind = "cancelled"

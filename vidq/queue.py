@@ -92,3 +92,26 @@ def publish_jobs(app: Celery, jobs: Iterable[tuple[int, int, str]], *, queue: st
             )
             sent += 1
     return sent
+
+
+def queue_depths(settings: Settings, queues: Iterable[str]) -> dict[str, dict[str, int]] | None:
+    """Messages waiting per queue and vidq priority (0-9), plus those delivered and not
+    yet acknowledged (``unacked``, all queues); None if the broker is not Redis."""
+    if not settings.broker_url.startswith(("redis://", "rediss://")):
+        return None
+    import redis
+
+    client = redis.Redis.from_url(settings.broker_url, socket_timeout=10)
+    try:
+        out: dict[str, dict[str, int]] = {}
+        for queue in queues:
+            # kombu's priority lists: "queue" holds Redis priority 0, "queue:N" the others.
+            depths = {}
+            for redis_priority in range(PRIORITY_LEVELS):
+                key = queue if redis_priority == 0 else f"{queue}:{redis_priority}"
+                depths[str(PRIORITY_LEVELS - 1 - redis_priority)] = int(client.llen(key))
+            out[queue] = depths
+        out["unacked"] = {"all": int(client.hlen("unacked"))}
+        return out
+    finally:
+        client.close()

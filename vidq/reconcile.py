@@ -24,12 +24,18 @@ from dataclasses import dataclass, field
 from sqlalchemy import select, update
 
 from vidq.db import Job, JobStatus, sessions, utcnow
+from vidq.notify import due_batches, notify_if_done
 from vidq.queue import PRIORITY_LEVELS, make_celery, new_task_id, publish_jobs
 from vidq.settings import Settings
 
 log = logging.getLogger("vidq.reconcile")
 UNACKED_KEY = "unacked"  # kombu's Redis transport defaults
 UNACKED_INDEX_KEY = "unacked_index"  # delivery tag -> Unix time it was delivered
+
+
+# Kept on the row: if the job uses up VIDQ_MAX_ATTEMPTS, this is why it failed.
+STALE_MESSAGE = ("the worker running it stopped heartbeating (killed, out of memory or "
+                 "crashed)")
 
 
 @dataclass
@@ -93,7 +99,7 @@ def reconcile(
     stale_after_s = settings.stale_after_s
     report = ReconcileReport()
     now = utcnow()
-    make_session = sessions(settings.database_url)
+    make_session = sessions(settings.database_url, auto_migrate=settings.auto_migrate)
     with make_session() as session:
         stale = session.execute(
             select(Job.id, Job.priority, Job.task_id).where(
@@ -125,7 +131,8 @@ def reconcile(
                 .where(Job.id == row.id, Job.status == JobStatus.RUNNING.value,
                        Job.heartbeat_at < now - dt.timedelta(seconds=stale_after_s))
                 .values(status=JobStatus.QUEUED.value, lease_token=None, heartbeat_at=None,
-                        task_id=task_id, enqueued_at=utcnow())
+                        task_id=task_id, enqueued_at=utcnow(), error_kind="crashed",
+                        error_message=STALE_MESSAGE)
             ).rowcount
             if done:
                 report.stale_running.append(row.id)
@@ -141,6 +148,8 @@ def reconcile(
             if done:
                 report.lost_queued.append(row.id)
                 tasks.append((row.id, row.priority, task_id))
+    for batch_id in due_batches(settings):  # completions whose sender died or never came
+        notify_if_done(settings, batch_id)
     if tasks:
         report.published = publish_jobs(make_celery(settings), tasks, queue=settings.queue)
         log.warning("reconcile: re-enqueued %d stale running and %d lost queued jobs",

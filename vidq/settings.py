@@ -27,6 +27,11 @@ class Settings:
     """Results database (SQLAlchemy URL). The SQLite file is the embedded default;
     ``postgresql+psycopg://user:pass@host/db`` at scale."""
 
+    auto_migrate: bool | None = None
+    """Migrate the database schema on start when it is empty or behind. Unset (``auto``):
+    only for SQLite, the embedded default; a shared PostgreSQL is upgraded by an operator
+    with ``vidq db upgrade``, and workers refuse to run against a schema that differs."""
+
     queue: str = "vidq"
     """Celery queue that jobs go to and workers consume."""
 
@@ -45,6 +50,18 @@ class Settings:
 
     batch_size: int = 0
     """Clips per forward pass; 0 picks 1 on CPU (fastest per clip there) and 16 on CUDA."""
+
+    inflight: int = 0
+    """Jobs one worker process holds at once (its Celery thread pool). 0 = twice the
+    decode workers plus the batch size: every decoder has a next video waiting, and a
+    batch of one-clip videos fits. 1 = one job at a time."""
+
+    decode_workers: int = 0
+    """Videos decoded and transformed at the same time in one worker process (threads).
+    0 = the CPU cores the process may use, less one for the model (at least 1)."""
+
+    batch_wait_ms: float = 5.0
+    """How long the model loop waits for a fuller batch before it runs what it has."""
 
     compile: bool = False
     """Wrap the model in ``torch.compile`` (slower start, can be faster on GPU)."""
@@ -89,6 +106,13 @@ class Settings:
     max_retries: int = 5
     """Transient failures (database, broker, GPU memory) retried this many times."""
 
+    max_attempts: int = 3
+    """Attempts a job may start, however each ended (a crash, an out-of-memory kill, an
+    unexpected exception); then it is failed with what happened to the last one."""
+
+    commit_retry_s: float = 3600.0
+    """How long a finished result keeps retrying its commit while the database is down."""
+
     worker_concurrency: int = 0
     """Worker processes per host; 0 means one per GPU, or one on CPU."""
 
@@ -100,6 +124,18 @@ class Settings:
 
     reconcile_every_s: int = 60
     """How often a worker host runs reconcile (one host at a time, via a Redis lock); 0 = never."""
+
+    webhook_secret: str = ""
+    """Shared secret that signs batch-completion webhooks (``X-Vidq-Signature``, an
+    HMAC-SHA256 of the body). Empty: webhooks are sent unsigned."""
+
+    metrics_port: int = 0
+    """``vidq worker`` serves Prometheus metrics (/metrics) and a health check (/healthz)
+    of its worker processes on this port; 0 = off."""
+
+    log_format: str = "text"
+    """``text``, or ``json``: one JSON object per log line, with the job id, batch,
+    attempt and timings on every job line."""
 
     heartbeat_s: int = 15
     """How often a running job's heartbeat is written."""
@@ -133,6 +169,7 @@ class Settings:
         out = dataclasses.asdict(self)
         out["broker_url"] = mask_url(self.broker_url)
         out["database_url"] = mask_url(self.database_url)
+        out["webhook_secret"] = "***" if self.webhook_secret else ""
         return out
 
 
@@ -146,7 +183,9 @@ def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
     try:
         if kind == "int":
             return int(raw)
-        if kind == "bool":
+        if kind.startswith("bool"):
+            if raw.lower() == "auto" and "None" in kind:
+                return None
             if raw.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
                 raise ValueError(raw)
             return raw.lower() in ("1", "true", "yes", "on")

@@ -1,20 +1,23 @@
 """The embedded mode: run queued jobs in this process, with no broker.
 
 ``vidq run`` records jobs exactly as ``vidq submit`` does, then executes them
-here through the same ``execute_job`` a Celery worker calls, so results land
-in the same table with the same guarantees. One process is the right shape for
-one machine: the model uses every core, and there is no server to install.
+here through the same ``execute_job`` and the same pipeline a worker process
+uses, ``inflight`` jobs at a time, so results land in the same table with the
+same guarantees. One process is the right shape for one machine: the model
+uses every core, and there is no server to install.
 """
 
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Callable, Iterable
 
 from vidq.errors import TransientError
 from vidq.settings import Settings
 from worker.inference import Classifier
 from worker.jobs import JobStore, Outcome, backoff_s, execute_job
+from worker.pipeline import Pipeline
 
 
 def run_jobs(
@@ -24,27 +27,34 @@ def run_jobs(
     on_outcome: Callable[[Outcome], None] = lambda _o: None,
     classifier: Classifier | None = None,
 ) -> list[Outcome]:
-    """Execute jobs one after another; transient errors retry with backoff."""
+    """Execute jobs, ``inflight`` at once; transient errors retry with backoff."""
     classifier = classifier or Classifier.from_settings(settings)
-    store = JobStore(settings.database_url, stale_after_s=settings.stale_after_s)
+    store = JobStore.from_settings(settings)
     outcomes = []
-    for job_id in job_ids:
-        attempt = 0
-        while True:
-            try:
-                outcome = execute_job(job_id, classifier=classifier, settings=settings, store=store)
-                break
-            except TransientError as exc:
-                if attempt >= settings.max_retries:
-                    give_up = TransientError(
-                        f"gave up after {attempt + 1} attempts: {exc.message}",
-                        kind="retries_exhausted",
-                    )
-                    store.fail(job_id, None, give_up)
-                    outcome = Outcome(job_id, "failed", give_up.message)
-                    break
-                time.sleep(backoff_s(attempt))
-                attempt += 1
-        outcomes.append(outcome)
-        on_outcome(outcome)
+    with classifier.pipeline() as pipeline, ThreadPoolExecutor(
+        max_workers=classifier.inflight, thread_name_prefix="vidq-job"
+    ) as pool:
+        futures = [pool.submit(_run_one, job_id, pipeline=pipeline, settings=settings,
+                               store=store) for job_id in job_ids]
+        for future in as_completed(futures):
+            outcome = future.result()
+            outcomes.append(outcome)
+            on_outcome(outcome)
     return outcomes
+
+
+def _run_one(job_id: int, *, pipeline: Pipeline, settings: Settings, store: JobStore) -> Outcome:
+    attempt = 0
+    while True:
+        try:
+            return execute_job(job_id, pipeline=pipeline, settings=settings, store=store)
+        except TransientError as exc:
+            if attempt >= settings.max_retries:
+                give_up = TransientError(
+                    f"gave up after {attempt + 1} attempts: {exc.message}",
+                    kind="retries_exhausted",
+                )
+                store.fail(job_id, None, give_up)
+                return Outcome(job_id, "failed", give_up.message)
+            time.sleep(backoff_s(attempt))
+            attempt += 1

@@ -7,17 +7,18 @@ decoder overlaps the model's forward pass; clips are batched across videos.
 
 from __future__ import annotations
 
-import queue
-import threading
 import time
+from collections import deque
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
+import numpy as np
 import torch
 
-from vidq.errors import ConfigError, InputError, VidqError
-from vidq.sampling import Sampling, plan_windows
+from vidq.errors import ConfigError, TransientError, VidqError
+from vidq.sampling import Sampling
 from vidq.settings import Settings
 from worker.models import (
     LoadedModel,
@@ -26,8 +27,9 @@ from worker.models import (
     kinetics400_labels,
     load_model,
 )
-from worker.transforms import clip_views
-from worker.video import ClipFrames, DecodeStats, Limits, VideoInfo, VideoReader
+from worker.supervisor import default_decode_workers, default_inflight
+from worker.transforms import clip_views, frames_to_views
+from worker.video import ClipFrames, DecodeStats, Limits, VideoInfo
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -106,28 +108,6 @@ class VideoResult:
         return out
 
 
-@dataclass
-class _Pending:
-    """A video whose clips are in flight."""
-
-    path: str
-    info: VideoInfo
-    started: float
-    views: int = 0
-    expected: int | None = None
-    clips: list[tuple[ClipFrames, torch.Tensor]] = field(default_factory=list)
-    decode_s: float = 0.0
-    model_s: float = 0.0
-    decode_stats: DecodeStats = field(default_factory=DecodeStats)
-
-
-_END = object()
-
-
-class _Stopped(Exception):
-    """The consumer of a decode pipeline has gone: the decode thread stops."""
-
-
 class Classifier:
     """A loaded model plus the input pipeline of its preset."""
 
@@ -142,6 +122,9 @@ class Classifier:
         top_k: int = 5,
         limits: Limits = Limits(),
         compile: bool = False,
+        decode_workers: int = 0,
+        inflight: int = 0,
+        batch_wait_ms: float = 5.0,
         skip_unused_frames: bool = True,
     ) -> None:
         self.preset = get_preset(model)
@@ -153,6 +136,9 @@ class Classifier:
         self.top_k = top_k
         self.limits = limits
         self.skip_unused_frames = skip_unused_frames
+        self.decode_workers = decode_workers or default_decode_workers()
+        self.inflight = inflight or default_inflight(self.decode_workers, self.batch_size)
+        self.batch_wait_ms = batch_wait_ms
         self.labels = kinetics400_labels()
         loaded: LoadedModel = load_model(self.preset, weights)
         self.weights_id = loaded.weights_id
@@ -194,13 +180,16 @@ class Classifier:
                 max_decode_s=settings.max_decode_s,
             ),
             compile=settings.compile,
+            decode_workers=settings.decode_workers,
+            inflight=settings.inflight,
+            batch_wait_ms=settings.batch_wait_ms,
             skip_unused_frames=settings.skip_unused_frames,
         )
 
     # -- one batch -----------------------------------------------------------------
     def forward(self, views: torch.Tensor) -> torch.Tensor:
         """(B, 3, T, S, S) normalized views -> (B, classes) float32 softmax, on CPU."""
-        if self.device.type == "cuda":
+        if views.device != self.device:
             views = views.pin_memory().to(self.device, non_blocking=True)
         views = views.contiguous(memory_format=torch.channels_last_3d)
         with torch.inference_mode():
@@ -218,126 +207,50 @@ class Classifier:
             for s, i in zip(scores.tolist(), ids.tolist())
         ]
 
-    # -- videos --------------------------------------------------------------------
-    def _decode(self, seq: int, path: str, sampling: Sampling, put: Callable[[tuple], None]) -> None:
-        """Producer side of the pipeline: put ('start'|'clip'|'end'|'error', seq, ...) items."""
-        t0 = time.perf_counter()
+    # -- the pipeline's steps (worker/pipeline.py) -----------------------------------
+    def prepare(self, frames: np.ndarray, *, crops: int) -> torch.Tensor:
+        """Decoder side. On CPU: the normalized views (crops, 3, T, S, S). On CUDA: the
+        uint8 frames in pinned memory; ``predict`` uploads and transforms them on the GPU."""
+        if self.device.type == "cuda":
+            return torch.from_numpy(frames).pin_memory()
+        return clip_views(frames, self.preset, crops=crops)
+
+    def predict(self, prepared: list[torch.Tensor], *, crops: list[int]) -> torch.Tensor:
+        """Prepared clips (from any videos) -> one forward pass -> (views, classes) softmax."""
         try:
-            with VideoReader(
-                path, limits=self.limits, skip_unused_frames=self.skip_unused_frames
-            ) as reader:
-                put(("start", seq, (path, reader.info), t0))
-                windows = plan_windows(sampling, reader.info.duration_s, self.preset.clip_duration)
-                n = 0
-                for clip in reader.clips(windows, num_frames=self.preset.num_frames):
-                    views = clip_views(clip.frames, self.preset, crops=sampling.crops)
-                    clip.frames = clip.frames[:0]  # the RGB frames are no longer needed
-                    put(("clip", seq, clip, views))
-                    n += 1
-                if n == 0:
-                    raise InputError(
-                        f"{path}: no frames inside the requested window(s) "
-                        f"(video is {reader.info.duration_s:.2f}s long).",
-                        kind="no_frames",
-                    )
-                put(("end", seq, n, (time.perf_counter() - t0, reader.stats)))
-        except _Stopped:
-            raise
-        except VidqError as exc:
-            put(("error", seq, exc, None))
-        except Exception as exc:  # a decoder crash must fail one video, not the run
-            put(("error", seq, InputError(f"{path}: {exc}", kind="undecodable"), None))
+            if self.device.type == "cuda":
+                views = torch.cat([
+                    frames_to_views(p.to(self.device, non_blocking=True), self.preset, crops=c)
+                    for p, c in zip(prepared, crops)
+                ])
+            else:
+                views = prepared[0] if len(prepared) == 1 else torch.cat(prepared)
+            return self.forward(views)
+        except oom_errors() as exc:
+            raise TransientError(f"out of accelerator memory ({exc})".splitlines()[0],
+                                 kind="out_of_memory") from None
+
+    # -- videos --------------------------------------------------------------------
+    def pipeline(self) -> Any:
+        """A Pipeline around this model, with this classifier's decoders and batching."""
+        from worker.pipeline import Pipeline
+
+        return Pipeline(self, decode_workers=self.decode_workers,
+                        batch_wait_ms=self.batch_wait_ms)
 
     def classify_many(
         self, paths: Iterable[str | Path], sampling: Sampling = Sampling()
     ) -> Iterator[VideoResult | VidqError]:
-        """Classify videos in order; yield a VideoResult or the error for each."""
-        items: queue.Queue[Any] = queue.Queue(maxsize=max(4, 2 * self.batch_size))
-        stop = threading.Event()
-        path_list = [str(p) for p in paths]
-
-        def put(item: Any) -> None:
-            while not stop.is_set():
-                try:
-                    items.put(item, timeout=0.2)
-                    return
-                except queue.Full:
-                    continue
-            raise _Stopped
-
-        def produce() -> None:
-            # This thread's own torch ops (the transforms) stay on one core; the
-            # model keeps its threads. (The setting is per thread under OpenMP.)
-            torch.set_num_threads(1)
-            try:
-                for seq, p in enumerate(path_list):
-                    self._decode(seq, p, sampling, put)
-                put(_END)
-            except _Stopped:
-                pass  # the consumer went away (an error, or the caller stopped early)
-
-        thread = threading.Thread(target=produce, name="vidq-decode", daemon=True)
-        thread.start()
-        pending: dict[int, _Pending] = {}
-        batch: list[tuple[int, ClipFrames, torch.Tensor]] = []
-        done: dict[int, VideoResult | VidqError] = {}
-        next_out = 0
-
-        def run_batch() -> None:
-            if not batch:
-                return
-            views = torch.cat([v for _, _, v in batch])
-            t = time.perf_counter()
-            probs = self.forward(views)
-            dt = time.perf_counter() - t
-            offset = 0
-            for seq, clip, v in batch:
-                n = v.shape[0]
-                pend = pending[seq]
-                pend.clips.append((clip, probs[offset : offset + n]))
-                pend.views += n
-                offset += n
-                pend.model_s += dt * n / views.shape[0]
-            batch.clear()
-
-        def finish_ready() -> Iterator[VideoResult | VidqError]:
-            nonlocal next_out
-            for seq in list(pending):
-                pend = pending[seq]
-                if pend.expected is not None and len(pend.clips) == pend.expected:
-                    done[seq] = self._assemble(pend, sampling)
-                    del pending[seq]
-            while next_out in done:  # results come out in input order
-                yield done.pop(next_out)
-                next_out += 1
-
-        try:
-            while True:
-                item = items.get()
-                if item is _END:
-                    break
-                kind, seq, a, b = item
-                if kind == "start":
-                    pending[seq] = _Pending(path=a[0], info=a[1], started=b)
-                elif kind == "clip":
-                    batch.append((seq, a, b))
-                    if sum(v.shape[0] for _, _, v in batch) >= self.batch_size:
-                        run_batch()
-                elif kind == "end":
-                    pending[seq].expected = a
-                    pending[seq].decode_s, pending[seq].decode_stats = b
-                    if items.empty():
-                        run_batch()  # nothing else queued: do not wait to fill the batch
-                else:  # error
-                    batch[:] = [entry for entry in batch if entry[0] != seq]
-                    pending.pop(seq, None)
-                    done[seq] = a
-                yield from finish_ready()
-            run_batch()
-            yield from finish_ready()
-        finally:
-            stop.set()
-            thread.join(timeout=10)
+        """Classify videos, ``inflight`` at a time; yield a VideoResult or the error for
+        each, in input order."""
+        with self.pipeline() as pipeline:
+            window: deque[Future[Any]] = deque()
+            for p in paths:
+                window.append(pipeline.submit(str(p), sampling))
+                if len(window) >= self.inflight:
+                    yield _outcome(window.popleft())
+            while window:
+                yield _outcome(window.popleft())
 
     def classify(self, path: str | Path, sampling: Sampling = Sampling()) -> VideoResult:
         """One video; raises the InputError of a bad one."""
@@ -346,11 +259,23 @@ class Classifier:
             raise result
         return result
 
-    def _assemble(self, pend: _Pending, sampling: Sampling) -> VideoResult:
-        pend.clips.sort(key=lambda c: c[0].window.index)
+    def assemble(
+        self,
+        *,
+        path: str,
+        info: VideoInfo,
+        sampling: Sampling,
+        scored: list[tuple[ClipFrames, torch.Tensor]],
+        decode_s: float,
+        model_s: float,
+        started: float,
+        decode_stats: DecodeStats | None = None,
+    ) -> VideoResult:
+        """Every clip of a video scored: its clips' and the video's top-k."""
+        scored = sorted(scored, key=lambda c: c[0].window.index)
         clip_preds = []
         all_views = []
-        for clip, probs in pend.clips:
+        for clip, probs in scored:
             all_views.append(probs)
             w = clip.window
             clip_preds.append(
@@ -364,21 +289,29 @@ class Classifier:
             )
         # Video level: mean softmax over every view (clips x crops), as in multi-view eval.
         video_probs = torch.cat(all_views).mean(dim=0)
-        total = time.perf_counter() - pend.started
+        total = time.perf_counter() - started
         return VideoResult(
-            path=pend.path,
+            path=path,
             model=self.preset.name,
             weights_id=self.weights_id,
             precision=self.precision,
             device=str(self.device),
-            info=pend.info,
+            info=info,
             sampling=sampling,
             clips=clip_preds,
             top=self._top(video_probs),
             timing={
-                "decode_s": round(pend.decode_s, 4),
-                "model_s": round(pend.model_s, 4),
+                "decode_s": round(decode_s, 4),
+                "model_s": round(model_s, 4),
                 "total_s": round(total, 4),
             },
-            decode_stats=pend.decode_stats,
+            decode_stats=decode_stats or DecodeStats(),
         )
+
+
+def _outcome(future: Future[Any]) -> VideoResult | VidqError:
+    try:
+        result: VideoResult = future.result()
+        return result
+    except VidqError as exc:
+        return exc

@@ -14,18 +14,26 @@ import os
 import random
 import socket
 import threading
+import time
 import uuid
-from dataclasses import dataclass
-from typing import Callable, TypeVar
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
-from sqlalchemy import delete, insert, or_, select, update
+from sqlalchemy import String, cast, delete, func, insert, literal, or_, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
+from vidq import metrics
 from vidq.db import ClipPrediction, Job, JobStatus, VideoLabel, first_line, sessions, utcnow
-from vidq.errors import PermanentError, TransientError, VidqError
+from vidq.errors import Cancelled, PermanentError, TransientError, VidqError
+from vidq.faultpoints import pause_point
 from vidq.media import check_video_path
+from vidq.sampling import Sampling
 from vidq.settings import Settings
+
+if TYPE_CHECKING:
+    from worker.pipeline import Pipeline
 
 log = logging.getLogger("vidq.worker")
 T = TypeVar("T")
@@ -42,14 +50,25 @@ class Outcome:
     status: str
     """succeeded | failed | skipped (already done or cancelled) | busy (another live delivery)."""
     detail: str = ""
+    fields: dict[str, Any] = field(default_factory=dict, compare=False)
+    """For the job's log line: batch, attempt, error kind, timings."""
 
 
 class JobStore:
     """The jobs-table operations a worker performs. Database trouble is transient."""
 
-    def __init__(self, database_url: str, *, stale_after_s: float) -> None:
-        self._sessions = sessions(database_url)
+    def __init__(
+        self, database_url: str, *, stale_after_s: float, auto_migrate: bool | None = None,
+        max_attempts: int = 0,
+    ) -> None:
+        self._sessions = sessions(database_url, auto_migrate=auto_migrate)
         self.stale_after_s = stale_after_s
+        self.max_attempts = max_attempts
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> JobStore:
+        return cls(settings.database_url, stale_after_s=settings.stale_after_s,
+                   auto_migrate=settings.auto_migrate, max_attempts=settings.max_attempts)
 
     def _run(self, fn: Callable[[Session], T]) -> T:
         try:
@@ -61,21 +80,47 @@ class JobStore:
             raise
 
     def claim(self, job_id: int, token: str, host: str) -> Job | Outcome:
-        """Take the job if it is queued, or running with a stale heartbeat."""
+        """Take the job if it is queued, or running with a stale heartbeat (its attempt
+        died). A job that has used up ``max_attempts`` is failed instead, with what
+        happened to its last attempt."""
 
         def op(s: Session) -> Job | Outcome:
             now = utcnow()
             stale = now - dt.timedelta(seconds=self.stale_after_s)
+            claimable = or_(
+                Job.status == JobStatus.QUEUED.value,
+                (Job.status == JobStatus.RUNNING.value)
+                & or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale),
+            )
+            # An attempt that stopped heartbeating died with its process (SIGKILL, the
+            # OOM killer, a segfault): that is what its record says from now on.
+            s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status == JobStatus.RUNNING.value,
+                       or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale))
+                .values(error_kind="crashed", error_message=literal(
+                    "the worker running attempt ") + cast(Job.attempts, String) + literal(
+                    " stopped (killed, out of memory or crashed) on ")
+                    + func.coalesce(Job.worker_host, literal("?")))
+            )
+            if self.max_attempts:
+                gave_up = s.execute(
+                    update(Job)
+                    .where(Job.id == job_id, claimable, Job.attempts >= self.max_attempts)
+                    .values(
+                        status=JobStatus.FAILED.value, lease_token=None, finished_at=now,
+                        error_kind=func.coalesce(Job.error_kind, literal("crashed")),
+                        error_message=literal(f"gave up after {self.max_attempts} attempts "
+                                              "(VIDQ_MAX_ATTEMPTS); the last: ")
+                        + func.coalesce(Job.error_message, literal("no error recorded")),
+                    )
+                ).rowcount
+                if gave_up:
+                    return Outcome(job_id, "failed", "attempts exhausted")
             res = s.execute(
                 update(Job)
                 .where(Job.id == job_id)
-                .where(
-                    or_(
-                        Job.status == JobStatus.QUEUED.value,
-                        (Job.status == JobStatus.RUNNING.value)
-                        & or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale),
-                    )
-                )
+                .where(claimable)
                 .values(
                     status=JobStatus.RUNNING.value,
                     lease_token=token,
@@ -97,23 +142,32 @@ class JobStore:
 
         return self._run(op)
 
-    def heartbeat(self, job_id: int, token: str) -> None:
-        self._run(
+    def heartbeat(self, job_id: int, token: str) -> bool:
+        """Refresh the lease; False once the job is no longer ours to run (cancelled, or
+        taken over after this worker stalled)."""
+        return self._run(
             lambda s: s.execute(
                 update(Job)
-                .where(Job.id == job_id, Job.lease_token == token)
+                .where(Job.id == job_id, Job.lease_token == token,
+                       Job.status == JobStatus.RUNNING.value)
                 .values(heartbeat_at=utcnow())
-            )
+            ).rowcount
+            == 1
         )
 
-    def release(self, job_id: int, token: str) -> None:
-        """Give the job back to the queue (graceful shutdown, transient failure)."""
+    def release(self, job_id: int, token: str, error: VidqError | None = None) -> None:
+        """Give the job back to the queue (graceful shutdown, transient failure), with
+        the error that ended this attempt on record."""
+        values: dict[str, object] = dict(
+            status=JobStatus.QUEUED.value, lease_token=None, heartbeat_at=None)
+        if error is not None:
+            values.update(error_kind=error.kind, error_message=error.message[:2000])
         self._run(
             lambda s: s.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.lease_token == token,
                        Job.status == JobStatus.RUNNING.value)
-                .values(status=JobStatus.QUEUED.value, lease_token=None, heartbeat_at=None)
+                .values(**values)
             )
         )
 
@@ -204,10 +258,12 @@ class JobStore:
 
 
 class Heartbeat:
-    """Refreshes a running job's heartbeat from a daemon thread."""
+    """Refreshes a running job's heartbeat from a daemon thread, and notices when the
+    job stops being ours (``vidq cancel``, or another worker took it over)."""
 
     def __init__(self, store: JobStore, job_id: int, token: str, every_s: float) -> None:
         self._stop = threading.Event()
+        self.lost: str | None = None
         self._thread = threading.Thread(
             target=self._loop, args=(store, job_id, token, every_s), daemon=True,
             name=f"vidq-heartbeat-{job_id}",
@@ -216,7 +272,9 @@ class Heartbeat:
     def _loop(self, store: JobStore, job_id: int, token: str, every_s: float) -> None:
         while not self._stop.wait(every_s):
             try:
-                store.heartbeat(job_id, token)
+                if not store.heartbeat(job_id, token):
+                    self.lost = "the job was cancelled or taken over by another worker"
+                    return
             except VidqError as exc:
                 log.warning("job %s: heartbeat not written (%s)", job_id, exc.message)
 
@@ -229,26 +287,35 @@ class Heartbeat:
         self._thread.join(timeout=5)
 
 
-def execute_job(
-    job_id: int, *, classifier: object, settings: Settings, store: JobStore
-) -> Outcome:
-    """Claim, classify and persist one job. Permanent errors fail the job at once;
-    TransientError propagates for the caller to retry (the lease is released)."""
-    from vidq.sampling import Sampling
-    from worker.inference import Classifier, oom_errors
+class TimeLimit(PermanentError):
+    kind = "timeout"
 
-    assert isinstance(classifier, Classifier)
+
+def execute_job(
+    job_id: int, *, pipeline: Pipeline, settings: Settings, store: JobStore
+) -> Outcome:
+    """Claim, classify (through the process's pipeline) and persist one job. Permanent
+    errors fail the job at once; TransientError propagates for the caller to retry
+    (the lease is released). Many calls run at once, one per job in flight."""
     token = uuid.uuid4().hex
     claimed = store.claim(job_id, token, f"{socket.gethostname()}:{os.getpid()}")
     if isinstance(claimed, Outcome):
         return claimed
     job = claimed
+    fields: dict[str, Any] = {"job_id": job_id, "batch_id": job.batch_id,
+                              "attempt": job.attempts, "path": job.path}
+    metrics.ATTEMPTS.inc()
+    metrics.QUEUE_WAIT.observe(max(0.0, (utcnow() - _aware(job.submitted_at)).total_seconds()))
+    preset = pipeline.classifier.preset.name
+    limit_s = max(1.0, settings.task_time_limit_s - 60.0)
+    deadline = time.monotonic() + limit_s
     try:
-        with Heartbeat(store, job_id, token, settings.heartbeat_s):
-            if job.model != classifier.preset.name:
+        with Heartbeat(store, job_id, token, settings.heartbeat_s) as beat:
+            pause_point("after_claim")
+            if job.model != preset:
                 raise PermanentError(
-                    f"job asks for model {job.model} but this worker serves "
-                    f"{classifier.preset.name}; send it to a queue of {job.model} workers.",
+                    f"job asks for model {job.model} but this worker serves {preset}; "
+                    f"send it to a queue of {job.model} workers.",
                     kind="wrong_model",
                 )
             path = check_video_path(
@@ -258,21 +325,82 @@ def execute_job(
                 strategy=job.strategy, clips=job.clips_requested, stride_s=job.stride_s,
                 start_sec=job.start_sec, crops=job.crops,
             )
+            over = TimeLimit(f"{job.path}: not finished within VIDQ_TASK_TIME_LIMIT_S="
+                             f"{settings.task_time_limit_s} (less 60 s of margin).")
+
+            def should_stop() -> VidqError | None:
+                if beat.lost is not None:
+                    return Cancelled(beat.lost)
+                return over if time.monotonic() > deadline else None
+
+            future = pipeline.submit(str(path), sampling, should_stop=should_stop)
             try:
-                result = classifier.classify(path, sampling)
-            except oom_errors() as exc:
-                raise TransientError(f"out of accelerator memory ({first_line(exc)})") from None
+                result = future.result(timeout=max(0.0, deadline - time.monotonic()))
+            except FutureTimeout:
+                raise over from None  # should_stop ends the video at its next clip
+            pause_point("before_commit")
+            committed = commit_result(store, job_id, token, result,
+                                      horizon_s=settings.commit_retry_s)
+    except Cancelled as exc:
+        log.info("job %s given up: %s", job_id, exc.message,
+                 extra={"vidq": {**fields, "status": "cancelled"}})
+        metrics.JOBS.labels("cancelled", "").inc()
+        return Outcome(job_id, "skipped", exc.message, fields)
     except PermanentError as exc:
         store.fail(job_id, token, exc)
-        log.info("job %s failed: %s: %s", job_id, exc.kind, exc.message)
-        return Outcome(job_id, "failed", f"{exc.kind}: {exc.message}")
-    except TransientError:
-        try:
-            store.release(job_id, token)
-        except TransientError:
-            pass  # the heartbeat goes stale; the retry reclaims the job
+        fields.update(status="failed", error_kind=exc.kind)
+        log.info("job %s failed: %s: %s", job_id, exc.kind, exc.message, extra={"vidq": fields})
+        metrics.JOBS.labels("failed", exc.kind).inc()
+        return Outcome(job_id, "failed", f"{exc.kind}: {exc.message}", fields)
+    except TransientError as exc:
+        _release(store, job_id, token, exc)
+        metrics.JOBS.labels("retried", exc.kind).inc()
         raise
-    if store.succeed(job_id, token, result):
-        return Outcome(job_id, "succeeded", result.top[0].label)
-    return Outcome(job_id, "skipped", "lease lost: another delivery owns this job")
+    except Exception as exc:  # a bug, or a library error vidq does not know: this attempt
+        # counts (VIDQ_MAX_ATTEMPTS), and its record says what happened.
+        log.exception("job %s: unexpected error", job_id)
+        error = TransientError(f"{type(exc).__name__}: {exc}".splitlines()[0][:500],
+                               kind="exception")
+        _release(store, job_id, token, error)
+        metrics.JOBS.labels("retried", error.kind).inc()
+        raise error from None
+    fields.update(clips=len(result.clips), **result.timing)
+    if committed:
+        metrics.JOBS.labels("succeeded", "").inc()
+        metrics.CLIPS.inc(len(result.clips))
+        return Outcome(job_id, "succeeded", result.top[0].label,
+                       {**fields, "status": "succeeded"})
+    return Outcome(job_id, "skipped", "lease lost: another delivery owns this job",
+                   {**fields, "status": "skipped"})
 
+
+def _aware(t: dt.datetime) -> dt.datetime:
+    """SQLite hands back naive datetimes (UTC, as vidq writes them)."""
+    return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
+
+
+def _release(store: JobStore, job_id: int, token: str, error: VidqError) -> None:
+    try:
+        store.release(job_id, token, error)
+    except TransientError:
+        pass  # the heartbeat goes stale; the retry reclaims the job
+
+
+def commit_result(store: JobStore, job_id: int, token: str, result: object, *,
+                  horizon_s: float) -> bool:
+    """Write a finished result, retrying with backoff while the database is down (up to
+    ``horizon_s``): an outage must not throw away work already done. The heartbeat
+    keeps the lease live meanwhile; if the job was taken over, the commit is refused."""
+    deadline = time.monotonic() + horizon_s
+    attempt = 0
+    while True:
+        try:
+            return store.succeed(job_id, token, result)
+        except TransientError as exc:
+            if time.monotonic() >= deadline:
+                raise
+            delay = min(60.0, backoff_s(attempt))
+            log.warning("job %s: result kept, commit failed (%s); again in %.0fs", job_id,
+                        exc.message, delay)
+            time.sleep(delay)
+            attempt += 1

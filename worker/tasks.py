@@ -1,14 +1,17 @@
 """Celery glue, thin like a web view: load the job, call worker/jobs.py, map
 errors to retry or permanent failure. ``celery -A worker.tasks worker`` works.
 
-Each worker *process* loads the model once, after the fork (CUDA is never
-touched in the parent), and keeps it for every job it takes.
+Each worker *process* loads the model once and keeps it, with its pipeline
+(worker/pipeline.py), for every job it takes: with the threads pool that
+``vidq worker`` runs (worker/supervisor.py), before it takes a message; with
+prefork, in each child after the fork (CUDA is never touched in a parent).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -19,11 +22,14 @@ from celery import signals
 from celery.exceptions import InvalidTaskError, Reject
 from celery.worker.request import Request
 
-from vidq.db import dispose_engines
+from vidq import metrics
+from vidq.db import dispose_engines, wait_for_database
 from vidq.errors import TransientError, VidqError
+from vidq.notify import notify_soon
 from vidq.queue import TASK_CLASSIFY, make_celery
 from vidq.settings import Settings
 from worker.jobs import JobStore, backoff_s, execute_job
+from worker.supervisor import CONFIG_EXIT
 
 log = logging.getLogger("vidq.worker")
 
@@ -33,11 +39,12 @@ app = make_celery(settings)
 
 @dataclass
 class _ProcessState:
-    classifier: Any
+    pipeline: Any
     store: JobStore
 
 
 _state: _ProcessState | None = None
+_state_lock = threading.Lock()
 
 
 def _device_for_this_process(s: Settings) -> str:
@@ -53,31 +60,74 @@ def _device_for_this_process(s: Settings) -> str:
 
 
 def load_process_state() -> _ProcessState:
-    """Build this process's classifier and job store (once)."""
+    """Build this process's classifier, pipeline and job store (once, thread-safe)."""
     global _state
-    if _state is None:
-        import torch
+    with _state_lock:
+        if _state is None:
+            import torch
 
-        from worker.inference import Classifier
+            from worker.inference import Classifier
 
-        procs = int(os.environ.get("VIDQ_WORKER_PROCESSES", "1") or 1)
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // procs))
-        device = _device_for_this_process(settings)
-        classifier = Classifier.from_settings(settings.replace(device=device))
-        log.info(
-            "vidq worker process %s ready: %s weights %s, %s on %s",
-            os.getpid(), classifier.preset.name, classifier.weights_id,
-            classifier.precision, classifier.device,
-        )
-        if classifier.weights_id == "random-init":
-            log.warning("RANDOM WEIGHTS: every result row will carry weights_id=random-init")
-        _state = _ProcessState(classifier, JobStore(settings.database_url,
-                                                    stale_after_s=settings.stale_after_s))
-    return _state
+            procs = int(os.environ.get("VIDQ_WORKER_PROCESSES", "1") or 1)
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // procs))
+            device = _device_for_this_process(settings)
+            t = time.perf_counter()
+            classifier = Classifier.from_settings(settings.replace(device=device))
+            metrics.MODEL_LOAD_SECONDS.set(time.perf_counter() - t)
+            wait_for_database(settings.database_url, auto_migrate=settings.auto_migrate,
+                              on_wait=log.warning)
+            _state = _ProcessState(classifier.pipeline(), JobStore.from_settings(settings))
+            metrics.MODEL_LOADED.set(1)
+            if current_process().name != "MainProcess":  # a prefork child: logging is set up
+                _log_ready(_state)
+        return _state
+
+
+def _log_ready(state: _ProcessState) -> None:
+    classifier = state.pipeline.classifier
+    log.info(
+        "vidq worker process %s ready: %s weights %s, %s on %s, %d decoders, batches of %d",
+        os.getpid(), classifier.preset.name, classifier.weights_id, classifier.precision,
+        classifier.device, state.pipeline.decode_workers, state.pipeline.batch_size,
+    )
+    if classifier.weights_id == "random-init":
+        log.warning("RANDOM WEIGHTS: every result row will carry weights_id=random-init")
+
+
+@signals.worker_init.connect
+def _init_threaded_worker(sender: Any = None, **_: Any) -> None:
+    """Pools without children (``--pool threads``, what ``vidq worker`` runs): load the
+    model in this process before it takes any message. Prefork and solo load in
+    ``worker_process_init`` instead (after the fork)."""
+    from celery import concurrency
+
+    pool = concurrency.get_implementation(getattr(sender, "pool_cls", None) or "prefork")
+    if pool.__module__.endswith(".thread"):
+        try:
+            load_process_state()
+        except VidqError as exc:  # missing weights, a schema mismatch: one line, no restart
+            log.error("%s", exc.message)
+            os._exit(CONFIG_EXIT)
+
+
+@signals.after_setup_logger.connect
+def _log_format(logger: Any = None, **_: Any) -> None:
+    if settings.log_format == "json":
+        from vidq.logs import use_json
+
+        use_json(logger)
+
+
+@signals.worker_shutdown.connect
+def _close_pipeline(**_: Any) -> None:
+    if _state is not None:
+        _state.pipeline.close()
 
 
 @signals.worker_ready.connect
 def _start_reconciler(**_: Any) -> None:
+    if _state is not None and current_process().name == "MainProcess":
+        _log_ready(_state)  # loaded in worker_init, before Celery set up logging
     if settings.reconcile_every_s > 0:
         threading.Thread(target=_reconcile_loop, name="vidq-reconcile", daemon=True).start()
 
@@ -142,7 +192,7 @@ def classify(self: Any, job_id: Any = None, transient: int = 0) -> str:
         raise Reject("malformed vidq message", requeue=False)
     state = load_process_state()
     try:
-        outcome = execute_job(job_id, classifier=state.classifier, settings=settings,
+        outcome = execute_job(job_id, pipeline=state.pipeline, settings=settings,
                               store=state.store)
     except TransientError as exc:
         if transient >= settings.max_retries:
@@ -164,6 +214,38 @@ def classify(self: Any, job_id: Any = None, transient: int = 0) -> str:
         # child's job whose heartbeat has not gone stale yet): look again later.
         raise self.retry(kwargs={"job_id": job_id, "transient": transient}, args=(),
                          countdown=settings.stale_after_s, max_retries=None)
-    log.info("job %s %s %s", job_id, outcome.status, outcome.detail)
+    if outcome.status in ("succeeded", "failed", "skipped"):
+        notify_soon(settings, outcome.fields.get("batch_id"))  # the batch may be complete
+    log.info("job %s %s %s", job_id, outcome.status, outcome.detail,
+             extra={"vidq": {"job_id": job_id, "status": outcome.status, **outcome.fields,
+                             "task_id": self.request.id, "transient_retries": transient}})
+    _recycle_if_over_memory()
     return outcome.status
+
+
+_recycling = threading.Event()
+
+
+def _recycle_if_over_memory() -> None:
+    """``VIDQ_WORKER_MAX_MEMORY_MB`` for pools without children (prefork has Celery's own
+    ``worker_max_memory_per_child``): a warm shutdown, after which the supervisor
+    starts a fresh process."""
+    limit = settings.worker_max_memory_mb
+    if not limit or _recycling.is_set() or current_process().name != "MainProcess":
+        return
+    rss = resident_mb()
+    if rss is not None and rss > limit:
+        _recycling.set()
+        log.warning("worker process %s uses %.0f MiB > VIDQ_WORKER_MAX_MEMORY_MB=%d: "
+                    "finishing its jobs, then restarting", os.getpid(), rss, limit)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def resident_mb() -> float | None:
+    try:
+        with open("/proc/self/statm") as fh:
+            pages = int(fh.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 

@@ -51,7 +51,13 @@ def uniform_crop(x: torch.Tensor, size: int, spatial_idx: int) -> torch.Tensor:
 
 def clip_views(frames: np.ndarray, preset: ModelPreset, *, crops: int = 1) -> torch.Tensor:
     """uint8 (T, H, W, 3) frames -> normalized float views (crops, 3, T, S, S)."""
-    x = torch.from_numpy(frames).permute(3, 0, 1, 2).to(torch.float32)  # C, T, H, W
+    return frames_to_views(torch.from_numpy(frames), preset, crops=crops)
+
+
+def frames_to_views(frames: torch.Tensor, preset: ModelPreset, *, crops: int = 1) -> torch.Tensor:
+    """The same on a uint8 (T, H, W, 3) tensor on any device: on CUDA the decoders hand
+    over uint8 frames and this runs on the GPU, so the CPU only decodes."""
+    x = frames.permute(3, 0, 1, 2).to(torch.float32)  # C, T, H, W
     x = short_side_scale(x, preset.side_size)
     if crops == 1:
         views = torch.stack([center_crop(x, preset.crop_size)])
@@ -59,7 +65,6 @@ def clip_views(frames: np.ndarray, preset: ModelPreset, *, crops: int = 1) -> to
         views = torch.stack([uniform_crop(x, preset.crop_size, i) for i in range(3)])
     # (v / 255 - mean) / std as one in-place pass over a contiguous tensor: an
     # elementwise op on the strided crop view costs more than the resize.
-    mean = torch.tensor(preset.mean, dtype=torch.float32).view(1, 3, 1, 1, 1)
-    std = torch.tensor(preset.std, dtype=torch.float32).view(1, 3, 1, 1, 1)
+    mean = torch.tensor(preset.mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1, 1)
+    std = torch.tensor(preset.std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1, 1)
     return views.sub_(mean * 255.0).div_(std * 255.0)
-

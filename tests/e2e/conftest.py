@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -17,7 +18,8 @@ import redis
 from sqlalchemy import create_engine, text
 
 from tests.media import make_video
-from vidq.db import Base, dispose_engines
+from vidq.db import dispose_engines, make_engine
+from vidq.migrate import upgrade
 
 REDIS_URL = os.environ.get("VIDQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 PG_ADMIN_URL = os.environ.get(
@@ -34,9 +36,10 @@ def redis_url() -> Iterator[str]:
     client.flushdb()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
+@contextlib.contextmanager
+def new_database(kind: str, tmp_path: Path) -> Iterator[str]:
+    """A new, empty database: a SQLite file, or a fresh PostgreSQL database."""
+    if kind == "sqlite":
         yield f"sqlite:///{tmp_path / 'vidq.db'}"
         dispose_engines()
         return
@@ -44,12 +47,32 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    yield url
-    dispose_engines()
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    try:
+        yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        dispose_engines()
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def empty_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    with new_database(request.param, tmp_path) as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A database at this vidq's schema, as an operator leaves it after `vidq db upgrade`
+    (SQLite would also migrate itself on first use)."""
+    with new_database(request.param, tmp_path) as url:
+        engine = make_engine(url)
+        try:
+            upgrade(engine)
+        finally:
+            engine.dispose()
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from tests.e2e.conftest import database_url, redis_url  # noqa: F401  (fixtures)
+from tests.e2e.conftest import database_url, empty_database_url, redis_url  # noqa: F401
 from tests.faults.harness import FaultCluster, PostgresServer, RedisServer
 from tests.media import make_video
 from vidq.db import dispose_engines

@@ -1,0 +1,253 @@
+"""Can one worker process feed an accelerator? The real worker pipeline, measured.
+
+Everything is real except, by default, the model: real Redis, a real SQLite
+database, ``vidq submit`` publishing, a Celery worker consuming with the threads
+pool (as ``vidq worker`` runs it), real claims, heartbeats and one-transaction
+commits, real PyAV decoding and the seed's transforms (slow_r50's input: 64-frame
+windows, short side 256, crop 256). The model is a SIMULATED ACCELERATOR: each
+batch sleeps ``--batch-ms`` and uses no CPU, as a GPU would leave the CPU free.
+
+For each corpus (one-clip videos; long 640x360 videos cut into sliding windows)
+and each number of decoders D, it prints clips/s through the pipeline against the
+bare decode-and-transform rate of D parallel decoders on the same files, measured
+in the same run, plus the batch fill and the wait for a fuller batch.
+
+    python benchmarks/feed_rate.py                      # simulated accelerator
+    python benchmarks/feed_rate.py --real x3d_xs        # a real model on this CPU:
+                                                        # new defaults vs inflight 1 / 1 decoder
+    python benchmarks/feed_rate.py --real slow_r50 --long 3 --short 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from benchmarks.corpus import make_video  # noqa: E402
+from vidq.sampling import Sampling, plan_windows  # noqa: E402
+from vidq.settings import Settings  # noqa: E402
+from worker.inference import Classifier  # noqa: E402
+from worker.video import VideoReader  # noqa: E402
+
+REDIS_URL = os.environ.get("VIDQ_BENCH_REDIS_URL", "redis://127.0.0.1:6379/9")
+SHORT = Sampling(strategy="single")
+LONG = Sampling(strategy="sliding")
+
+
+class SimulatedAccelerator(Classifier):
+    """slow_r50's input pipeline; the forward pass is a sleep of ``batch_s`` per batch."""
+
+    def __init__(self, *, batch_s: float, batch_size: int, decode_workers: int,
+                 inflight: int) -> None:
+        super().__init__(model="slow_r50", weights="random", device="cpu", precision="fp32",
+                         batch_size=batch_size, decode_workers=decode_workers,
+                         inflight=inflight)
+        self.batch_s = batch_s
+
+    def predict(self, prepared: list[torch.Tensor], *, crops: list[int]) -> torch.Tensor:
+        time.sleep(self.batch_s)
+        return torch.full((sum(crops), len(self.labels)), 1.0 / len(self.labels))
+
+
+def bare_decode_rate(classifier: Classifier, videos: list[Path], sampling: Sampling,
+                     decoders: int) -> float:
+    """Windows/s of ``decoders`` threads that only decode and transform (no queue, no DB)."""
+    todo = list(videos)
+    lock = threading.Lock()
+    done = [0]
+
+    def run() -> None:
+        torch.set_num_threads(1)
+        while True:
+            with lock:
+                if not todo:
+                    return
+                path = todo.pop()
+            with VideoReader(path, limits=classifier.limits) as reader:
+                windows = plan_windows(sampling, reader.info.duration_s,
+                                       classifier.preset.clip_duration)
+                for clip in reader.clips(windows, num_frames=classifier.preset.num_frames):
+                    classifier.prepare(clip.frames, crops=sampling.crops)
+                    with lock:
+                        done[0] += 1
+
+    t = time.perf_counter()
+    threads = [threading.Thread(target=run) for _ in range(decoders)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return done[0] / (time.perf_counter() - t)
+
+
+def worker_rate(classifier: Classifier, videos: list[Path], sampling: Sampling,
+                workdir: Path, tag: str) -> tuple[float, dict[str, float]]:
+    """Clips/s through submit -> Redis -> Celery (threads pool) -> pipeline -> SQLite."""
+    import redis
+    from celery.contrib.testing.worker import start_worker
+
+    import worker.tasks as tasks
+    from producer.submit import JobRequest, submit
+    from vidq.db import dispose_engines, sessions
+    from worker.jobs import JobStore
+
+    db = workdir / f"{tag}.db"
+    settings = Settings.from_env(broker_url=REDIS_URL, database_url=f"sqlite:///{db}",
+                                 model=classifier.preset.name, weights="random",
+                                 heartbeat_s=5, reconcile_every_s=0)
+    redis.Redis.from_url(REDIS_URL).flushdb()
+    tasks.settings = settings
+    tasks.app = tasks.make_celery(settings)
+    tasks.app.tasks.register(tasks.classify)  # the same task, on the app of these settings
+    pipeline = classifier.pipeline()
+    tasks._state = tasks._ProcessState(pipeline, JobStore.from_settings(settings))
+    request = JobRequest(model=classifier.preset.name, weights="random",
+                         strategy=sampling.strategy, clips=sampling.clips, crops=sampling.crops)
+    try:
+        with start_worker(tasks.app, pool="threads", concurrency=classifier.inflight,
+                          perform_ping_check=False, loglevel="WARNING", shutdown_timeout=60):
+            t = time.perf_counter()
+            report = submit([str(v) for v in videos], settings=settings, request=request,
+                            batch=tag, force=True, publish=True)
+            make = sessions(settings.database_url)
+            while True:
+                with make() as s:
+                    left = s.execute(tasks_sql_active()).scalar_one()
+                if left == 0:
+                    break
+                time.sleep(0.05)
+            elapsed = time.perf_counter() - t
+        with make() as s:
+            clips, failed = s.execute(tasks_sql_clips()).one()
+        assert failed == 0, f"{failed} jobs failed"
+        assert len(report.job_ids) == len(videos)
+        return clips / elapsed, pipeline.stats.summary(pipeline.batch_size)
+    finally:
+        pipeline.close()
+        tasks._state = None
+        dispose_engines()
+
+
+def tasks_sql_active() -> Any:
+    from sqlalchemy import func, select
+
+    from vidq.db import Job
+    return select(func.count()).select_from(Job).where(Job.status.in_(("queued", "running")))
+
+
+def tasks_sql_clips() -> Any:
+    from sqlalchemy import case, func, select
+
+    from vidq.db import Job
+    return select(func.coalesce(func.sum(Job.clips_done), 0),
+                  func.sum(case((Job.status == "failed", 1), else_=0)))
+
+
+def corpus(root: Path, *, short: int, long: int, long_s: float) -> dict[str, list[Path]]:
+    root.mkdir(parents=True, exist_ok=True)
+    out: dict[str, list[Path]] = {"one-clip": [], "long": []}
+    for i in range(short):  # 64 frames at 30 fps: exactly one slow_r50 window
+        out["one-clip"].append(make_video(root / f"short_{i:03d}.mp4", frames=70, seed=i))
+    for i in range(long):
+        out["long"].append(make_video(root / f"long_{i:03d}.mp4", frames=int(30 * long_s),
+                                      seed=1000 + i))
+    return {k: v for k, v in out.items() if v}
+
+
+def simulated(args: argparse.Namespace, videos: dict[str, list[Path]], work: Path) -> None:
+    print(f"SIMULATED ACCELERATOR: {args.batch_ms:.0f} ms per batch of {args.batch_size} "
+          "views, no CPU; everything else is the real worker pipeline.")
+    print(f"{'corpus':9} {'D':>2} {'round':>5} {'bare decode':>12} {'pipeline':>9} "
+          f"{'of bare':>8} {'fill':>5} {'fill*':>6} {'wait ms':>8}")
+    results: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    for rnd in range(args.rounds):
+        for name, files in videos.items():
+            sampling = SHORT if name == "one-clip" else LONG
+            for decoders in args.decoders:
+                clf = SimulatedAccelerator(batch_s=args.batch_ms / 1000,
+                                           batch_size=args.batch_size,
+                                           decode_workers=decoders, inflight=args.inflight)
+                bare = bare_decode_rate(clf, files, sampling, decoders)
+                rate, stats = worker_rate(clf, files, sampling, work,
+                                          f"sim-{name}-{decoders}-{rnd}")
+                results.setdefault((name, decoders), []).append((rate, bare))
+                print(f"{name:9} {decoders:>2} {rnd:>5} {bare:9.1f}/s {rate:7.1f}/s "
+                      f"{rate / bare:7.0%} {stats['mean_fill']:5.0%} "
+                      f"{stats['backlogged_fill']:6.0%} {stats['mean_wait_ms']:8.1f}",
+                      flush=True)
+    print("\nmedians over rounds (fill* = batch fill when a full batch was waiting)")
+    for (name, decoders), rows in results.items():
+        rate = statistics.median(r for r, _ in rows)
+        bare = statistics.median(b for _, b in rows)
+        line = f"{name:9} D={decoders}: pipeline {rate:.1f} clips/s = {rate / bare:.0%} of bare"
+        if decoders != args.decoders[0] and (name, args.decoders[0]) in results:
+            base = statistics.median(r for r, _ in results[(name, args.decoders[0])])
+            line += f"; {rate / base:.2f}x of D={args.decoders[0]}"
+        print(line)
+
+
+def real(args: argparse.Namespace, videos: dict[str, list[Path]], work: Path) -> None:
+    settings = Settings.from_env()
+    print(f"real model {args.real} on CPU ({settings.precision}, random weights): "
+          "new defaults against VIDQ_INFLIGHT=1 VIDQ_DECODE_WORKERS=1, alternating rounds")
+    configs = {
+        "inflight 1, 1 decoder": dict(inflight=1, decode_workers=1),
+        "new defaults": dict(inflight=0, decode_workers=0),
+    }
+    rates: dict[str, list[float]] = {k: [] for k in configs}
+    for rnd in range(args.rounds):
+        for label, cfg in configs.items():
+            for name, files in videos.items():
+                sampling = SHORT if name == "one-clip" else LONG
+                clf = Classifier(model=args.real, weights="random", device="cpu",
+                                 precision=settings.precision, **cfg)
+                rate, stats = worker_rate(clf, files, sampling, work, f"real-{rnd}-{name}")
+                rates[label].append(rate)
+                print(f"round {rnd} {label:22} {name:9} {rate:6.2f} clips/s "
+                      f"(inflight {clf.inflight}, {clf.decode_workers} decoders, "
+                      f"fill {stats['mean_fill']:.0%})", flush=True)
+    old, new = statistics.median(rates["inflight 1, 1 decoder"]), statistics.median(
+        rates["new defaults"])
+    print(f"\nmedian: new defaults {new:.2f} clips/s vs inflight 1 / 1 decoder {old:.2f}: "
+          f"{new / old:.0%}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--short", type=int, default=48, help="one-clip videos")
+    ap.add_argument("--long", type=int, default=4, help="long videos")
+    ap.add_argument("--long-seconds", type=float, default=20.0)
+    ap.add_argument("--decoders", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-ms", type=float, default=20.0,
+                    help="simulated accelerator time per batch")
+    ap.add_argument("--inflight", type=int, default=0, help="0 = the default rule")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--real", default=None, help="a real model preset instead of the simulation")
+    ap.add_argument("--corpus", type=Path, default=None)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        videos = corpus(args.corpus or work / "media", short=args.short, long=args.long,
+                        long_s=args.long_seconds)
+        print(f"cores: {len(os.sched_getaffinity(0))}; corpus: "
+              + ", ".join(f"{len(v)} {k} (640x360 H.264)" for k, v in videos.items()))
+        if args.real:
+            real(args, videos, work)
+        else:
+            simulated(args, videos, work)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""Many jobs in flight in one worker process (VIDQ_INFLIGHT): each keeps its own claim,
+heartbeat and one-transaction commit; a bad video fails alone; a SIGKILL or a SIGTERM
+of the process leaves every job finished exactly once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from tests.faults.conftest import LONG_JOB, FaultMedia
+from tests.faults.harness import FaultCluster, children_of
+
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
+INFLIGHT = 4
+
+
+def watch_concurrency(cluster: FaultCluster, stop: threading.Event, seen: list[set[str]]) -> None:
+    """Record which jobs run at the same time, and on which process."""
+    while not stop.is_set():
+        rows = cluster.sql("select id, worker_host from jobs where status = 'running'")
+        seen.append({f"{job_id}@{host}" for job_id, host in rows})
+        time.sleep(0.05)
+
+
+def test_jobs_in_flight_in_one_process_with_a_bad_video_among_them(
+    cluster: FaultCluster, media: FaultMedia, tmp_path: os.PathLike[str]
+) -> None:
+    bad = media.root / "inflight-bad.mp4"
+    bad.write_bytes(media.good[0].read_bytes()[:4096])  # cut short: the index is lost
+    cluster.start_worker("--concurrency", "1", "--inflight", str(INFLIGHT))
+    stop, seen = threading.Event(), []
+    watcher = threading.Thread(target=watch_concurrency, args=(cluster, stop, seen))
+    watcher.start()
+    try:
+        cluster.vidq("submit", str(media.long), *LONG_JOB, "--batch", "long")
+        cluster.vidq("submit", *map(str, media.good[1:4]), str(bad), "--batch", "mixed",
+                     "--strategy", "uniform", "--clips", "3")
+        cluster.wait_done(5)
+    finally:
+        stop.set()
+        watcher.join()
+    jobs = {j["path"]: j for j in cluster.jobs()}
+    assert jobs[str(bad)]["status"] == "failed" and jobs[str(bad)]["attempts"] == 1
+    assert jobs[str(bad)]["error_kind"] == "not_a_video"
+    for path in [media.long, *media.good[1:4]]:
+        job = cluster.assert_succeeded_once(jobs[str(path)]["id"])
+        assert job["attempts"] == 1
+    # Several jobs were running at once, all in the one worker process.
+    busiest = max(seen, key=len)
+    assert len(busiest) >= 2, seen[-20:]
+    assert len({entry.split("@", 1)[1] for entry in busiest}) == 1
+
+
+def test_sigkill_of_a_process_holding_several_jobs_finishes_each_once(
+    cluster: FaultCluster, media: FaultMedia
+) -> None:
+    worker = cluster.start_worker("--concurrency", "1", "--inflight", str(INFLIGHT),
+                                  VIDQ_RECONCILE_EVERY_S="2")
+    cluster.vidq("submit", str(media.long), *LONG_JOB, "--batch", "kill")
+    cluster.vidq("submit", *map(str, media.good[:3]), "--batch", "kill-short",
+                 "--strategy", "sliding", "--stride", "0.2")
+    cluster.wait_for(
+        lambda: cluster.sql("select count(*) from jobs where status = 'running'")[0][0] >= 2,
+        what="two jobs in flight at once")
+    (process,) = children_of(worker.pid)
+    running = {job_id for (job_id,) in cluster.sql("select id from jobs where status = 'running'")}
+    os.kill(process, signal.SIGKILL)  # the worker process: every job in flight dies with it
+
+    # The supervisor starts a new process; its periodic reconcile re-enqueues the jobs
+    # whose heartbeat went stale (Redis would hold their messages back for hours).
+    cluster.wait_done(4, timeout=240)
+    assert worker.poll() is None, "the supervisor outlives its worker process"
+    for job in cluster.jobs():
+        cluster.assert_succeeded_once(job["id"])
+        assert job["attempts"] == (2 if job["id"] in running else 1), job
+        assert int(job["worker_host"].rsplit(":", 1)[1]) != process
+    duplicates = cluster.sql(
+        "select job_id, clip_index, rank, count(*) from clip_predictions "
+        "group by job_id, clip_index, rank having count(*) > 1")
+    assert duplicates == []
+
+
+def test_sigterm_finishes_every_job_in_flight(cluster: FaultCluster, media: FaultMedia) -> None:
+    worker = cluster.start_worker("--concurrency", "1", "--inflight", "3")
+    cluster.vidq("submit", str(media.long), *LONG_JOB, "--batch", "term")
+    cluster.vidq("submit", *map(str, media.good[:2]), "--batch", "term-short",
+                 "--strategy", "sliding", "--stride", "0.3")
+    cluster.vidq("submit", *map(str, media.good[2:5]), "--batch", "term-queued")
+    cluster.wait_for(
+        lambda: cluster.sql("select count(*) from jobs where status = 'running'")[0][0] >= 2,
+        what="jobs in flight")
+    in_flight = {j for (j,) in cluster.sql("select id from jobs where status = 'running'")}
+    os.kill(worker.pid, signal.SIGTERM)  # the supervisor: a warm shutdown of its process
+
+    assert worker.wait(timeout=180) == 0
+    assert "Warm shutdown" in cluster.log_text(worker)
+    rows = {j["id"]: j for j in cluster.jobs()}
+    for job_id in in_flight:
+        assert rows[job_id]["status"] == "succeeded", rows[job_id]
+        cluster.assert_succeeded_once(job_id)
+    assert all(j["status"] in ("succeeded", "queued") for j in rows.values()), rows
+    assert all(j["attempts"] <= 1 for j in rows.values()), rows

@@ -1,0 +1,201 @@
+"""How a job's attempts end, on real SQLite and PostgreSQL: ``execute_job`` with a
+stand-in for the pipeline (the model is not what these tests are about).
+
+- every attempt counts, however it ends; after VIDQ_MAX_ATTEMPTS the job is failed
+  with what happened to the last one (``exception``, ``crashed``);
+- a time limit fails the job at once with ``timeout``;
+- a cancelled running job is given up at its next clip and gets no result rows;
+- a finished result survives a failing commit and is written once the database
+  answers again.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from producer.submit import JobRequest, submit
+from tests.e2e.conftest import database_url  # noqa: F401  (fixture)
+from tests.media import make_video
+from vidq.errors import TransientError, VidqError
+from vidq.sampling import Sampling
+from vidq.settings import Settings
+from worker.jobs import JobStore, Outcome, execute_job
+from worker.models import get_preset
+
+
+class StandIn:
+    """The pipeline's interface; ``run`` decides what a submitted video does."""
+
+    def __init__(self, run: Callable[[Callable[[], VidqError | None]], Any]) -> None:
+        self.classifier = type("C", (), {"preset": get_preset("x3d_xs")})()
+        self._run = run
+        self.submitted = 0
+
+    def submit(self, path: str, sampling: Sampling, *,
+               should_stop: Callable[[], VidqError | None] = lambda: None) -> Future[Any]:
+        self.submitted += 1
+        future: Future[Any] = Future()
+
+        def work() -> None:
+            try:
+                future.set_result(self._run(should_stop))
+            except BaseException as exc:  # noqa: BLE001
+                future.set_exception(exc)
+
+        threading.Thread(target=work, daemon=True).start()
+        return future
+
+
+@pytest.fixture
+def job(database_url: str, tmp_path: Path) -> tuple[Settings, int]:  # noqa: F811
+    video = tmp_path / "v.mp4"
+    make_video(video, seconds=1)
+    settings = Settings.from_env({}, database_url=database_url, model="x3d_xs",
+                                 weights="random", heartbeat_s=1, max_attempts=3)
+    report = submit([str(video)], settings=settings, request=JobRequest(model="x3d_xs",
+                    weights="random"), batch="b", force=False, publish=False)
+    return settings, report.job_ids[0]
+
+
+def row(settings: Settings, job_id: int) -> dict[str, Any]:
+    engine = create_engine(settings.database_url)
+    try:
+        with engine.connect() as conn:
+            r = conn.execute(text("select status, attempts, error_kind, error_message "
+                                  "from jobs where id = :id"), {"id": job_id}).one()
+            n_rows = conn.execute(text("select count(*) from clip_predictions where job_id = :id"),
+                                  {"id": job_id}).scalar_one()
+    finally:
+        engine.dispose()
+    return {"status": r[0], "attempts": r[1], "error_kind": r[2], "error_message": r[3],
+            "clip_rows": n_rows}
+
+
+def test_unexpected_errors_count_as_attempts_then_fail_the_job(
+    job: tuple[Settings, int]
+) -> None:
+    settings, job_id = job
+    store = JobStore.from_settings(settings)
+
+    def boom(_stop: Any) -> None:
+        raise RuntimeError("decoder library said boom")
+
+    pipeline = StandIn(boom)
+    for attempt in (1, 2, 3):
+        with pytest.raises(TransientError) as caught:
+            execute_job(job_id, pipeline=pipeline, settings=settings, store=store)  # type: ignore[arg-type]
+        assert caught.value.kind == "exception"
+        r = row(settings, job_id)
+        assert (r["status"], r["attempts"], r["error_kind"]) == ("queued", attempt, "exception")
+    outcome = execute_job(job_id, pipeline=pipeline, settings=settings, store=store)  # type: ignore[arg-type]
+    assert outcome == Outcome(job_id, "failed", "attempts exhausted")
+    r = row(settings, job_id)
+    assert (r["status"], r["attempts"], r["error_kind"]) == ("failed", 3, "exception")
+    assert "gave up after 3 attempts" in r["error_message"]
+    assert "RuntimeError: decoder library said boom" in r["error_message"]
+    assert pipeline.submitted == 3  # the fourth delivery never reached the pipeline
+
+
+def test_an_attempt_whose_worker_died_is_recorded_as_crashed(job: tuple[Settings, int]) -> None:
+    settings, job_id = job
+    dead = JobStore(settings.database_url, stale_after_s=0.5, max_attempts=2)
+    for _ in range(2):  # claimed by a worker that then vanished (no heartbeat, no release)
+        assert not isinstance(dead.claim(job_id, "t", "gone-host:1"), Outcome)
+        time.sleep(0.7)
+    outcome = execute_job(job_id, pipeline=StandIn(lambda _s: None), settings=settings,  # type: ignore[arg-type]
+                          store=dead)
+    assert outcome.status == "failed"
+    r = row(settings, job_id)
+    assert (r["status"], r["attempts"], r["error_kind"]) == ("failed", 2, "crashed")
+    assert "stopped (killed, out of memory or crashed) on gone-host:1" in r["error_message"]
+
+
+def test_a_time_limit_fails_the_job_at_once(job: tuple[Settings, int]) -> None:
+    settings, job_id = job
+    settings = settings.replace(task_time_limit_s=61)  # 1 s once the 60 s margin is taken
+
+    def slow(should_stop: Callable[[], VidqError | None]) -> None:
+        while should_stop() is None:  # a long video: the limit ends it between clips
+            time.sleep(0.05)
+        raise should_stop()  # type: ignore[misc]
+
+    t = time.monotonic()
+    outcome = execute_job(job_id, pipeline=StandIn(slow), settings=settings,  # type: ignore[arg-type]
+                          store=JobStore.from_settings(settings))
+    assert outcome.status == "failed" and time.monotonic() - t < 10
+    r = row(settings, job_id)
+    assert (r["status"], r["attempts"], r["error_kind"]) == ("failed", 1, "timeout")
+    assert "VIDQ_TASK_TIME_LIMIT_S" in r["error_message"]
+
+
+def test_cancelling_a_running_job_gives_it_up_without_results(job: tuple[Settings, int]) -> None:
+    from producer.query import cancel
+    from vidq.db import sessions
+
+    settings, job_id = job
+    started = threading.Event()
+
+    def long_video(should_stop: Callable[[], VidqError | None]) -> None:
+        started.set()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            stop = should_stop()
+            if stop is not None:
+                raise stop
+            time.sleep(0.05)
+        raise AssertionError("the cancel was never noticed")
+
+    result: list[Outcome] = []
+    runner = threading.Thread(target=lambda: result.append(execute_job(
+        job_id, pipeline=StandIn(long_video), settings=settings,  # type: ignore[arg-type]
+        store=JobStore.from_settings(settings))))
+    runner.start()
+    assert started.wait(30)
+    with sessions(settings.database_url)() as session, session.begin():
+        assert cancel(session, batch="b") == 1
+    runner.join(timeout=30)
+    assert result and result[0].status == "skipped", result
+    assert "cancelled" in result[0].detail
+    r = row(settings, job_id)
+    assert (r["status"], r["clip_rows"]) == ("cancelled", 0)
+
+
+def test_a_finished_result_survives_a_failing_commit(
+    job: tuple[Settings, int], tmp_path: Path
+) -> None:
+    from worker.inference import Classifier
+
+    settings, job_id = job
+    classifier = Classifier(model="x3d_xs", weights="random", device="cpu", precision="fp32")
+    video = str(tmp_path / "v.mp4")
+    result = classifier.classify(video, Sampling())
+
+    class FlakyStore(JobStore):
+        failures = 2
+
+        def succeed(self, job_id: int, token: str, result: object) -> bool:
+            if self.failures:
+                self.failures -= 1
+                raise TransientError("database unavailable (connection refused)")
+            return super().succeed(job_id, token, result)
+
+    store = FlakyStore(settings.database_url, stale_after_s=settings.stale_after_s)
+    import worker.jobs as jobs
+
+    real_backoff = jobs.backoff_s
+    jobs.backoff_s = lambda attempt: 0.1  # type: ignore[assignment]
+    try:
+        outcome = execute_job(job_id, pipeline=StandIn(lambda _s: result), settings=settings,  # type: ignore[arg-type]
+                              store=store)
+    finally:
+        jobs.backoff_s = real_backoff
+    assert outcome.status == "succeeded" and store.failures == 0
+    r = row(settings, job_id)
+    assert (r["status"], r["attempts"], r["clip_rows"]) == ("succeeded", 1, 5)

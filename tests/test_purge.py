@@ -1,0 +1,89 @@
+"""`vidq purge` on real SQLite and PostgreSQL: finished jobs go with their rows, in
+chunks; active jobs stay; --dry-run changes nothing; emptied batches go too."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import subprocess
+import sys
+
+from sqlalchemy import create_engine, text
+
+from tests.e2e.conftest import database_url  # noqa: F401  (fixture)
+
+
+def fill(url: str) -> None:
+    engine = create_engine(url)
+    old = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=40)
+    new = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=1)
+    with engine.begin() as conn:
+        for bid, name in ((1, "old"), (2, "new")):
+            conn.execute(text("insert into batches (id, name, created_at, notify_attempts) "
+                              "values (:i, :n, :t, 0)"),
+                         {"i": bid, "n": name, "t": old if bid == 1 else new})
+        jid = 0
+        for bid, finished, statuses in ((1, old, ["succeeded"] * 5 + ["failed", "running"]),
+                                        (2, new, ["succeeded"] * 3 + ["queued"])):
+            for status in statuses:
+                jid += 1
+                conn.execute(text(
+                    "insert into jobs (id, batch_id, path, content_sha256, size_bytes, status, "
+                    "priority, attempts, submitted_at, finished_at, model, weights, strategy, "
+                    "clips_requested, start_sec, crops, config_key) values (:id, :b, :p, :h, 1, "
+                    ":s, 5, 1, :t, :f, 'x3d_xs', 'random', 'single', 1, 0, 1, 'k')"),
+                    {"id": jid, "b": bid, "p": f"/v{jid}.mp4", "h": f"{jid:064x}", "s": status,
+                     "t": finished - dt.timedelta(hours=1), "f": finished if status in ("succeeded", "failed") else None})
+                if status == "succeeded":
+                    for rank in range(1, 6):
+                        conn.execute(text("insert into video_labels values (:j, :r, 1, 'a', .5)"),
+                                     {"j": jid, "r": rank})
+                        for clip in range(2):
+                            conn.execute(text("insert into clip_predictions values "
+                                              "(:j, :c, :r, 0, 1, 1, 'a', .5)"),
+                                         {"j": jid, "c": clip, "r": rank})
+    engine.dispose()
+
+
+def vidq(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "vidq.cli", *args], capture_output=True,
+                          text=True, env={**os.environ, "VIDQ_DATABASE_URL": url}, timeout=120)
+
+
+def counts(url: str) -> tuple[int, int, int, int]:
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        out = tuple(conn.execute(text(f"select count(*) from {t}")).scalar_one()
+                    for t in ("jobs", "clip_predictions", "video_labels", "batches"))
+    engine.dispose()
+    return out  # type: ignore[return-value]
+
+
+def test_purge_older_than_keeps_active_and_recent_jobs(database_url: str) -> None:  # noqa: F811
+    fill(database_url)
+    before = counts(database_url)
+    dry = vidq(database_url, "purge", "--older-than", "30", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "would delete 6 jobs, 50 clip rows, 25 label rows and 0 empty batches" in dry.stdout
+    assert counts(database_url) == before
+    done = vidq(database_url, "purge", "--older-than", "30", "--chunk", "2")
+    assert done.returncode == 0, done.stderr
+    assert "deleted 6 jobs, 50 clip rows, 25 label rows" in done.stdout
+    assert "kept 1 queued or running jobs" in done.stderr
+    assert counts(database_url) == (before[0] - 6, before[1] - 50, before[2] - 25, 2)
+
+
+def test_purge_a_batch_removes_it_once_empty(database_url: str) -> None:  # noqa: F811
+    fill(database_url)
+    out = vidq(database_url, "purge", "--batch", "new")
+    assert "deleted 3 jobs" in out.stdout and "kept 1 queued" in out.stderr
+    assert counts(database_url)[3] == 2  # the queued job keeps its batch
+    engine = create_engine(database_url)
+    with engine.begin() as conn:
+        conn.execute(text("update jobs set status = 'cancelled' where status = 'queued'"))
+    engine.dispose()
+    out = vidq(database_url, "purge", "--batch", "new")
+    assert "deleted 1 jobs" in out.stdout and "1 empty batches (new)" in out.stdout
+    assert counts(database_url)[3] == 1
+    missing = vidq(database_url, "purge", "--batch", "nope")
+    assert missing.returncode == 2 and "no batch named 'nope'" in missing.stderr

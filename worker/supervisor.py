@@ -1,0 +1,171 @@
+"""``vidq worker``: one Celery worker process per GPU (or one on a CPU host), supervised.
+
+Why this shape: a worker process must hold many jobs at once (``VIDQ_INFLIGHT``) and
+decode several videos in parallel, around one model. Celery's prefork children run
+one task each and, being daemonic, cannot start processes of their own. So each
+device gets its own Celery worker with the *threads* pool, sized to the jobs in
+flight: every task thread claims its job and waits on the process's pipeline
+(worker/pipeline.py), where decoder threads and one model loop do the work. With
+``worker_prefetch_multiplier = 1`` such a process reserves exactly as many messages
+as it has jobs in flight, so no message waits in a busy process while another is
+idle.
+
+This parent imports no torch and never touches CUDA: it counts GPUs with
+``nvidia-smi``, starts ``celery -A worker.tasks worker --pool threads`` once per GPU
+with ``VIDQ_DEVICE=cuda:N``, forwards SIGTERM/SIGINT as Celery's warm shutdown, and
+restarts a process that dies (a crash, an out-of-memory kill, or a deliberate exit
+above ``VIDQ_WORKER_MAX_MEMORY_MB``), as prefork's parent would restart a child.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+from vidq.settings import Settings
+
+log = logging.getLogger("vidq.supervisor")
+CONFIG_EXIT = 2
+"""A worker process that exits with this gave up on its settings (weights, schema):
+restarting it cannot help, so the supervisor stops too."""
+
+
+def cpu_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def default_decode_workers(processes: int = 1) -> int:
+    """The CPU cores one worker process may use, less one for the model (at least one)."""
+    return max(1, cpu_cores() // max(1, processes) - 1)
+
+
+def default_inflight(decode_workers: int, batch_size: int) -> int:
+    """Every decoder has a next video waiting, and a batch of one-clip videos fits."""
+    return 2 * decode_workers + batch_size
+
+
+def count_gpus(settings: Settings) -> int:
+    """GPUs on this host, without initialising CUDA in this (parent) process."""
+    if settings.device not in ("auto", "cuda") or not shutil.which("nvidia-smi"):
+        return 0
+    listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
+    return listed.stdout.count("GPU ")
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """How this host's worker processes are sized."""
+
+    processes: int
+    gpus: int
+    decode_workers: int
+    inflight: int
+    batch_size: int
+
+    @classmethod
+    def for_host(cls, settings: Settings, *, processes: int | None = None) -> WorkerPlan:
+        gpus = count_gpus(settings)
+        n = processes or settings.worker_concurrency or max(1, gpus)
+        on_gpu = gpus > 0 or settings.device.startswith("cuda")
+        batch = settings.batch_size or (16 if on_gpu else 1)
+        decoders = settings.decode_workers or default_decode_workers(n)
+        inflight = settings.inflight or default_inflight(decoders, batch)
+        return cls(processes=n, gpus=gpus, decode_workers=decoders, inflight=inflight,
+                   batch_size=batch)
+
+    def device_for(self, index: int, settings: Settings) -> str:
+        if self.gpus and settings.device in ("auto", "cuda"):
+            return f"cuda:{index % self.gpus}"
+        return settings.device
+
+
+def run_workers(settings: Settings, plan: WorkerPlan, *, queues: str, loglevel: str) -> int:
+    """Start, supervise and stop the worker processes; returns the exit status."""
+    stopping = False
+    children: dict[int, tuple[subprocess.Popen[bytes], float]] = {}
+    metrics_env: dict[str, str] = {}
+    if settings.metrics_port:
+        metrics_env["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="vidq-metrics-")
+        os.environ.update(metrics_env)  # before prometheus_client reads it
+        from vidq import metrics
+
+        def healthy() -> tuple[bool, str]:
+            alive = sum(1 for proc, _ in children.values() if proc.poll() is None)
+            loaded = metrics.models_loaded()
+            ok = not stopping and alive == plan.processes and loaded >= plan.processes
+            return ok, (f"{'ok' if ok else 'unhealthy'}: {alive}/{plan.processes} worker "
+                        f"processes alive, {loaded} with a model loaded")
+
+        metrics.serve(settings.metrics_port, healthy=healthy)
+
+    def spawn(index: int) -> None:
+        env = {
+            **os.environ,
+            "VIDQ_DEVICE": plan.device_for(index, settings),
+            "VIDQ_WORKER_PROCESSES": str(plan.processes),
+            "VIDQ_DECODE_WORKERS": str(plan.decode_workers),
+            "VIDQ_INFLIGHT": str(plan.inflight),
+            "VIDQ_BATCH_SIZE": str(plan.batch_size),
+            **metrics_env,
+        }
+        cmd = [
+            sys.executable, "-m", "celery", "-A", "worker.tasks", "worker",
+            "--pool=threads", f"--concurrency={plan.inflight}", f"--queues={queues}",
+            f"--loglevel={loglevel}", f"--hostname=vidq-{os.getpid()}-{index}@%h",
+            "--without-mingle",
+        ]
+        children[index] = (subprocess.Popen(cmd, env=env), time.monotonic())
+
+    def stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for proc, _ in children.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)  # Celery's warm shutdown
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for i in range(plan.processes):
+        spawn(i)
+    backoff = {i: 1.0 for i in range(plan.processes)}
+    status = 0
+    while children:
+        time.sleep(0.5)
+        for index, (proc, started) in list(children.items()):
+            code = proc.poll()
+            if code is None:
+                continue
+            del children[index]
+            if metrics_env:
+                from vidq import metrics
+
+                metrics.mark_process_dead(proc.pid)
+            if stopping:
+                continue
+            if code == CONFIG_EXIT:
+                print(f"vidq: error: worker process {index} stopped on its settings; "
+                      "stopping the others", file=sys.stderr)
+                status = CONFIG_EXIT
+                stop(signal.SIGTERM, None)
+                continue
+            # Restart; back off if it keeps dying at once (a crash loop).
+            backoff[index] = 1.0 if time.monotonic() - started > 60 else min(
+                30.0, backoff[index] * 2)
+            print(f"vidq: worker process {index} exited with {code}; restarting in "
+                  f"{backoff[index]:.0f}s", file=sys.stderr, flush=True)
+            time.sleep(backoff[index])
+            if not stopping:
+                spawn(index)
+    if metrics_env:
+        shutil.rmtree(metrics_env["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
+    return status
