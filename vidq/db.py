@@ -120,6 +120,9 @@ class Job(Base):
     clips_done: Mapped[int | None] = mapped_column(Integer)
     decode_s: Mapped[float | None] = mapped_column(Float)
     model_s: Mapped[float | None] = mapped_column(Float)
+    decode_ratio: Mapped[float | None] = mapped_column(Float)
+    """Video packets decoded / packets read: the rest were unsampled, unreferenced frames
+    the decoder was spared (VIDQ_SKIP_UNUSED_FRAMES)."""
     # The answer, for quick polling.
     top_class_id: Mapped[int | None] = mapped_column(SmallInteger)
     top_label: Mapped[str | None] = mapped_column(String(128))

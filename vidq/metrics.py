@@ -34,6 +34,8 @@ JOBS = Counter("vidq_jobs", "Jobs ended by this worker, by outcome and error kin
                ["outcome", "error_kind"])
 ATTEMPTS = Counter("vidq_attempts", "Job attempts started (claims).")
 CLIPS = Counter("vidq_clips", "Clips classified in succeeded jobs.")
+PACKETS = Counter("vidq_video_packets", "Video packets of succeeded jobs: decoded, or skipped "
+                  "(unsampled and unreferenced).", ["fate"])
 DECODE_SECONDS = Histogram("vidq_decode_seconds", "Decode and transform time of one video.",
                            buckets=SECONDS)
 MODEL_SECONDS = Histogram("vidq_model_seconds", "Time of one forward pass (a batch).",

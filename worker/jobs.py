@@ -222,6 +222,8 @@ class JobStore:
                     clips_done=len(result.clips),
                     decode_s=result.timing.get("decode_s"),
                     model_s=result.timing.get("model_s"),
+                    decode_ratio=(round(result.decode_stats.decoded / result.decode_stats.packets,
+                                        4) if result.decode_stats.packets else None),
                     top_class_id=top.class_id,
                     top_label=top.label,
                     top_score=top.score,
@@ -368,6 +370,8 @@ def execute_job(
     if committed:
         metrics.JOBS.labels("succeeded", "").inc()
         metrics.CLIPS.inc(len(result.clips))
+        metrics.PACKETS.labels("decoded").inc(result.decode_stats.decoded)
+        metrics.PACKETS.labels("skipped").inc(result.decode_stats.skipped)
         return Outcome(job_id, "succeeded", result.top[0].label,
                        {**fields, "status": "succeeded"})
     return Outcome(job_id, "skipped", "lease lost: another delivery owns this job",

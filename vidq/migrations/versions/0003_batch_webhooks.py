@@ -1,4 +1,5 @@
-"""Batch completion webhooks: where to notify, and the delivery record.
+"""Batch completion webhooks (where to notify, the delivery record); the share of
+packets each job decoded.
 
 Revision ID: 0003
 Revises: 0001
@@ -27,9 +28,13 @@ def upgrade() -> None:
         batch.add_column(sa.Column("notify_claimed_at", TS))
         batch.add_column(sa.Column("notify_sent_at", TS))
         batch.add_column(sa.Column("notify_response", sa.Integer()))
+    with op.batch_alter_table("jobs") as batch:
+        batch.add_column(sa.Column("decode_ratio", sa.Float()))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("jobs") as batch:
+        batch.drop_column("decode_ratio")
     with op.batch_alter_table("batches") as batch:
         for column in ("notify_response", "notify_sent_at", "notify_claimed_at",
                        "notify_attempts", "notify_status", "notify_url"):
