@@ -7,10 +7,12 @@ the configured media roots.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import stat
 from pathlib import Path
+from typing import Iterator
 
 from vidq.errors import InputError
 
@@ -72,3 +74,40 @@ def check_video_path(
             kind="over_limit",
         )
     return resolved
+
+
+@contextlib.contextmanager
+def open_video(
+    raw: str, *, media_roots: tuple[str, ...] = (), max_file_bytes: int = 0
+) -> Iterator[str]:
+    """Check ``raw``, open it once, and yield the name FFmpeg must open: the descriptor's
+    ``/proc/self/fd/N``. The checks are then repeated on what was actually opened, so a
+    path swapped between the check and the open (a symlink, a FIFO, a directory moved
+    outside the media roots) is refused instead of escaping the roots or blocking."""
+    resolved = check_video_path(raw, media_roots=media_roots, max_file_bytes=max_file_bytes)
+    try:
+        fd = os.open(resolved, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise InputError(f"{raw}: refused: changed while opening ({exc.strerror}).",
+                         kind="refused_path") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise InputError(f"{raw}: refused: not a regular file once opened.",
+                             kind="refused_path")
+        if max_file_bytes and st.st_size > max_file_bytes:
+            raise InputError(f"{raw}: {st.st_size} bytes is over the limit "
+                             f"VIDQ_MAX_FILE_BYTES={max_file_bytes}.", kind="over_limit")
+        proc = f"/proc/self/fd/{fd}"
+        if not os.path.exists(proc):  # no procfs: the checked path is the best we have
+            yield str(resolved)
+            return
+        if media_roots:
+            real = Path(os.readlink(proc))
+            roots = [Path(r).expanduser().resolve() for r in media_roots]
+            if not any(real == r or r in real.parents for r in roots):
+                raise InputError(f"{raw}: refused: the file opened is outside "
+                                 "VIDQ_MEDIA_ROOTS.", kind="refused_path")
+        yield proc
+    finally:
+        os.close(fd)

@@ -126,6 +126,8 @@ class Classifier:
         inflight: int = 0,
         batch_wait_ms: float = 5.0,
         skip_unused_frames: bool = True,
+        media_roots: tuple[str, ...] = (),
+        max_file_bytes: int = 0,
     ) -> None:
         self.preset = get_preset(model)
         self.device = resolve_device(device)
@@ -139,6 +141,8 @@ class Classifier:
         self.decode_workers = decode_workers or default_decode_workers()
         self.inflight = inflight or default_inflight(self.decode_workers, self.batch_size)
         self.batch_wait_ms = batch_wait_ms
+        self.media_roots = media_roots
+        self.max_file_bytes = max_file_bytes
         self.labels = kinetics400_labels()
         loaded: LoadedModel = load_model(self.preset, weights)
         self.weights_id = loaded.weights_id
@@ -183,6 +187,8 @@ class Classifier:
             decode_workers=settings.decode_workers,
             inflight=settings.inflight,
             batch_wait_ms=settings.batch_wait_ms,
+            media_roots=settings.media_roots,
+            max_file_bytes=settings.max_file_bytes,
             skip_unused_frames=settings.skip_unused_frames,
         )
 

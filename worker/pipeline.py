@@ -37,6 +37,7 @@ import torch
 
 from vidq import metrics
 from vidq.errors import InputError, TransientError, VidqError
+from vidq.media import open_video
 from vidq.sampling import Sampling, plan_windows
 from worker.video import ClipFrames, DecodeStats, VideoInfo, VideoReader
 
@@ -207,9 +208,12 @@ class Pipeline:
             stop = video.should_stop()
             if stop is not None:
                 raise stop
-            with VideoReader(video.path, limits=classifier.limits,
-                             threads=self.decoder_threads,
-                             skip_unused_frames=classifier.skip_unused_frames) as reader:
+            # Opened once, by descriptor, after the path checks (vidq/media.py).
+            with open_video(video.path, media_roots=classifier.media_roots,
+                            max_file_bytes=classifier.max_file_bytes) as source, \
+                    VideoReader(video.path, source=source, limits=classifier.limits,
+                                threads=self.decoder_threads,
+                                skip_unused_frames=classifier.skip_unused_frames) as reader:
                 self._put(("start", video, reader.info))
                 windows = plan_windows(video.sampling, reader.info.duration_s,
                                        classifier.preset.clip_duration)

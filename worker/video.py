@@ -143,8 +143,11 @@ class VideoReader:
         limits: Limits = Limits(),
         threads: int = 0,
         skip_unused_frames: bool = True,
+        source: str | None = None,
     ) -> None:
         self.path = str(path)
+        self.source = source or self.path
+        """What FFmpeg opens: the path, or an already opened descriptor's /proc name."""
         self.limits = limits
         self.threads = threads
         self.skip_unused_frames = skip_unused_frames
@@ -154,7 +157,7 @@ class VideoReader:
 
     def _open(self) -> None:
         try:
-            self._container = av.open(self.path, metadata_errors="ignore", options=SAFE_OPEN)
+            self._container = av.open(self.source, metadata_errors="ignore", options=SAFE_OPEN)
         except av.error.InvalidDataError:
             raise InputError(
                 f"{self.path}: not a video FFmpeg can read (wrong format, or damaged: "
