@@ -338,6 +338,46 @@ def results(batch: str | None, label: str | None, min_score: float | None, all_r
 
 
 @main.command()
+@click.option("--batch", default=None)
+@click.option("--label", default=None, help="Only segments of this label.")
+@click.option("--min-score", type=float, default=None, help="Only segments whose mean score "
+              "is at least this (they were cut at VIDQ_SEGMENT_MIN_SCORE when stored).")
+@click.option("--min-duration", type=click.FloatRange(min=0), default=None,
+              help="Only segments lasting at least this many seconds.")
+@click.option("--limit", type=int, default=None)
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "jsonl"]), default="table",
+              show_default=True)
+@run_cli
+def segments(batch: str | None, label: str | None, min_score: float | None,
+             min_duration: float | None, limit: int | None, fmt: str) -> None:
+    """Label segments of succeeded jobs: where in each video a label holds (streamed)."""
+    import csv
+
+    from producer.query import SEGMENT_COLUMNS, iter_segments
+    from vidq.db import sessions
+
+    settings = Settings.from_env()
+    with sessions(settings.database_url, auto_migrate=settings.auto_migrate)() as session:
+        rows = iter_segments(session, batch=batch, label=label, min_score=min_score,
+                             min_duration_s=min_duration, limit=limit)
+        out = click.get_text_stream("stdout")
+        if fmt == "csv":
+            writer = csv.DictWriter(out, fieldnames=SEGMENT_COLUMNS, lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(rows)
+        elif fmt == "jsonl":
+            for row in rows:
+                out.write(json.dumps(row) + "\n")
+        else:
+            out.write(f"{'job':>7} {'label':32} {'start':>8} {'end':>8} {'mean':>6} {'peak':>6} "
+                      f"{'clips':>5}  path\n")
+            for row in rows:
+                out.write(f"{row['job_id']:>7} {row['label'][:32]:32} {row['start_sec']:8.2f} "
+                          f"{row['end_sec']:8.2f} {row['mean_score']:6.3f} "
+                          f"{row['peak_score']:6.3f} {row['clips']:>5}  {row['path']}\n")
+
+
+@main.command()
 @click.argument("job_id", type=int)
 @click.option("--json", "as_json", is_flag=True)
 @run_cli
