@@ -266,3 +266,83 @@ from label_segments s join jobs j on j.id = s.job_id
 where s.label = 'archery' and s.duration_s >= 10 and j.status = 'succeeded'
 group by j.id, j.path order by longest desc
 """
+
+
+# -- end to end: `vidq run` writes them, a forced re-run through the worker path replaces them --
+
+
+def _table_and_derived(url: str, job_id: int, rules: SegmentRules) -> tuple[list, list]:
+    from vidq.segments import clip_rows_from_predictions
+
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            clip_rows = conn.execute(text(
+                "select clip_index, start_sec, end_sec, class_id, label, score "
+                "from clip_predictions where job_id = :j"), {"j": job_id}).all()
+            stored = [tuple(r) for r in conn.execute(text(
+                "select class_id, label, start_sec, end_sec, mean_score, peak_score, clips "
+                "from label_segments where job_id = :j order by segment_index"), {"j": job_id})]
+    finally:
+        engine.dispose()
+    derived = [(s.class_id, s.label, s.start_sec, s.end_sec, pytest.approx(s.mean_score),
+                pytest.approx(s.peak_score), s.clips)
+               for s in derive_segments(clip_rows_from_predictions(clip_rows), rules)]
+    return stored, derived
+
+
+@pytest.mark.timeout(600)
+def test_vidq_run_writes_the_segments_of_its_clip_rows_and_a_rerun_replaces_them(
+    database_url: str, tmp_path: Path,  # noqa: F811
+) -> None:
+    from tests.media import make_video
+
+    video = tmp_path / "v.mp4"
+    make_video(video, seconds=6)
+    env = {**os.environ, "VIDQ_DATABASE_URL": database_url, "VIDQ_MODEL": "x3d_xs",
+           "VIDQ_WEIGHTS": "random", "VIDQ_TOP_K": "3", "VIDQ_SEGMENT_MIN_SCORE": "0",
+           "VIDQ_SEGMENT_MIN_S": "0", "VIDQ_SEGMENT_MAX_GAP_S": "1"}
+    # x3d_xs windows span 1.6 s; a 0.8 s stride overlaps each with the next by half.
+    run = subprocess.run(
+        [sys.executable, "-m", "vidq.cli", "run", str(video), "--batch", "e2e",
+         "--strategy", "sliding", "--stride", "0.8"],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr
+    engine = create_engine(database_url)
+    with engine.connect() as conn:
+        job_id, clips_done = conn.execute(text("select id, clips_done from jobs")).one()
+        rank1 = sorted(r[0] for r in conn.execute(text(
+            "select score from clip_predictions where rank = 1")))
+    engine.dispose()
+    assert clips_done >= 6
+
+    # Threshold 0: every top-3 label counts, so segments follow top-k membership alone.
+    stored, derived = _table_and_derived(
+        database_url, job_id, SegmentRules(min_score=0.0, min_s=0.0, max_gap_s=1.0))
+    assert stored == derived and len(stored) >= 3
+    assert sum(s[6] for s in stored) == 3 * clips_done  # every (clip, rank) in one segment
+
+    # A forced re-run of the same job through the worker's path, with a threshold at
+    # the median top-1 score: segments split where the top label dips under it.
+    median = rank1[len(rank1) // 2]
+    with create_engine(database_url).begin() as conn:
+        conn.execute(text("update jobs set status = 'queued', lease_token = null"))
+    rerun = subprocess.run(
+        [sys.executable, "-c", "from worker.embedded import run_jobs\n"
+         "from vidq.settings import Settings\n"
+         f"print(run_jobs([{job_id}], settings=Settings.from_env())[0].status)"],
+        capture_output=True, text=True, timeout=300,
+        env={**env, "VIDQ_SEGMENT_MIN_SCORE": repr(median)})
+    assert rerun.returncode == 0 and rerun.stdout.strip() == "succeeded", rerun.stderr
+    rules = SegmentRules(min_score=median, min_s=0.0, max_gap_s=1.0)
+    restored, rederived = _table_and_derived(database_url, job_id, rules)
+    assert restored == rederived and restored != stored
+    assert 0 < len(restored)
+    assert all(s[4] >= median for s in restored)
+    engine = create_engine(database_url)
+    with engine.connect() as conn:
+        assert conn.execute(text("select count(*) from label_segments")).scalar_one() == len(
+            restored)
+        assert conn.execute(text("select count(*) from clip_predictions")).scalar_one() == (
+            3 * clips_done)
+    engine.dispose()
