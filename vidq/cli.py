@@ -378,6 +378,39 @@ def segments(batch: str | None, label: str | None, min_score: float | None,
 
 
 @main.command()
+@click.option("--batch", required=True, help="The batch to export.")
+@click.option("--format", "fmt", type=click.Choice(["parquet", "jsonl", "csv"]),
+              default="parquet", show_default=True)
+@click.option("--out", "out_dir", required=True,
+              help="Local directory for videos.FMT, clips.FMT and segments.FMT.")
+@run_cli
+def export(batch: str, fmt: str, out_dir: str) -> None:
+    """A batch's videos, clips and segments as files for data tools (streamed: flat
+    memory for any number of rows)."""
+    from producer.export import export_batch
+    from vidq.db import get_engine
+    from vidq.errors import ConfigError
+
+    settings = Settings.from_env()
+    engine = get_engine(settings.database_url, auto_migrate=settings.auto_migrate)
+    if engine.dialect.name == "postgresql":
+        # One snapshot for all three files, while workers keep committing.
+        engine = engine.execution_options(isolation_level="REPEATABLE READ")
+    if fmt == "parquet":
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise ConfigError("Parquet needs pyarrow: pip install 'vidq[export]' (or use "
+                              "--format jsonl or csv).") from None
+    t0 = time.perf_counter()
+    with engine.connect() as conn:
+        report = export_batch(conn, batch=batch, fmt=fmt, out_dir=out_dir)
+    for name, path in report.files.items():
+        click.echo(f"{path}: {report.rows[name]} rows")
+    click.echo(f"vidq: batch {batch} exported in {time.perf_counter() - t0:.1f}s", err=True)
+
+
+@main.command()
 @click.argument("job_id", type=int)
 @click.option("--json", "as_json", is_flag=True)
 @run_cli
