@@ -159,13 +159,14 @@ def export_batch(conn: Connection, *, batch: str, fmt: str, out_dir: str) -> Exp
     if "://" in out_dir:
         raise InputError(f"{out_dir}: object storage is not supported yet; export to a local "
                          "directory and copy it.", kind="config")
+    tables = batch_tables(conn, batch)
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InputError(f"cannot create {out}: {exc.strerror}.", kind="config") from None
     report = ExportReport(files={}, rows={})
-    for table in batch_tables(conn, batch):
+    for table in tables:
         path = out / f"{table.name}.{fmt}"
         tmp = out / f".{table.name}.{fmt}.partial"
         writer = {"parquet": _write_parquet, "jsonl": _write_jsonl, "csv": _write_csv}[fmt]
