@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Sequence
 
 import click
 
@@ -300,6 +300,25 @@ def status(batch: str | None, as_json: bool) -> None:
                f"{summary.clips_per_s:.2f} clips/s  ETA {eta}")
 
 
+def write_rows(rows: Iterable[dict[str, Any]], *, fmt: str, columns: Sequence[str],
+               header: str, line: Callable[[dict[str, Any]], str]) -> None:
+    """Rows to stdout as they stream: CSV, JSON lines, or a table of ``header`` and ``line``."""
+    import csv
+
+    out = click.get_text_stream("stdout")
+    if fmt == "csv":
+        writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    elif fmt == "jsonl":
+        for row in rows:
+            out.write(json.dumps(row) + "\n")
+    else:
+        out.write(header + "\n")
+        for row in rows:
+            out.write(line(row) + "\n")
+
+
 @main.command()
 @click.option("--batch", default=None)
 @click.option("--label", default=None, help="Only videos with this label (any rank).")
@@ -312,8 +331,6 @@ def status(batch: str | None, as_json: bool) -> None:
 def results(batch: str | None, label: str | None, min_score: float | None, all_ranks: bool,
             limit: int | None, fmt: str) -> None:
     """Video-level labels of succeeded jobs (streamed: fine for millions of rows)."""
-    import csv
-
     from producer.query import RESULT_COLUMNS, iter_results
     from vidq.db import sessions
 
@@ -321,20 +338,11 @@ def results(batch: str | None, label: str | None, min_score: float | None, all_r
     with sessions(settings.database_url, auto_migrate=settings.auto_migrate)() as session:
         rows = iter_results(session, batch=batch, label=label, min_score=min_score,
                             all_ranks=all_ranks, limit=limit)
-        out = click.get_text_stream("stdout")
-        if fmt == "csv":
-            writer = csv.DictWriter(out, fieldnames=RESULT_COLUMNS, lineterminator="\n")
-            writer.writeheader()
-            writer.writerows(rows)
-        elif fmt == "jsonl":
-            for row in rows:
-                out.write(json.dumps(row) + "\n")
-        else:
-            cols = ("job_id", "rank", "label", "score", "weights_id", "path")
-            out.write(f"{'job':>7} {'#':>2} {'label':32} {'score':>6}  {'weights':19}  path\n")
-            for row in rows:
-                out.write(f"{row['job_id']:>7} {row['rank']:>2} {row['label'][:32]:32} "
-                          f"{row['score']:6.3f}  {(row['weights_id'] or '')[:19]:19}  {row['path']}\n")
+        write_rows(rows, fmt=fmt, columns=RESULT_COLUMNS,
+                   header=f"{'job':>7} {'#':>2} {'label':32} {'score':>6}  {'weights':19}  path",
+                   line=lambda row: (
+                       f"{row['job_id']:>7} {row['rank']:>2} {row['label'][:32]:32} "
+                       f"{row['score']:6.3f}  {(row['weights_id'] or '')[:19]:19}  {row['path']}"))
 
 
 @main.command()
@@ -351,8 +359,6 @@ def results(batch: str | None, label: str | None, min_score: float | None, all_r
 def segments(batch: str | None, label: str | None, min_score: float | None,
              min_duration: float | None, limit: int | None, fmt: str) -> None:
     """Label segments of succeeded jobs: where in each video a label holds (streamed)."""
-    import csv
-
     from producer.query import SEGMENT_COLUMNS, iter_segments
     from vidq.db import sessions
 
@@ -360,21 +366,13 @@ def segments(batch: str | None, label: str | None, min_score: float | None,
     with sessions(settings.database_url, auto_migrate=settings.auto_migrate)() as session:
         rows = iter_segments(session, batch=batch, label=label, min_score=min_score,
                              min_duration_s=min_duration, limit=limit)
-        out = click.get_text_stream("stdout")
-        if fmt == "csv":
-            writer = csv.DictWriter(out, fieldnames=SEGMENT_COLUMNS, lineterminator="\n")
-            writer.writeheader()
-            writer.writerows(rows)
-        elif fmt == "jsonl":
-            for row in rows:
-                out.write(json.dumps(row) + "\n")
-        else:
-            out.write(f"{'job':>7} {'label':32} {'start':>8} {'end':>8} {'mean':>6} {'peak':>6} "
-                      f"{'clips':>5}  path\n")
-            for row in rows:
-                out.write(f"{row['job_id']:>7} {row['label'][:32]:32} {row['start_sec']:8.2f} "
-                          f"{row['end_sec']:8.2f} {row['mean_score']:6.3f} "
-                          f"{row['peak_score']:6.3f} {row['clips']:>5}  {row['path']}\n")
+        write_rows(rows, fmt=fmt, columns=SEGMENT_COLUMNS,
+                   header=f"{'job':>7} {'label':32} {'start':>8} {'end':>8} {'mean':>6} "
+                          f"{'peak':>6} {'clips':>5}  path",
+                   line=lambda row: (
+                       f"{row['job_id']:>7} {row['label'][:32]:32} {row['start_sec']:8.2f} "
+                       f"{row['end_sec']:8.2f} {row['mean_score']:6.3f} "
+                       f"{row['peak_score']:6.3f} {row['clips']:>5}  {row['path']}"))
 
 
 @main.command()
