@@ -9,7 +9,9 @@ from typing import Any, Iterator
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from vidq.db import ACTIVE, Batch, ClipPrediction, Job, JobStatus, VideoLabel, utcnow
+from vidq.db import (
+    ACTIVE, Batch, ClipPrediction, Job, JobStatus, LabelSegment, VideoLabel, utcnow,
+)
 from vidq.errors import InputError
 from vidq.queue import new_task_id
 
@@ -121,6 +123,48 @@ def iter_results(
         if out["finished_at"] is not None:
             out["finished_at"] = out["finished_at"].isoformat()
         yield out
+
+
+SEGMENT_COLUMNS = (
+    "job_id", "path", "batch", "label", "class_id", "start_sec", "end_sec", "duration_s",
+    "mean_score", "peak_score", "clips",
+)
+
+
+def iter_segments(
+    session: Session,
+    *,
+    batch: str | None = None,
+    label: str | None = None,
+    min_score: float | None = None,
+    min_duration_s: float | None = None,
+    limit: int | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Stored segments of succeeded jobs, streamed. ``min_score`` filters on the
+    segment's mean score, ``min_duration_s`` on end - start."""
+    stmt = (
+        select(LabelSegment.job_id, Job.path, Batch.name, LabelSegment.label,
+               LabelSegment.class_id, LabelSegment.start_sec, LabelSegment.end_sec,
+               LabelSegment.duration_s, LabelSegment.mean_score, LabelSegment.peak_score,
+               LabelSegment.clips)
+        .join(Job, Job.id == LabelSegment.job_id)
+        .outerjoin(Batch, Batch.id == Job.batch_id)
+        .where(Job.status == JobStatus.SUCCEEDED.value)
+    )
+    bid = batch_id(session, batch)
+    if bid is not None:
+        stmt = stmt.where(Job.batch_id == bid)
+    if label is not None:
+        stmt = stmt.where(LabelSegment.label == label)
+    if min_score is not None:
+        stmt = stmt.where(LabelSegment.mean_score >= min_score)
+    if min_duration_s is not None:
+        stmt = stmt.where(LabelSegment.duration_s >= min_duration_s - 1e-6)
+    stmt = stmt.order_by(LabelSegment.job_id, LabelSegment.segment_index)
+    if limit:
+        stmt = stmt.limit(limit)
+    for row in session.execute(stmt.execution_options(yield_per=1000)):
+        yield dict(zip(SEGMENT_COLUMNS, row))
 
 
 def show_job(session: Session, job_id: int) -> dict[str, Any]:

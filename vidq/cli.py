@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Sequence
 
 import click
 
@@ -354,6 +354,25 @@ def metrics_cmd(batch: str | None) -> None:
     click.echo("\n".join(lines))
 
 
+def write_rows(rows: Iterable[dict[str, Any]], *, fmt: str, columns: Sequence[str],
+               header: str, line: Callable[[dict[str, Any]], str]) -> None:
+    """Rows to stdout as they stream: CSV, JSON lines, or a table of ``header`` and ``line``."""
+    import csv
+
+    out = click.get_text_stream("stdout")
+    if fmt == "csv":
+        writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    elif fmt == "jsonl":
+        for row in rows:
+            out.write(json.dumps(row) + "\n")
+    else:
+        out.write(header + "\n")
+        for row in rows:
+            out.write(line(row) + "\n")
+
+
 @main.command()
 @click.option("--batch", default=None)
 @click.option("--label", default=None, help="Only videos with this label (any rank).")
@@ -366,8 +385,6 @@ def metrics_cmd(batch: str | None) -> None:
 def results(batch: str | None, label: str | None, min_score: float | None, all_ranks: bool,
             limit: int | None, fmt: str) -> None:
     """Video-level labels of succeeded jobs (streamed: fine for millions of rows)."""
-    import csv
-
     from producer.query import RESULT_COLUMNS, iter_results
     from vidq.db import sessions
 
@@ -375,20 +392,74 @@ def results(batch: str | None, label: str | None, min_score: float | None, all_r
     with sessions(settings.database_url, auto_migrate=settings.auto_migrate)() as session:
         rows = iter_results(session, batch=batch, label=label, min_score=min_score,
                             all_ranks=all_ranks, limit=limit)
-        out = click.get_text_stream("stdout")
-        if fmt == "csv":
-            writer = csv.DictWriter(out, fieldnames=RESULT_COLUMNS, lineterminator="\n")
-            writer.writeheader()
-            writer.writerows(rows)
-        elif fmt == "jsonl":
-            for row in rows:
-                out.write(json.dumps(row) + "\n")
-        else:
-            cols = ("job_id", "rank", "label", "score", "weights_id", "path")
-            out.write(f"{'job':>7} {'#':>2} {'label':32} {'score':>6}  {'weights':19}  path\n")
-            for row in rows:
-                out.write(f"{row['job_id']:>7} {row['rank']:>2} {row['label'][:32]:32} "
-                          f"{row['score']:6.3f}  {(row['weights_id'] or '')[:19]:19}  {row['path']}\n")
+        write_rows(rows, fmt=fmt, columns=RESULT_COLUMNS,
+                   header=f"{'job':>7} {'#':>2} {'label':32} {'score':>6}  {'weights':19}  path",
+                   line=lambda row: (
+                       f"{row['job_id']:>7} {row['rank']:>2} {row['label'][:32]:32} "
+                       f"{row['score']:6.3f}  {(row['weights_id'] or '')[:19]:19}  {row['path']}"))
+
+
+@main.command()
+@click.option("--batch", default=None)
+@click.option("--label", default=None, help="Only segments of this label.")
+@click.option("--min-score", type=float, default=None, help="Only segments whose mean score "
+              "is at least this (they were cut at VIDQ_SEGMENT_MIN_SCORE when stored).")
+@click.option("--min-duration", type=click.FloatRange(min=0), default=None,
+              help="Only segments lasting at least this many seconds.")
+@click.option("--limit", type=int, default=None)
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "jsonl"]), default="table",
+              show_default=True)
+@run_cli
+def segments(batch: str | None, label: str | None, min_score: float | None,
+             min_duration: float | None, limit: int | None, fmt: str) -> None:
+    """Label segments of succeeded jobs: where in each video a label holds (streamed)."""
+    from producer.query import SEGMENT_COLUMNS, iter_segments
+    from vidq.db import sessions
+
+    settings = Settings.from_env()
+    with sessions(settings.database_url, auto_migrate=settings.auto_migrate)() as session:
+        rows = iter_segments(session, batch=batch, label=label, min_score=min_score,
+                             min_duration_s=min_duration, limit=limit)
+        write_rows(rows, fmt=fmt, columns=SEGMENT_COLUMNS,
+                   header=f"{'job':>7} {'label':32} {'start':>8} {'end':>8} {'mean':>6} "
+                          f"{'peak':>6} {'clips':>5}  path",
+                   line=lambda row: (
+                       f"{row['job_id']:>7} {row['label'][:32]:32} {row['start_sec']:8.2f} "
+                       f"{row['end_sec']:8.2f} {row['mean_score']:6.3f} "
+                       f"{row['peak_score']:6.3f} {row['clips']:>5}  {row['path']}"))
+
+
+@main.command()
+@click.option("--batch", required=True, help="The batch to export.")
+@click.option("--format", "fmt", type=click.Choice(["parquet", "jsonl", "csv"]),
+              default="parquet", show_default=True)
+@click.option("--out", "out_dir", required=True,
+              help="Local directory for videos.FMT, clips.FMT and segments.FMT.")
+@run_cli
+def export(batch: str, fmt: str, out_dir: str) -> None:
+    """A batch's videos, clips and segments as files for data tools (streamed: flat
+    memory for any number of rows)."""
+    from producer.export import export_batch
+    from vidq.db import get_engine
+    from vidq.errors import ConfigError
+
+    settings = Settings.from_env()
+    engine = get_engine(settings.database_url, auto_migrate=settings.auto_migrate)
+    if engine.dialect.name == "postgresql":
+        # One snapshot for all three files, while workers keep committing.
+        engine = engine.execution_options(isolation_level="REPEATABLE READ")
+    if fmt == "parquet":
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise ConfigError("Parquet needs pyarrow: pip install 'vidq[export]' (or use "
+                              "--format jsonl or csv).") from None
+    t0 = time.perf_counter()
+    with engine.connect() as conn:
+        report = export_batch(conn, batch=batch, fmt=fmt, out_dir=out_dir)
+    for name, path in report.files.items():
+        click.echo(f"{path}: {report.rows[name]} rows")
+    click.echo(f"vidq: batch {batch} exported in {time.perf_counter() - t0:.1f}s", err=True)
 
 
 @main.command()

@@ -183,6 +183,33 @@ class VideoLabel(Base):
     __table_args__ = (Index("ix_video_labels_label_score", "label", "score"),)
 
 
+class LabelSegment(Base):
+    """A stretch of a video where one label holds over consecutive clips (rules in
+    ``vidq/segments.py``), written with the job's other results."""
+
+    __tablename__ = "label_segments"
+
+    job_id: Mapped[int] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    segment_index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    """Order within the job: by start, then label."""
+    class_id: Mapped[int] = mapped_column(SmallInteger)
+    label: Mapped[str] = mapped_column(String(128))
+    start_sec: Mapped[float] = mapped_column(Float)
+    end_sec: Mapped[float] = mapped_column(Float)
+    duration_s: Mapped[float] = mapped_column(Float)
+    """end_sec - start_sec, stored so "lasts at least N s" is an index range."""
+    mean_score: Mapped[float] = mapped_column(Float)
+    peak_score: Mapped[float] = mapped_column(Float)
+    clips: Mapped[int] = mapped_column(Integer)
+
+    __table_args__ = (
+        Index("ix_label_segments_label_duration", "label", "duration_s"),
+        Index("ix_label_segments_label_mean_score", "label", "mean_score"),
+    )
+
+
 _ENGINES: dict[str, Engine] = {}
 
 

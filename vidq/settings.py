@@ -140,6 +140,20 @@ class Settings:
     heartbeat_s: int = 15
     """How often a running job's heartbeat is written."""
 
+    segment_min_score: float = 0.3
+    """A clip counts towards a label's segment when the label is in its top-k with at
+    least this score (softmax, 0..1). Rules in ``vidq/segments.py``."""
+
+    segment_min_s: float = 0.0
+    """Segments shorter than this (seconds, end - start) are not stored. 0 keeps every
+    one: a dropped segment cannot be brought back without re-running the job, while a
+    query can always ask for a minimum duration."""
+
+    segment_max_gap_s: float = 1.0
+    """The most time (seconds) between two consecutive supporting clips that no clip
+    looked at, for one segment to span both (uniform clips, strides over one clip span).
+    A clip that looked and did not see the label always ends the segment."""
+
     @property
     def stale_after_s(self) -> float:
         """A running job whose heartbeat is older than this has lost its worker."""

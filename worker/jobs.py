@@ -30,6 +30,7 @@ from vidq.errors import Cancelled, PermanentError, TransientError, VidqError
 from vidq.faultpoints import pause_point
 from vidq.media import check_video_path
 from vidq.sampling import Sampling
+from vidq.segments import write_segments
 from vidq.settings import Settings
 
 if TYPE_CHECKING:
@@ -254,6 +255,7 @@ class JobStore:
                     for r, t in enumerate(result.top, start=1)
                 ],
             )
+            write_segments(s, job_id, result.clips)
             return True
 
         return self._run(op)

@@ -1,0 +1,231 @@
+"""``vidq export``: a batch's results as files a data tool reads directly.
+
+Three tables, one file each under the output directory:
+
+- ``videos``: one row per job of the batch (every status), its metadata and its
+  top-k video labels as ``label_1, class_id_1, score_1, ...``;
+- ``clips``: ``clip_predictions``, one row per clip x rank;
+- ``segments``: ``label_segments``, one row per segment.
+
+Rows stream from the database in pages (``yield_per``: a server-side cursor on
+PostgreSQL, SQLite's own stepping) and leave as Parquet row groups
+(``pyarrow.parquet.ParquetWriter``), JSON lines or CSV rows, so memory stays flat
+however many rows a batch has. Each file is written under a temporary name and
+renamed when complete: an interrupted export leaves no half file behind.
+Local paths only for now; object storage is a later part of issue 12.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import itertools
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+from sqlalchemy import Boolean, DateTime, Float, Integer, SmallInteger, func, select
+from sqlalchemy.engine import Connection
+from sqlalchemy.sql import Select
+from sqlalchemy.sql.elements import ColumnElement
+
+from vidq.db import Batch, ClipPrediction, Job, LabelSegment, VideoLabel
+from vidq.errors import InputError
+
+FORMATS = ("parquet", "jsonl", "csv")
+PAGE_ROWS = 65_536
+"""Rows fetched per database page and written per Parquet row group."""
+
+VIDEO_COLUMNS: tuple[ColumnElement[Any], ...] = (
+    Job.id.label("job_id"), Batch.name.label("batch"), Job.path, Job.content_sha256,
+    Job.size_bytes, Job.status, Job.attempts, Job.error_kind, Job.error_message, Job.model,
+    Job.weights, Job.weights_id, Job.precision, Job.device, Job.strategy, Job.clips_requested,
+    Job.stride_s, Job.start_sec, Job.crops, Job.duration_s, Job.fps, Job.width, Job.height,
+    Job.frames, Job.codec, Job.has_audio, Job.clips_done, Job.decode_s, Job.model_s,
+    Job.submitted_at, Job.started_at, Job.finished_at, Job.top_class_id, Job.top_label,
+    Job.top_score,
+)
+CLIP_COLUMNS: tuple[ColumnElement[Any], ...] = tuple(
+    getattr(ClipPrediction, c) for c in
+    ("job_id", "clip_index", "rank", "start_sec", "end_sec", "class_id", "label", "score"))
+SEGMENT_COLUMNS: tuple[ColumnElement[Any], ...] = tuple(
+    getattr(LabelSegment, c) for c in
+    ("job_id", "segment_index", "label", "class_id", "start_sec", "end_sec", "duration_s",
+     "mean_score", "peak_score", "clips"))
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    kind: str
+    """int16 | int64 | float64 | bool | timestamp | string"""
+
+
+@dataclass(frozen=True)
+class TableExport:
+    name: str
+    fields: list[Field]
+    rows: Callable[[], Iterator[Sequence[Any]]]
+
+
+@dataclass
+class ExportReport:
+    files: dict[str, Path]
+    rows: dict[str, int]
+
+
+def _kind(column: ColumnElement[Any]) -> str:
+    t = column.type
+    if isinstance(t, Boolean):
+        return "bool"
+    if isinstance(t, DateTime):
+        return "timestamp"
+    if isinstance(t, Float):
+        return "float64"
+    if isinstance(t, SmallInteger):
+        return "int16"
+    if isinstance(t, Integer):  # BigInteger too
+        return "int64"
+    return "string"
+
+
+def _fields(columns: Sequence[ColumnElement[Any]]) -> list[Field]:
+    return [Field(c.name, _kind(c)) for c in columns]
+
+
+def _stream(conn: Connection, stmt: Select[Any]) -> Iterator[Sequence[Any]]:
+    result = conn.execute(stmt.execution_options(yield_per=PAGE_ROWS))
+    for page in result.partitions():
+        yield from page
+
+
+def batch_tables(conn: Connection, batch: str) -> list[TableExport]:
+    """The three tables of ``batch``, each with its fields and a row stream."""
+    bid = conn.scalar(select(Batch.id).where(Batch.name == batch))
+    if bid is None:
+        raise InputError(f"no batch named {batch!r}; `vidq status` lists what was submitted.",
+                         kind="not_found")
+    batch_jobs = select(Job.id).where(Job.batch_id == bid).scalar_subquery()
+    top_k = conn.scalar(select(func.max(VideoLabel.rank)).where(
+        VideoLabel.job_id.in_(select(Job.id).where(Job.batch_id == bid)))) or 1
+    label_fields = [Field(f"{name}_{rank}", kind) for rank in range(1, top_k + 1)
+                    for name, kind in (("label", "string"), ("class_id", "int16"),
+                                       ("score", "float64"))]
+    video_fields = _fields(VIDEO_COLUMNS) + label_fields
+    n_job = len(VIDEO_COLUMNS)
+
+    def videos() -> Iterator[Sequence[Any]]:
+        stmt = (
+            select(*VIDEO_COLUMNS, VideoLabel.rank, VideoLabel.label, VideoLabel.class_id,
+                   VideoLabel.score)
+            .join(Batch, Batch.id == Job.batch_id)
+            .outerjoin(VideoLabel, VideoLabel.job_id == Job.id)
+            .where(Job.batch_id == bid)
+            .order_by(Job.id, VideoLabel.rank)
+        )
+        # One job's rows (one per rank) arrive together: fold them into one wide row.
+        for _job_id, group in itertools.groupby(_stream(conn, stmt), key=lambda r: r[0]):
+            labels: list[Any] = [None] * (3 * top_k)
+            job: Sequence[Any] = ()
+            for row in group:
+                job = row[:n_job]
+                rank = row[n_job]
+                if rank is not None and rank <= top_k:
+                    labels[3 * (rank - 1): 3 * rank] = row[n_job + 1:]
+            yield (*job, *labels)
+
+    def clips() -> Iterator[Sequence[Any]]:
+        return _stream(conn, select(*CLIP_COLUMNS)
+                       .where(ClipPrediction.job_id.in_(batch_jobs))
+                       .order_by(ClipPrediction.job_id, ClipPrediction.clip_index,
+                                 ClipPrediction.rank))
+
+    def segments() -> Iterator[Sequence[Any]]:
+        return _stream(conn, select(*SEGMENT_COLUMNS)
+                       .where(LabelSegment.job_id.in_(batch_jobs))
+                       .order_by(LabelSegment.job_id, LabelSegment.segment_index))
+
+    return [TableExport("videos", video_fields, videos),
+            TableExport("clips", _fields(CLIP_COLUMNS), clips),
+            TableExport("segments", _fields(SEGMENT_COLUMNS), segments)]
+
+
+def export_batch(conn: Connection, *, batch: str, fmt: str, out_dir: str) -> ExportReport:
+    """Write ``out_dir``/{videos,clips,segments}.{fmt} for ``batch``."""
+    if fmt not in FORMATS:
+        raise InputError(f"unknown format {fmt!r}; choose {', '.join(FORMATS)}.", kind="config")
+    if "://" in out_dir:
+        raise InputError(f"{out_dir}: object storage is not supported yet; export to a local "
+                         "directory and copy it.", kind="config")
+    tables = batch_tables(conn, batch)
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create {out}: {exc.strerror}.", kind="config") from None
+    report = ExportReport(files={}, rows={})
+    for table in tables:
+        path = out / f"{table.name}.{fmt}"
+        tmp = out / f".{table.name}.{fmt}.partial"
+        writer = {"parquet": _write_parquet, "jsonl": _write_jsonl, "csv": _write_csv}[fmt]
+        try:
+            report.rows[table.name] = writer(tmp, table)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        report.files[table.name] = path
+    return report
+
+
+def _pages(rows: Iterator[Sequence[Any]]) -> Iterator[list[Sequence[Any]]]:
+    while page := list(itertools.islice(rows, PAGE_ROWS)):
+        yield page
+
+
+def _write_parquet(path: Path, table: TableExport) -> int:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    types = {"int16": pa.int16(), "int64": pa.int64(),
+             "float64": pa.float64(), "bool": pa.bool_(), "string": pa.string(),
+             "timestamp": pa.timestamp("us", tz="UTC")}
+    schema = pa.schema([pa.field(f.name, types[f.kind]) for f in table.fields])
+    n = 0
+    with pq.ParquetWriter(path, schema, compression="zstd") as writer:
+        for page in _pages(table.rows()):
+            columns = list(zip(*page))
+            arrays = [pa.array(col, type=schema.field(i).type) for i, col in enumerate(columns)]
+            writer.write_batch(pa.record_batch(arrays, schema=schema), row_group_size=PAGE_ROWS)
+            n += len(page)
+    return n
+
+
+def _text(value: Any) -> Any:
+    if isinstance(value, dt.datetime):
+        # SQLite hands back naive datetimes; vidq stores UTC.
+        return (value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)).isoformat()
+    return value
+
+
+def _write_jsonl(path: Path, table: TableExport) -> int:
+    names = [f.name for f in table.fields]
+    n = 0
+    with open(path, "w", encoding="utf-8") as f:
+        for row in table.rows():
+            f.write(json.dumps(dict(zip(names, map(_text, row)))) + "\n")
+            n += 1
+    return n
+
+
+def _write_csv(path: Path, table: TableExport) -> int:
+    n = 0
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow([fl.name for fl in table.fields])
+        for row in table.rows():
+            writer.writerow(map(_text, row))
+            n += 1
+    return n
+
