@@ -1,7 +1,7 @@
 """Label segments: one row per stretch of a video where a label holds.
 
 Revision ID: 0004
-Revises: 0001 (to be re-pointed at the revision before it when merged)
+Revises: 0003
 Create Date: 2026-11-28
 """
 
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0004"
-down_revision = "0001"
+down_revision = "0003"
 branch_labels = None
 depends_on = None
 
