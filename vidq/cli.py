@@ -188,7 +188,7 @@ def _submit(settings: Settings, inputs: tuple[str, ...], *, recursive: bool, pat
                         publish=publish, on_reject=fail, progress=bar.update)
     click.echo(
         f"batch {report.batch}: {len(report.job_ids)} jobs recorded, {report.duplicates} already "
-        f"classified (use --force to redo), {len(report.rejected)} rejected", err=True,
+        f"classified or in flight (use --force to redo what is done), {len(report.rejected)} rejected", err=True,
     )
     if report.publish_error:
         fail(report.publish_error)
@@ -389,7 +389,8 @@ def retry(batch: str | None, only_failed: bool, cancelled: bool, job_ids: tuple[
     settings = Settings.from_env()
     statuses = (JobStatus.FAILED.value,) + ((JobStatus.CANCELLED.value,) if cancelled else ())
     with sessions(settings.database_url, auto_migrate=settings.auto_migrate)() as session, session.begin():
-        tasks = requeue(session, batch=batch, statuses=statuses, job_ids=list(job_ids))
+        tasks = requeue(session, batch=batch, statuses=statuses, job_ids=list(job_ids),
+                        queue=settings.queue)
     _publish(settings, tasks)
     click.echo(f"{len(tasks)} jobs queued again")
 

@@ -8,7 +8,6 @@ overwrite a succeeded job, whatever the broker does.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import os
 import random
@@ -24,9 +23,9 @@ from sqlalchemy import delete, insert, or_, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
-from vidq.db import ClipPrediction, Job, JobStatus, VideoLabel, first_line, sessions, utcnow
-from vidq.errors import Cancelled, PermanentError, TransientError, VidqError
-from vidq.media import check_video_path
+from vidq.db import ClipPrediction, Job, JobStatus, VideoLabel, db_now, first_line, sessions
+from vidq.errors import Cancelled, InputError, PermanentError, TransientError, VidqError
+from vidq.media import changed_since_submit, check_video_path
 from vidq.sampling import Sampling
 from vidq.settings import Settings
 
@@ -77,8 +76,9 @@ class JobStore:
         """Take the job if it is queued, or running with a stale heartbeat."""
 
         def op(s: Session) -> Job | Outcome:
-            now = utcnow()
-            stale = now - dt.timedelta(seconds=self.stale_after_s)
+            # The database's clock, never this host's: a host whose clock runs ahead
+            # would otherwise see every live heartbeat as stale and steal its job.
+            now, stale = db_now(), db_now(ago_s=self.stale_after_s)
             res = s.execute(
                 update(Job)
                 .where(Job.id == job_id)
@@ -118,7 +118,7 @@ class JobStore:
                 update(Job)
                 .where(Job.id == job_id, Job.lease_token == token,
                        Job.status == JobStatus.RUNNING.value)
-                .values(heartbeat_at=utcnow())
+                .values(heartbeat_at=db_now())
             ).rowcount
             == 1
         )
@@ -145,13 +145,23 @@ class JobStore:
                     status=JobStatus.FAILED.value,
                     error_kind=error.kind,
                     error_message=error.message[:2000],
-                    finished_at=utcnow(),
+                    finished_at=db_now(),
                     lease_token=None,
                 )
             )
             return res.rowcount == 1
 
         return self._run(op)
+
+    def fail_if_changed(self, job: Job, path: str, token: str) -> InputError | None:
+        """Fail the job (and return why) if the file at ``path`` is no longer the one
+        submitted; None if it is. Checked after decoding, just before results are
+        written, so a file replaced at any point before the commit is caught."""
+        changed = changed_since_submit(path, size_bytes=job.size_bytes, mtime_ns=job.mtime_ns,
+                                       content_sha256=job.content_sha256)
+        if changed is not None:
+            self.fail(job.id, token, changed)
+        return changed
 
     def succeed(self, job_id: int, token: str, result: object) -> bool:
         """Write the job's results in one transaction, only while our lease holds."""
@@ -169,7 +179,7 @@ class JobStore:
                 .values(
                     status=JobStatus.SUCCEEDED.value,
                     lease_token=None,
-                    finished_at=utcnow(),
+                    finished_at=db_now(),
                     error_kind=None,
                     error_message=None,
                     weights_id=result.weights_id,
@@ -309,6 +319,8 @@ def execute_job(
         except TransientError:
             pass  # the heartbeat goes stale; the retry reclaims the job
         raise
+    if (changed := store.fail_if_changed(job, str(path), token)) is not None:
+        return Outcome(job_id, "failed", f"{changed.kind}: {changed.message}")
     if store.succeed(job_id, token, result):
         return Outcome(job_id, "succeeded", result.top[0].label)
     return Outcome(job_id, "skipped", "lease lost: another delivery owns this job")
