@@ -22,7 +22,7 @@ import redis
 from sqlalchemy import create_engine, text
 
 from producer.submit import JobRequest, submit
-from tests.e2e.conftest import database_url, redis_url  # noqa: F401  (fixtures)
+from tests.e2e.conftest import database_url, empty_database_url, redis_url  # noqa: F401
 from tests.media import make_video
 from vidq.db import dispose_engines, get_engine
 from vidq.errors import TransientError
@@ -111,6 +111,30 @@ def test_existing_rows_are_backfilled_into_the_default_queue(database_url: str) 
         config_key) values ('/m/a.mp4', 'aa', 1, 'queued', 5, 0, '2026-01-01', 'x3d_xs',
         'random', 'single', 1, 0, 1, 'k')""")
     assert sql(database_url, "select queue from jobs") == [("vidq",)]
+
+
+def test_a_0001_database_with_duplicate_active_jobs_upgrades(empty_database_url: str) -> None:
+    """The unique index needs at most one active job per content and configuration;
+    0.1.0's --force could make two. The oldest stays, the others are cancelled, named."""
+    from vidq import migrate
+    from vidq.db import make_engine
+
+    engine = make_engine(empty_database_url)
+    try:
+        migrate.upgrade(engine, "0001")
+        row = ("insert into jobs (path, content_sha256, size_bytes, status, priority, attempts,"
+               " submitted_at, model, weights, strategy, clips_requested, start_sec, crops,"
+               " config_key) values (:p, 'aa', 1, :s, 5, 0, '2026-01-01', 'x3d_xs', 'random',"
+               " 'single', 1, 0, 1, 'k')")
+        with engine.begin() as conn:
+            for path, status in (("/m/1", "succeeded"), ("/m/2", "running"), ("/m/3", "queued")):
+                conn.execute(text(row), {"p": path, "s": status})
+        migrate.upgrade(engine)
+    finally:
+        engine.dispose()
+    assert sql(empty_database_url, "select path, status, error_kind, queue from jobs order by id") \
+        == [("/m/1", "succeeded", None, "vidq"), ("/m/2", "running", None, "vidq"),
+            ("/m/3", "cancelled", "duplicate", "vidq")]
 
 
 # --- 2. one clock ---------------------------------------------------------------------
@@ -217,14 +241,20 @@ def _producer(url: str, paths: list[str], barrier: Any) -> tuple[int, int, int]:
 
 
 def test_concurrent_producers_record_each_file_once(
-    database_url: str, videos: list[Path]  # noqa: F811
+    database_url: str, tmp_path: Path  # noqa: F811
 ) -> None:
     """Before: dedupe and the batch row were check-then-insert. Producers started together
     all found nothing and all inserted (two active jobs for one file), or the second
     insert of the batch name hit the unique constraint: a traceback, nothing recorded."""
     get_engine(database_url)  # the schema, before the race
     dispose_engines()
-    paths = [str(v) for v in videos]
+    # Submit checks files, not content: enough distinct files that the producers'
+    # transactions overlap (workers would refuse these; nothing runs them here).
+    paths = []
+    for i in range(300):
+        path = tmp_path / f"clip{i:03d}.mp4"
+        path.write_bytes(os.urandom(64) + str(i).encode())
+        paths.append(str(path))
     n = 4
     ctx = multiprocessing.get_context("spawn")
     with ctx.Manager() as manager:
