@@ -139,6 +139,25 @@ def test_a_0001_database_with_duplicate_active_jobs_upgrades(empty_database_url:
 
 # --- 2. one clock ---------------------------------------------------------------------
 
+def test_db_now_is_the_database_clock_and_compares_with_stored_times(
+    database_url: str,  # noqa: F811
+) -> None:
+    """Each ``ago_s`` is its own statement (not one cached SQL text for all), and the
+    database's "now" sorts correctly against a timestamp SQLAlchemy stored."""
+    from sqlalchemy import select
+
+    from vidq.db import Batch, db_now, utcnow
+
+    engine = get_engine(database_url)
+    with engine.begin() as conn:
+        now, hour_ago = conn.execute(select(db_now(), db_now(ago_s=3600))).one()
+        assert 3599 < (now - hour_ago).total_seconds() < 3601
+        conn.execute(Batch.__table__.insert().values(name="t", created_at=utcnow()))
+        newer = conn.execute(select(Batch.id).where(Batch.created_at > db_now(ago_s=60)))
+        older = conn.execute(select(Batch.id).where(Batch.created_at < db_now(ago_s=60)))
+        assert (len(newer.all()), len(older.all())) == (1, 0)
+
+
 CLOCK_USERS = ("vidq.db", "worker.jobs", "vidq.reconcile", "producer.submit", "producer.query")
 
 

@@ -29,6 +29,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import FunctionElement
+from sqlalchemy.sql.visitors import InternalTraversal
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
@@ -70,6 +71,8 @@ class db_now(FunctionElement[dt.datetime]):  # noqa: N801  (reads as a SQL funct
     string comparison with stored values stays chronological."""
 
     type = DateTime(timezone=True)
+    # ago_s is rendered into the SQL text, so it must be part of the statement cache key.
+    _traverse_internals = [("ago_s", InternalTraversal.dp_plain_obj)]
     inherit_cache = True
 
     def __init__(self, ago_s: float = 0.0) -> None:
