@@ -113,7 +113,9 @@ def test_existing_rows_are_backfilled_into_the_default_queue(database_url: str) 
     assert sql(database_url, "select queue from jobs") == [("vidq",)]
 
 
-def test_a_0001_database_with_duplicate_active_jobs_upgrades(empty_database_url: str) -> None:
+def test_a_0001_database_with_duplicate_active_jobs_upgrades(
+    empty_database_url: str,  # noqa: F811
+) -> None:
     """The unique index needs at most one active job per content and configuration;
     0.1.0's --force could make two. The oldest stays, the others are cancelled, named."""
     from vidq import migrate
@@ -359,8 +361,8 @@ def test_a_file_replaced_after_submit_fails_changed_since_submit(
     os.utime(touched, ns=(time.time_ns(), time.time_ns() + 10**9))  # same bytes, new mtime
 
     outcomes = {o.job_id: o for o in run_jobs(report.job_ids, settings=settings)}
-    rows = dict((p, (s, k)) for p, s, k in sql(
-        database_url, "select path, status, error_kind from jobs"))
+    rows = {p: (s, k) for p, s, k in sql(
+        database_url, "select path, status, error_kind from jobs")}
     assert rows[str(replaced)] == ("failed", "changed_since_submit"), outcomes
     assert rows[str(touched)] == ("succeeded", None), outcomes
     assert sql(database_url, "select count(*) from video_labels v join jobs j on j.id = v.job_id"

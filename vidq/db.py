@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy import (
     BigInteger,
@@ -24,15 +24,14 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
-    func,
     text,
 )
-from sqlalchemy.ext.compiler import compiles
-from sqlalchemy.sql.expression import FunctionElement
-from sqlalchemy.sql.visitors import InternalTraversal
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
+from sqlalchemy.sql.expression import FunctionElement
+from sqlalchemy.sql.visitors import InternalTraversal
 
 from vidq.errors import TransientError
 from vidq.settings import Settings, mask_url
@@ -61,7 +60,7 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
-class db_now(FunctionElement[dt.datetime]):  # noqa: N801  (reads as a SQL function)
+class db_now(FunctionElement[dt.datetime]):
     """The database server's clock (``now()`` on PostgreSQL), less ``ago_s`` seconds.
 
     Every lease and heartbeat timestamp is written and compared with this, so a
@@ -72,7 +71,7 @@ class db_now(FunctionElement[dt.datetime]):  # noqa: N801  (reads as a SQL funct
 
     type = DateTime(timezone=True)
     # ago_s is rendered into the SQL text, so it must be part of the statement cache key.
-    _traverse_internals = [("ago_s", InternalTraversal.dp_plain_obj)]
+    _traverse_internals: ClassVar = [("ago_s", InternalTraversal.dp_plain_obj)]
     inherit_cache = True
 
     def __init__(self, ago_s: float = 0.0) -> None:
