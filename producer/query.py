@@ -7,10 +7,11 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from vidq.db import (
-    ACTIVE, Batch, ClipPrediction, Job, JobStatus, LabelSegment, VideoLabel, utcnow,
+    ACTIVE, Batch, ClipPrediction, Job, JobStatus, LabelSegment, VideoLabel, db_now, utcnow,
 )
 from vidq.errors import InputError
 from vidq.queue import new_task_id
@@ -195,25 +196,36 @@ def show_job(session: Session, job_id: int) -> dict[str, Any]:
 
 
 def requeue(
-    session: Session, *, batch: str | None, statuses: tuple[str, ...], job_ids: list[int] | None = None
+    session: Session, *, batch: str | None, statuses: tuple[str, ...], queue: str,
+    job_ids: list[int] | None = None,
 ) -> list[tuple[int, int, str]]:
-    """Put jobs in ``statuses`` back to queued; returns (id, priority, task_id) to publish."""
-    stmt = select(Job.id, Job.priority).where(Job.status.in_(statuses))
+    """Put ``queue``'s jobs in ``statuses`` back to queued; returns (id, priority, task_id)
+    to publish on that queue. Jobs of other queues (other models' workers) are left to
+    a ``vidq retry`` run with their VIDQ_QUEUE. A job whose content already has an
+    active job with the same configuration (submitted again since) stays as it is."""
+    stmt = select(Job.id, Job.priority).where(Job.status.in_(statuses), Job.queue == queue)
     bid = batch_id(session, batch)
     if bid is not None:
         stmt = stmt.where(Job.batch_id == bid)
     if job_ids:
         stmt = stmt.where(Job.id.in_(job_ids))
-    tasks = [(jid, prio, new_task_id()) for jid, prio in session.execute(stmt)]
-    now = utcnow()
-    for jid, _prio, tid in tasks:
-        session.execute(
-            update(Job)
-            .where(Job.id == jid, Job.status.in_(statuses))
-            .values(status=JobStatus.QUEUED.value, error_kind=None, error_message=None,
-                    lease_token=None, heartbeat_at=None, finished_at=None,
-                    task_id=tid, enqueued_at=now, attempts=0)  # asked again: a fresh budget
-        )
+    candidates = [(jid, prio, new_task_id()) for jid, prio in session.execute(stmt)]
+    tasks = []
+    for jid, prio, tid in candidates:
+        try:
+            with session.begin_nested():  # the unique index refuses a second active job
+                done = session.execute(
+                    update(Job)
+                    .where(Job.id == jid, Job.status.in_(statuses), Job.queue == queue)
+                    .values(status=JobStatus.QUEUED.value, error_kind=None, error_message=None,
+                            lease_token=None, heartbeat_at=None, finished_at=None,
+                            task_id=tid, enqueued_at=db_now(),
+                            attempts=0)  # asked again: a fresh VIDQ_MAX_ATTEMPTS budget
+                ).rowcount
+        except IntegrityError:
+            continue
+        if done:
+            tasks.append((jid, prio, tid))
     if tasks:
         renotify(session, [jid for jid, _p, _t in tasks])
     return tasks
@@ -247,7 +259,7 @@ def cancel(session: Session, *, batch: str | None, job_ids: list[int] | None = N
         stmt = stmt.where(Job.batch_id == bid)
     if job_ids:
         stmt = stmt.where(Job.id.in_(job_ids))
-    return session.execute(stmt.values(status=JobStatus.CANCELLED.value, finished_at=utcnow(),
+    return session.execute(stmt.values(status=JobStatus.CANCELLED.value, finished_at=db_now(),
                                        lease_token=None)).rowcount
 
 

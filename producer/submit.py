@@ -10,20 +10,19 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
-import hashlib
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
-from vidq.db import ACTIVE, Batch, Job, JobStatus, sessions, utcnow
+from vidq.db import ACTIVE, BATCH_NAME_MAX, Batch, Job, JobStatus, db_now, sessions
 from vidq.errors import InputError, VidqError
-from vidq.media import VIDEO_EXTENSIONS, check_video_path
+from vidq.media import VIDEO_EXTENSIONS, check_video_path, sha256_file
 from vidq.queue import make_celery, new_task_id, publish_jobs
 from vidq.sampling import Sampling
 from vidq.settings import Settings
@@ -58,6 +57,8 @@ class JobRequest:
 class SubmitReport:
     batch: str
     batch_id: int | None = None
+    resumed: list[int] = field(default_factory=list)
+    """Embedded only: jobs an interrupted ``vidq run`` left unfinished, to run now."""
     found: int = 0
     job_ids: list[int] = field(default_factory=list)
     duplicates: int = 0
@@ -124,22 +125,56 @@ def discover(
             yield from emit(p)
 
 
-def sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def _digest(path: str) -> str | InputError:
+    try:
+        return sha256_file(path)
+    except OSError as exc:  # removed or made unreadable since it was checked
+        return InputError(f"{path}: cannot read ({exc.strerror}).", kind="unreadable")
+
+
+def check_batch_name(name: str) -> None:
+    """A batch name the ``batches`` table can hold, or one line saying why not."""
+    if len(name) > BATCH_NAME_MAX:
+        raise InputError(
+            f"batch name is {len(name)} characters long; the limit is {BATCH_NAME_MAX}. "
+            "Choose a shorter --batch.", kind="bad_batch")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError("batch name is not valid UTF-8; choose another --batch.",
+                         kind="bad_batch") from None
+
+
+def _dialect_insert(session: Session) -> Any:
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert
+    if dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        return sqlite_insert
+    return None
 
 
 def _batch_id(session: Session, name: str) -> int:
-    found = session.scalar(select(Batch.id).where(Batch.name == name))
-    if found is not None:
-        return found
-    batch = Batch(name=name)
-    session.add(batch)
-    session.flush()
-    return batch.id
+    """The batch's id, creating it if needed: an upsert, so producers naming the same
+    new batch at once all get the one row (the loser of the race waits, then reads it)."""
+    dialect_insert = _dialect_insert(session)
+    if dialect_insert is None:
+        found = session.scalar(select(Batch.id).where(Batch.name == name))
+        if found is not None:
+            return found
+        batch = Batch(name=name)
+        session.add(batch)
+        session.flush()
+        return batch.id
+    session.execute(
+        dialect_insert(Batch).values(name=name, created_at=db_now())
+        .on_conflict_do_nothing(index_elements=["name"])
+    )
+    return session.scalars(select(Batch.id).where(Batch.name == name)).one()
 
 
 def default_batch_name() -> str:
@@ -158,10 +193,13 @@ def submit(
     progress: Callable[[int], None] = lambda _n: None,
     notify: str | None = None,
 ) -> SubmitReport:
-    """Record and enqueue one job per acceptable video. ``notify``: a URL the batch's
-    completion is POSTed to (vidq/notify.py)."""
+    """Record and enqueue one job per acceptable video. A video with an active job
+    (queued or running) for the same content and configuration is a duplicate, even
+    when another producer records it at the same moment: the database decides.
+    ``notify``: a URL the batch's completion is POSTed to (vidq/notify.py)."""
     report = SubmitReport(batch=batch or default_batch_name())
-    accepted: list[tuple[str, int]] = []
+    check_batch_name(report.batch)
+    candidates: list[tuple[str, int, int]] = []
     for raw in paths:
         report.found += 1
         try:
@@ -172,10 +210,20 @@ def submit(
             report.rejected.append(exc.message)
             on_reject(exc.message)
             continue
-        accepted.append((str(resolved), resolved.stat().st_size))
+        st = resolved.stat()
+        candidates.append((str(resolved), st.st_size, st.st_mtime_ns))
 
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
-        digests = list(pool.map(sha256_file, [p for p, _ in accepted]))
+        hashed = list(pool.map(_digest, [p for p, _, _ in candidates]))
+    accepted: list[tuple[str, int, int]] = []
+    digests: list[str] = []
+    for candidate, digest in zip(candidates, hashed):
+        if isinstance(digest, InputError):
+            report.rejected.append(digest.message)
+            on_reject(digest.message)
+        else:
+            accepted.append(candidate)
+            digests.append(digest)
 
     key = request.config_key()
     make_session = sessions(settings.database_url, auto_migrate=settings.auto_migrate)
@@ -200,9 +248,22 @@ def submit(
                         )
                     )
                 )
-        now = utcnow()
+        if not publish and known:
+            # `vidq run` adopts the rows an interrupted `vidq run` left: queued or running
+            # with no message (never published). A running one is claimed once its
+            # heartbeat is stale (worker/embedded.py waits for that).
+            unique = sorted(known)
+            for i in range(0, len(unique), CHUNK):
+                report.resumed.extend(session.scalars(
+                    select(Job.id).where(
+                        Job.config_key == key, Job.queue == settings.queue,
+                        Job.content_sha256.in_(unique[i : i + CHUNK]),
+                        Job.task_id.is_(None), Job.status.in_(ACTIVE),
+                    )
+                ))
+        now = session.scalar(select(db_now()))  # the database's clock, as reconcile reads it
         rows = []
-        for (path, size), digest in zip(accepted, digests):
+        for (path, size, mtime_ns), digest in zip(accepted, digests):
             if digest in known:
                 report.duplicates += 1
                 continue
@@ -211,7 +272,8 @@ def submit(
             rows.append(
                 {
                     "batch_id": batch_id, "path": path, "content_sha256": digest,
-                    "size_bytes": size, "status": JobStatus.QUEUED.value,
+                    "size_bytes": size, "mtime_ns": mtime_ns, "queue": settings.queue,
+                    "status": JobStatus.QUEUED.value,
                     "priority": request.priority, "attempts": 0, "submitted_at": now,
                     "model": request.model, "weights": request.weights,
                     "strategy": request.strategy, "clips_requested": request.clips,
@@ -225,10 +287,12 @@ def submit(
         for i in range(0, len(rows), CHUNK):
             chunk = rows[i : i + CHUNK]
             ids = insert_jobs(session, chunk)
-            report.job_ids.extend(ids)
-            to_publish.extend(
-                (job_id, request.priority, row["task_id"]) for job_id, row in zip(ids, chunk)
-            )
+            for job_id, row in zip(ids, chunk):
+                if job_id is None:  # another producer's active job for this content
+                    report.duplicates += 1
+                    continue
+                report.job_ids.append(job_id)
+                to_publish.append((job_id, request.priority, str(row["task_id"])))
             progress(len(chunk))
         if rows and not notify:  # more work in a batch that notifies: pending again
             session.execute(update(Batch).where(Batch.id == batch_id,
@@ -239,30 +303,42 @@ def submit(
     return report
 
 
-def insert_jobs(session: Session, rows: list[dict[str, object]]) -> list[int]:
-    """Insert job rows in bulk; returns their ids in row order.
+def insert_jobs(session: Session, rows: list[dict[str, object]]) -> list[int | None]:
+    """Insert job rows; returns their ids in row order, None for a row that would be a
+    second active job for its content and configuration (the unique index refused it:
+    skipped as a duplicate, the rest of the rows go in).
 
-    PostgreSQL gets COPY with ids drawn from the sequence first: several times
-    faster than a multi-row INSERT ... RETURNING, whose long statement the driver
-    re-parses for every page of rows.
+    PostgreSQL gets COPY into a temporary table, with ids drawn from the sequence
+    first, then one INSERT ... SELECT ... ON CONFLICT DO NOTHING: several times faster
+    than a multi-row INSERT, and rows go in content order, so concurrent producers
+    take the index's locks in the same order and cannot deadlock.
     """
+    dialect_insert = _dialect_insert(session)
     if session.get_bind().dialect.name != "postgresql":
-        return list(
-            session.scalars(insert(Job).returning(Job.id, sort_by_parameter_order=True), rows)
-        )
+        if dialect_insert is None:
+            return list(session.scalars(
+                insert(Job).returning(Job.id, sort_by_parameter_order=True), rows))
+        stmt = dialect_insert(Job).on_conflict_do_nothing().returning(Job.id)
+        return [session.execute(stmt, row).scalar() for row in rows]
     dbapi = session.connection().connection.dbapi_connection
     assert dbapi is not None
-    columns = list(rows[0])
+    columns = ", ".join(["id", *rows[0]])
     with dbapi.cursor() as cur:
         cur.execute(
             "select nextval(pg_get_serial_sequence('jobs', 'id')) from generate_series(1, %s)",
             (len(rows),),
         )
         ids = [r[0] for r in cur.fetchall()]
-        with cur.copy(f"COPY jobs (id, {', '.join(columns)}) FROM STDIN") as copy:
+        cur.execute("CREATE TEMP TABLE IF NOT EXISTS vidq_new_jobs "
+                    "(LIKE jobs INCLUDING DEFAULTS) ON COMMIT DROP")
+        cur.execute("TRUNCATE vidq_new_jobs")
+        with cur.copy(f"COPY vidq_new_jobs ({columns}) FROM STDIN") as copy:
             for job_id, row in zip(ids, rows):
                 copy.write_row((job_id, *row.values()))
-    return ids
+        cur.execute(f"INSERT INTO jobs ({columns}) SELECT {columns} FROM vidq_new_jobs "
+                    "ORDER BY content_sha256, config_key, id ON CONFLICT DO NOTHING RETURNING id")
+        inserted = {r[0] for r in cur.fetchall()}
+    return [job_id if job_id in inserted else None for job_id in ids]
 
 
 def enqueue(settings: Settings, tasks: list[tuple[int, int, str]]) -> tuple[int, str | None]:

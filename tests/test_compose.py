@@ -34,9 +34,15 @@ SETTINGS_VARS = {ENV_PREFIX + f.name.upper() for f in dataclasses.fields(Setting
 EXTRA_VIDQ_VARS = {"VIDQ_WORKER_PROCESSES"}
 # Host-side knobs of docker-compose.yml itself; never passed into a container.
 COMPOSE_ONLY_VARS = {
-    "VIDQ_REDIS_PASSWORD", "VIDQ_POSTGRES_PASSWORD", "VIDQ_MEDIA_DIR",
+    "VIDQ_REDIS_PASSWORD", "VIDQ_POSTGRES_PASSWORD", "VIDQ_POSTGRES_APP_PASSWORD",
+    "VIDQ_FLOWER_USER", "VIDQ_FLOWER_PASSWORD", "VIDQ_MEDIA_DIR",
     "VIDQ_WORKER_REPLICAS", "VIDQ_FLOWER_PORT",
 }
+PASSWORDS = {
+    "VIDQ_REDIS_PASSWORD": "r3dis-pw", "VIDQ_POSTGRES_PASSWORD": "pg-pw",
+    "VIDQ_POSTGRES_APP_PASSWORD": "app-pw", "VIDQ_FLOWER_PASSWORD": "flower-pw",
+}
+INIT_SCRIPT = REPO / "deploy" / "postgres-init" / "10-vidq-app-role.sh"
 
 # Stand-ins for torch being absent: what the producer and monitor images run must
 # import without it (they do not install it).
@@ -127,7 +133,7 @@ def compose_command() -> list[str] | None:
     return None
 
 
-def compose_config(tmp_path: Path, **env: str) -> dict[str, Any]:
+def run_compose_config(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
     """``docker-compose config`` of the file, resolved against ``env`` only."""
     command = compose_command()
     if command is None:
@@ -136,10 +142,14 @@ def compose_config(tmp_path: Path, **env: str) -> dict[str, Any]:
     empty_env_file = tmp_path / "empty.env"  # a developer's .env must not leak in
     empty_env_file.write_text("")
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("VIDQ_", "COMPOSE_"))}
-    done = subprocess.run(
+    return subprocess.run(
         [*command, "--env-file", str(empty_env_file), "-f", str(COMPOSE_FILE), "config"],
         capture_output=True, text=True, cwd=REPO, env={**clean, **env}, timeout=120,
     )
+
+
+def compose_config(tmp_path: Path, **env: str) -> dict[str, Any]:
+    done = run_compose_config(tmp_path, **env)
     assert done.returncode == 0, f"docker-compose config failed:\n{done.stderr}"
     return yaml.safe_load(done.stdout)
 
@@ -226,19 +236,27 @@ def vidq_script() -> str:
 
 # --- docker-compose config ---------------------------------------------------
 
-def test_docker_compose_config_validates_with_defaults(tmp_path: Path) -> None:
-    config = compose_config(tmp_path)
+def test_docker_compose_config_validates_with_the_passwords(tmp_path: Path) -> None:
+    config = compose_config(tmp_path, **PASSWORDS)
     services = config["services"]
     assert {"redis", "postgres", "worker", "flower", "producer"} <= set(services)
     assert int(services["worker"]["deploy"]["replicas"]) == 1
-    # Works out of the box, with a default password that says to change it.
-    assert "change-me" in env_of(services["worker"])["VIDQ_BROKER_URL"]
+
+
+@pytest.mark.parametrize("missing", sorted(PASSWORDS))
+def test_docker_compose_refuses_to_start_without_each_password(
+    tmp_path: Path, missing: str
+) -> None:
+    """No weak default: without a password, `docker compose up` stops and names it."""
+    done = run_compose_config(tmp_path, **{k: v for k, v in PASSWORDS.items() if k != missing})
+    assert done.returncode != 0, done.stdout
+    assert f"set {missing}" in done.stderr
+    assert "change-me" not in COMPOSE_FILE.read_text()
 
 
 def test_passwords_and_paths_reach_every_service(tmp_path: Path) -> None:
     config = compose_config(
-        tmp_path, VIDQ_REDIS_PASSWORD="r3dis-pw", VIDQ_POSTGRES_PASSWORD="pg-pw",
-        VIDQ_MEDIA_DIR="/srv/videos", VIDQ_WORKER_REPLICAS="3",
+        tmp_path, **PASSWORDS, VIDQ_MEDIA_DIR="/srv/videos", VIDQ_WORKER_REPLICAS="3",
     )
     services = config["services"]
     redis = argv(services["redis"]["command"])
@@ -248,7 +266,13 @@ def test_passwords_and_paths_reach_every_service(tmp_path: Path) -> None:
     for name in ("worker", "producer", "flower"):
         settings = Settings.from_env(env_of(services[name]))
         assert settings.broker_url == "redis://:r3dis-pw@redis:6379/0", name
-        assert settings.database_url == "postgresql+psycopg://vidq:pg-pw@postgres:5432/vidq", name
+        # The application's own role, not the database owner.
+        assert settings.database_url == (
+            "postgresql+psycopg://vidq_app:app-pw@postgres:5432/vidq"), name
+    migrate = Settings.from_env(env_of(services["migrate"]))
+    assert migrate.database_url == "postgresql+psycopg://vidq:pg-pw@postgres:5432/vidq"
+    assert env_of(services["postgres"])["APP_DB_PASSWORD"] == "app-pw"
+    assert env_of(services["flower"])["FLOWER_BASIC_AUTH"] == "admin:flower-pw"
     for name in ("worker", "producer"):
         media = mount_at(services[name], "/media")
         assert (media.source, media.read_only) == ("/srv/videos", True), name
@@ -345,12 +369,39 @@ def test_containers_are_given_only_real_vidq_settings() -> None:
 
 
 def test_default_environment_parses_as_settings() -> None:
-    env = interpolate(env_of(raw_compose()["services"]["worker"]))
+    env = interpolate(env_of(raw_compose()["services"]["worker"]), PASSWORDS)
     settings = Settings.from_env(env)
     assert settings.media_roots == ("/media",)
-    assert settings.broker_url.startswith("redis://:change-me@redis:6379/")
-    assert settings.database_url.startswith("postgresql+psycopg://vidq:")
-    assert "change-me" not in str(settings.public())
+    assert settings.broker_url.startswith("redis://:r3dis-pw@redis:6379/")
+    assert settings.database_url.startswith("postgresql+psycopg://vidq_app:")
+    assert "r3dis-pw" not in str(settings.public())
+
+
+def test_every_container_is_read_only_with_no_capabilities(tmp_path: Path) -> None:
+    services = compose_config(tmp_path, **PASSWORDS)["services"]
+    for name, service in services.items():
+        assert service.get("read_only") is True, name
+        assert service.get("cap_drop") == ["ALL"], name
+        assert "no-new-privileges:true" in service.get("security_opt", []), name
+        assert any(str(t).startswith("/tmp") for t in service.get("tmpfs", [])), name
+    # The official images start as root and drop to their user: only that, added back.
+    assert set(services["redis"].get("cap_add", [])) <= {"SETUID", "SETGID"}
+    assert set(services["postgres"].get("cap_add", [])) <= {
+        "CHOWN", "DAC_OVERRIDE", "FOWNER", "SETUID", "SETGID"}
+    for name in ("worker", "producer", "migrate", "flower"):
+        assert not services[name].get("cap_add"), name
+
+
+def test_postgres_creates_the_application_role_with_row_rights_only() -> None:
+    postgres = raw_compose()["services"]["postgres"]
+    init = mount_at(postgres, "/docker-entrypoint-initdb.d")
+    assert init.read_only and (REPO / init.source.lstrip("./")).resolve() == INIT_SCRIPT.parent
+    script = INIT_SCRIPT.read_text()
+    assert os.access(INIT_SCRIPT, os.X_OK)
+    assert "CREATE ROLE vidq_app LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE" in script
+    grants = re.findall(r"GRANT ([A-Z, ]+) ON", script)
+    allowed = {"SELECT", "INSERT", "UPDATE", "DELETE", "USAGE", "CONNECT", "TEMPORARY"}
+    assert grants and all(set(g.replace(" ", "").split(",")) <= allowed for g in grants), grants
 
 
 # --- Dockerfile and build context --------------------------------------------
@@ -441,3 +492,53 @@ main(["submit", "--help"])
                           cwd="/", timeout=120)
     assert done.returncode == 0, done.stderr
     assert "Usage: " in done.stdout
+
+
+def test_the_init_script_gives_the_application_rows_but_not_the_schema(tmp_path: Path) -> None:
+    """Run deploy/postgres-init as the postgres image would, on a private cluster: the
+    owner migrates, vidq_app submits and reads jobs, and cannot create or drop tables."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import ProgrammingError
+
+    from producer.submit import JobRequest, submit
+    from tests.faults.harness import PostgresServer
+    from vidq.db import dispose_engines, make_engine
+    from vidq.migrate import upgrade
+
+    server = PostgresServer()
+    if server.bindir is None or not shutil.which("psql"):
+        pytest.skip("PostgreSQL server binaries or psql are not installed")
+    server.init()
+    try:
+        admin = create_engine(server.url, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(text("CREATE ROLE vidq LOGIN SUPERUSER"))  # as the image makes it
+            conn.execute(text("CREATE DATABASE vidq OWNER vidq"))
+        admin.dispose()
+        env = {**os.environ, "POSTGRES_USER": "vidq", "POSTGRES_DB": "vidq",
+               "APP_DB_PASSWORD": "app-pw", "PGHOST": "127.0.0.1", "PGPORT": str(server.port)}
+        done = subprocess.run(["sh", str(INIT_SCRIPT)], env=env, capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        base = f"postgresql+psycopg://{{}}@127.0.0.1:{server.port}/vidq"
+        owner = make_engine(base.format("vidq"))
+        upgrade(owner)
+        owner.dispose()
+        app_url = base.format("vidq_app")
+        video = tmp_path / "a.mp4"
+        video.write_bytes(b"not decoded by submit")
+        report = submit([str(video)], settings=Settings(database_url=app_url),
+                        request=JobRequest(), batch="b", publish=False)
+        assert len(report.job_ids) == 1
+        app = create_engine(app_url)
+        with app.connect() as conn:
+            assert conn.execute(text("select count(*) from jobs")).scalar() == 1
+            for ddl in ("create table intruder (i int)", "drop table jobs",
+                        "alter table jobs add column x int"):
+                with pytest.raises(ProgrammingError, match="permission denied|must be owner"):
+                    conn.execute(text(ddl))
+                conn.rollback()
+        app.dispose()
+    finally:
+        dispose_engines()
+        server.destroy()

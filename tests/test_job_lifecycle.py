@@ -199,3 +199,48 @@ def test_a_finished_result_survives_a_failing_commit(
     assert outcome.status == "succeeded" and store.failures == 0
     r = row(settings, job_id)
     assert (r["status"], r["attempts"], r["clip_rows"]) == ("succeeded", 1, 5)
+
+
+def test_an_interrupted_vidq_run_is_finished_by_the_next_one(
+    database_url: str, tmp_path: Path  # noqa: F811
+) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for i in range(3):
+        make_video(videos / f"v{i}.mp4", seconds=1, seed=40 + i)
+    hold = tmp_path / "hold"
+    hold.touch()
+    env = {**os.environ, "VIDQ_DATABASE_URL": database_url, "VIDQ_MODEL": "x3d_xs",
+           "VIDQ_WEIGHTS": "random", "VIDQ_HEARTBEAT_S": "1", "VIDQ_INFLIGHT": "1",
+           "VIDQ_FAULT_PAUSE": f"after_claim={hold}"}
+    first = subprocess.Popen([sys.executable, "-m", "vidq.cli", "run", str(videos), "--batch",
+                              "first"], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    log = Path(f"{hold}.log")
+    deadline = time.monotonic() + 120
+    while not (log.exists() and "held" in log.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    first.send_signal(signal.SIGKILL)  # Ctrl-C or kill: one job running, two queued
+    first.wait()
+    hold.unlink()
+    settings = Settings.from_env({}, database_url=database_url)
+    statuses = sorted(row(settings, j)["status"] for j in (1, 2, 3))
+    assert statuses == ["queued", "queued", "running"]
+
+    env.pop("VIDQ_FAULT_PAUSE")
+    second = subprocess.run([sys.executable, "-m", "vidq.cli", "run", str(videos), "--batch",
+                             "second"], env=env, capture_output=True, text=True, timeout=180)
+    assert second.returncode == 0, second.stderr
+    assert "resuming 3 jobs an interrupted `vidq run` left unfinished" in second.stderr
+    for job_id in (1, 2, 3):
+        r = row(settings, job_id)
+        assert r["status"] == "succeeded" and r["clip_rows"] == 5, r
+    engine = create_engine(database_url)
+    with engine.connect() as conn:
+        assert conn.execute(text("select count(*) from jobs")).scalar_one() == 3
+    engine.dispose()

@@ -191,7 +191,7 @@ def _submit(settings: Settings, inputs: tuple[str, ...], *, recursive: bool, pat
                         publish=publish, on_reject=fail, progress=bar.update, notify=notify)
     click.echo(
         f"batch {report.batch}: {len(report.job_ids)} jobs recorded, {report.duplicates} already "
-        f"classified (use --force to redo), {len(report.rejected)} rejected", err=True,
+        f"classified or in flight (use --force to redo what is done), {len(report.rejected)} rejected", err=True,
     )
     if report.publish_error:
         fail(report.publish_error)
@@ -271,7 +271,11 @@ def run(inputs: tuple[str, ...], recursive: bool, pattern: str | None,
     report = _submit(settings, inputs, recursive=recursive, pattern=pattern, manifests=manifests,
                      batch=batch, force=force, publish=False, request=request, notify=notify)
     failed = 0
-    with tqdm(total=len(report.job_ids), desc=report.batch, unit="video", file=sys.stderr) as bar:
+    if report.resumed:
+        click.echo(f"resuming {len(report.resumed)} jobs an interrupted `vidq run` left "
+                   "unfinished", err=True)
+    todo = len(report.job_ids) + len(report.resumed)
+    with tqdm(total=todo, desc=report.batch, unit="video", file=sys.stderr) as bar:
         def progress(outcome: Any) -> None:
             nonlocal failed
             if outcome.status == "failed":
@@ -279,12 +283,13 @@ def run(inputs: tuple[str, ...], recursive: bool, pattern: str | None,
                 fail(f"job {outcome.job_id}: {outcome.detail}")
             bar.update(1)
 
-        run_jobs(report.job_ids, settings=settings, on_outcome=progress, classifier=classifier)
+        run_jobs(report.job_ids + report.resumed, settings=settings, on_outcome=progress,
+                 classifier=classifier)
     from vidq.notify import notify_if_done
 
     if notify_if_done(settings, report.batch_id) == "failed":
         warn(f"batch {report.batch}: the completion webhook was not delivered.")
-    click.echo(f"batch {report.batch}: {len(report.job_ids) - failed} succeeded, {failed} failed. "
+    click.echo(f"batch {report.batch}: {todo - failed} succeeded, {failed} failed. "
                f"See: vidq results --batch {report.batch}", err=True)
     if failed or report.rejected:
         sys.exit(1)
@@ -514,7 +519,8 @@ def retry(batch: str | None, only_failed: bool, cancelled: bool, job_ids: tuple[
     settings = Settings.from_env()
     statuses = (JobStatus.FAILED.value,) + ((JobStatus.CANCELLED.value,) if cancelled else ())
     with sessions(settings.database_url, auto_migrate=settings.auto_migrate)() as session, session.begin():
-        tasks = requeue(session, batch=batch, statuses=statuses, job_ids=list(job_ids))
+        tasks = requeue(session, batch=batch, statuses=statuses, job_ids=list(job_ids),
+                        queue=settings.queue)
     _publish(settings, tasks)
     click.echo(f"{len(tasks)} jobs queued again")
 

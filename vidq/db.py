@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import time
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 from sqlalchemy import (
     BigInteger,
@@ -25,13 +25,17 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
+    text,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
+from sqlalchemy.sql.expression import FunctionElement
+from sqlalchemy.sql.visitors import InternalTraversal
 
 from vidq.errors import TransientError
-from vidq.settings import mask_url
+from vidq.settings import Settings, mask_url
 
 # SQLite only autoincrements INTEGER PRIMARY KEY; PostgreSQL gets a BIGINT identity.
 BigId = BigInteger().with_variant(Integer, "sqlite")
@@ -46,10 +50,47 @@ class JobStatus(str, enum.Enum):
 
 
 ACTIVE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
+BATCH_NAME_MAX = 200
+DEFAULT_QUEUE = "vidq"
+_ACTIVE_SQL = "status IN ('queued', 'running')"
 
 
 def utcnow() -> dt.datetime:
+    """This host's clock, in UTC: for display and throughput only. Leases, heartbeats
+    and stale checks use ``db_now()``, the one clock every host shares."""
     return dt.datetime.now(dt.timezone.utc)
+
+
+class db_now(FunctionElement[dt.datetime]):
+    """The database server's clock (``now()`` on PostgreSQL), less ``ago_s`` seconds.
+
+    Every lease and heartbeat timestamp is written and compared with this, so a
+    worker host whose clock runs behind or ahead can neither steal a live job nor
+    lose its own. SQLite (one host) gets its UTC clock in the very text format
+    SQLAlchemy stores a DateTime there (``YYYY-MM-DD HH:MM:SS.ffffff``, no zone), so
+    string comparison with stored values stays chronological."""
+
+    type = DateTime(timezone=True)
+    # ago_s is rendered into the SQL text, so it must be part of the statement cache key.
+    _traverse_internals: ClassVar = [("ago_s", InternalTraversal.dp_plain_obj)]
+    inherit_cache = True
+
+    def __init__(self, ago_s: float = 0.0) -> None:
+        self.ago_s = float(ago_s)
+        super().__init__()
+
+
+@compiles(db_now)
+def _db_now_default(element: db_now, compiler: Any, **kw: Any) -> str:
+    if not element.ago_s:
+        return "now()"
+    return f"(now() - make_interval(secs => {element.ago_s!r}))"
+
+
+@compiles(db_now, "sqlite")
+def _db_now_sqlite(element: db_now, compiler: Any, **kw: Any) -> str:
+    # %f is "SS.SSS"; three zeros make SQLAlchemy's six fractional digits.
+    return f"strftime('%Y-%m-%d %H:%M:%f000', 'now', '{-element.ago_s!r} seconds')"
 
 
 class Base(DeclarativeBase):
@@ -60,7 +101,7 @@ class Batch(Base):
     __tablename__ = "batches"
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
-    name: Mapped[str] = mapped_column(String(200), unique=True)
+    name: Mapped[str] = mapped_column(String(BATCH_NAME_MAX), unique=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     # Completion webhook (vidq/notify.py): where to, and what happened.
     notify_url: Mapped[str | None] = mapped_column(Text)
@@ -82,6 +123,12 @@ class Job(Base):
     path: Mapped[str] = mapped_column(Text)
     content_sha256: Mapped[str] = mapped_column(String(64))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
+    mtime_ns: Mapped[int | None] = mapped_column(BigInteger)
+    """The file's modification time at submit; with size_bytes and content_sha256, the
+    fingerprint a worker checks before writing results. NULL on rows older than 0002."""
+    queue: Mapped[str] = mapped_column(String(64), default=DEFAULT_QUEUE,
+                                       server_default=DEFAULT_QUEUE)
+    """The Celery queue (VIDQ_QUEUE) the job was submitted to: its model's workers."""
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED.value)
     priority: Mapped[int] = mapped_column(SmallInteger, default=5)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -141,6 +188,11 @@ class Job(Base):
         Index("ix_jobs_content_config", "content_sha256", "config_key"),
         Index("ix_jobs_top_label_score", "top_label", "top_score"),
         Index("ix_jobs_finished_at", "finished_at"),
+        Index("ix_jobs_queue_status", "queue", "status"),
+        # The database, not a check-then-insert, keeps one active job per content and
+        # configuration: two producers submitting the same file at once insert one row.
+        Index("ux_jobs_active_content_config", "content_sha256", "config_key", unique=True,
+              postgresql_where=text(_ACTIVE_SQL), sqlite_where=text(_ACTIVE_SQL)),
     )
 
 
@@ -265,13 +317,23 @@ def wait_for_database(
             attempt += 1
 
 
-def make_engine(url: str) -> Engine:
-    """An engine with vidq's connection settings, and no schema check (``vidq db``)."""
+def make_engine(url: str, *, settings: Settings | None = None) -> Engine:
+    """An engine with vidq's connection settings, and no schema check (``vidq db``).
+    Pool size and timeouts come from ``settings`` (default: the ``VIDQ_DB_*`` variables)."""
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    s = settings or Settings.from_env()
+    connect_args: dict[str, Any] = {}
+    if url.startswith("postgresql"):
+        if s.db_connect_timeout_s > 0:
+            connect_args["connect_timeout"] = s.db_connect_timeout_s
+        if s.db_statement_timeout_s > 0:
+            connect_args["options"] = f"-c statement_timeout={int(s.db_statement_timeout_s * 1000)}"
+    return create_engine(url, pool_pre_ping=True, pool_size=s.db_pool_size,
+                         max_overflow=s.db_max_overflow, pool_timeout=s.db_pool_timeout_s,
+                         connect_args=connect_args)
 
 
 def unreachable(url: str, exc: BaseException) -> TransientError:

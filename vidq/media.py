@@ -8,6 +8,7 @@ the configured media roots.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import stat
@@ -34,6 +35,16 @@ def check_video_path(
     """
     if "\x00" in raw:
         raise InputError(f"{raw!r}: refused: path contains a NUL byte.", kind="refused_path")
+    try:
+        raw.encode("utf-8")
+    except UnicodeEncodeError:
+        # A name of undecodable bytes (os.fsdecode's surrogates): no SQL text column can
+        # hold it, so it is refused here rather than aborting a whole submission there.
+        shown = os.fsencode(raw).decode("utf-8", "backslashreplace")
+        raise InputError(
+            f"{shown}: refused: the file name is not valid UTF-8; rename the file.",
+            kind="bad_name",
+        ) from None
     if _PROTOCOL.match(raw) and not (len(raw) > 1 and raw[1] == ":" and os.name == "nt"):
         scheme = raw.split(":", 1)[0]
         raise InputError(
@@ -111,3 +122,39 @@ def open_video(
         yield proc
     finally:
         os.close(fd)
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def changed_since_submit(
+    path: str, *, size_bytes: int, mtime_ns: int | None, content_sha256: str
+) -> InputError | None:
+    """Why the file at ``path`` is not the one submitted, or None if it is.
+
+    The cheap check first: same size and modification time (to the nanosecond) means
+    the same file, as make and rsync assume. Only when either differs is the content
+    hashed again (a full read of the file), so a file merely touched, or copied back
+    unchanged, still passes, and the usual case costs one stat(). Rows recorded before
+    mtimes were (``mtime_ns`` NULL) are checked by size, then by hash."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return InputError(f"{path}: no longer readable since it was submitted ({exc.strerror}).",
+                          kind="changed_since_submit")
+    if st.st_size == size_bytes and (mtime_ns is None or st.st_mtime_ns == mtime_ns):
+        return None
+    try:
+        if sha256_file(path) == content_sha256:
+            return None
+    except OSError as exc:
+        return InputError(f"{path}: no longer readable since it was submitted ({exc.strerror}).",
+                          kind="changed_since_submit")
+    return InputError(
+        f"{path}: the file changed after it was submitted (its content hash differs); "
+        "results were not written. Submit it again to classify the new content.",
+        kind="changed_since_submit",
+    )

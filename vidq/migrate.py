@@ -101,7 +101,7 @@ def schema_state(conn: Connection) -> SchemaState:
 def upgrade(engine: Engine, revision: str = "head") -> tuple[SchemaState, SchemaState]:
     """Bring the database to ``revision`` (a legacy database is stamped first).
     Returns the state before and after. Safe to run from many processes at once."""
-    with _schema_lock(engine), engine.connect() as conn:
+    with _schema_lock(engine), engine.connect() as conn, _migration_session(conn):
         before = schema_state(conn)
         _refuse_unknown(before, engine)
         cfg = alembic_config()
@@ -115,7 +115,7 @@ def upgrade(engine: Engine, revision: str = "head") -> tuple[SchemaState, Schema
 
 
 def downgrade(engine: Engine, revision: str) -> tuple[SchemaState, SchemaState]:
-    with _schema_lock(engine), engine.connect() as conn:
+    with _schema_lock(engine), engine.connect() as conn, _migration_session(conn):
         before = schema_state(conn)
         _refuse_unknown(before, engine)
         cfg = alembic_config()
@@ -171,14 +171,41 @@ def _refuse_unknown(state: SchemaState, engine: Engine) -> None:
 
 
 @contextlib.contextmanager
+def _migration_session(conn: Connection) -> Iterator[None]:
+    """Session settings a migration needs, restored before the connection is pooled again.
+
+    SQLite: batch mode rebuilds a table (copy, drop, rename); with foreign keys on,
+    dropping ``jobs`` would cascade-delete every result row. The pragma only takes
+    effect outside a transaction, so it is set before the first statement.
+    PostgreSQL: no statement timeout: building an index on a big table takes long."""
+    dialect = conn.dialect.name
+    if dialect == "sqlite":
+        conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
+    elif dialect == "postgresql":
+        conn.exec_driver_sql("SET statement_timeout = 0")
+    try:
+        yield
+    finally:
+        if dialect == "sqlite":
+            conn.rollback()
+            conn.exec_driver_sql("PRAGMA foreign_keys=ON")
+        elif dialect == "postgresql":
+            conn.rollback()
+            conn.exec_driver_sql("RESET statement_timeout")
+            conn.commit()
+
+
+@contextlib.contextmanager
 def _schema_lock(engine: Engine) -> Iterator[None]:
     if engine.dialect.name == "postgresql":
         with engine.connect() as conn:
+            conn.exec_driver_sql("SET statement_timeout = 0")  # waiting for another upgrade
             conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _PG_LOCK_KEY})
             try:
                 yield
             finally:
                 conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _PG_LOCK_KEY})
+                conn.exec_driver_sql("RESET statement_timeout")
                 conn.commit()
         return
     database = make_url(str(engine.url)).database if engine.dialect.name == "sqlite" else None

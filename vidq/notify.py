@@ -30,7 +30,7 @@ from typing import Any
 
 from sqlalchemy import exists, func, select, update
 
-from vidq.db import ACTIVE, Batch, Job, JobStatus, sessions, utcnow
+from vidq.db import ACTIVE, Batch, Job, JobStatus, db_now, sessions
 from vidq.errors import VidqError
 from vidq.settings import Settings
 
@@ -78,7 +78,6 @@ def notify_if_done(settings: Settings, batch_id: int | None, *, retries: int = 5
     if batch_id is None:
         return None
     make_session = sessions(settings.database_url, auto_migrate=settings.auto_migrate)
-    now = utcnow()
     with make_session() as session, session.begin():
         claimed = session.execute(
             update(Batch)
@@ -87,10 +86,10 @@ def notify_if_done(settings: Settings, batch_id: int | None, *, retries: int = 5
                 Batch.notify_url.is_not(None),
                 (Batch.notify_status == "pending")
                 | ((Batch.notify_status == "sending")
-                   & (Batch.notify_claimed_at < now - dt.timedelta(seconds=CLAIM_STALE_S))),
+                   & (Batch.notify_claimed_at < db_now(ago_s=CLAIM_STALE_S))),
                 ~exists().where(Job.batch_id == batch_id, Job.status.in_(ACTIVE)),
             )
-            .values(notify_status="sending", notify_claimed_at=now)
+            .values(notify_status="sending", notify_claimed_at=db_now())
         ).rowcount
         if not claimed:
             return None
@@ -109,10 +108,10 @@ def notify_if_done(settings: Settings, batch_id: int | None, *, retries: int = 5
             session.execute(
                 update(Batch).where(Batch.id == batch_id).values(
                     notify_attempts=Batch.notify_attempts + 1, notify_response=response,
-                    notify_sent_at=utcnow() if ok else None,
+                    notify_sent_at=db_now() if ok else None,
                     notify_status="sent" if ok else ("failed" if attempt == retries
                                                      else "sending"),
-                    notify_claimed_at=utcnow(),
+                    notify_claimed_at=db_now(),
                 )
             )
         if ok:
@@ -156,7 +155,7 @@ def notify_soon(settings: Settings, batch_id: int | None) -> None:
 def due_batches(settings: Settings) -> list[int]:
     """Batches whose webhook is due (complete, pending or stale): for reconcile."""
     make_session = sessions(settings.database_url, auto_migrate=settings.auto_migrate)
-    stale = utcnow() - dt.timedelta(seconds=CLAIM_STALE_S)
+    stale = db_now(ago_s=CLAIM_STALE_S)
     with make_session() as session:
         return list(session.scalars(
             select(Batch.id).where(

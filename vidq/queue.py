@@ -52,9 +52,11 @@ def make_celery(settings: Settings) -> Celery:
             "sep": ":",
         },
         broker_connection_retry_on_startup=True,
-        # A worker that lost the broker cancels its acks_late tasks (they will be
-        # redelivered), so no second copy of a job runs on after reconnecting.
-        worker_cancel_long_running_tasks_on_connection_loss=True,
+        # A short Redis blip must not throw running work away. With Redis, an unacked
+        # message is redelivered only after the visibility timeout (hours), not on
+        # reconnect, so cancelling the running jobs would only discard their progress;
+        # the job's lease (worker/jobs.py) already stops a second copy from committing.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         # Loading a model can take a while; the default 4 s would kill the child.
         worker_proc_alive_timeout=600,
         worker_max_memory_per_child=(settings.worker_max_memory_mb * 1024) or None,

@@ -8,6 +8,10 @@ Two kinds are found:
   ``reconcile_after_s``: Redis restarted without persistence, the publish failed,
   or a worker died between taking the message and claiming the job (Redis keeps
   that message unacked until the visibility timeout, hours later).
+Only the jobs of this reconciler's queue (``VIDQ_QUEUE``, recorded on each job at
+submit) are looked at, and they go back to that queue: another model's jobs, on
+another queue, are neither "lost" here nor sent to workers that cannot run them.
+Ages are measured on the database's clock (``db_now``), never this host's.
 Each is re-queued with a conditional update, so two reconcilers (or a worker
 finishing the job meanwhile) cannot both act on it. A stray duplicate message is
 harmless: the job's lease and its succeeded status stop a second run.
@@ -15,7 +19,6 @@ harmless: the job's lease and its succeeded status stop a second run.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
 import time
@@ -23,7 +26,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import select, update
 
-from vidq.db import Job, JobStatus, sessions, utcnow
+from vidq.db import Job, JobStatus, db_now, sessions
 from vidq.notify import due_batches, notify_if_done
 from vidq.queue import PRIORITY_LEVELS, make_celery, new_task_id, publish_jobs
 from vidq.settings import Settings
@@ -98,26 +101,38 @@ def reconcile(
     older_than_s = settings.reconcile_after_s if older_than_s is None else older_than_s
     stale_after_s = settings.stale_after_s
     report = ReconcileReport()
-    now = utcnow()
     make_session = sessions(settings.database_url, auto_migrate=settings.auto_migrate)
     with make_session() as session:
         stale = session.execute(
             select(Job.id, Job.priority, Job.task_id).where(
+                Job.queue == settings.queue,
                 Job.status == JobStatus.RUNNING.value,
-                Job.heartbeat_at < now - dt.timedelta(seconds=stale_after_s),
+                Job.heartbeat_at < db_now(ago_s=stale_after_s),
             )
         ).all()
         queued = session.execute(
             select(Job.id, Job.priority, Job.task_id).where(
+                Job.queue == settings.queue,
                 Job.status == JobStatus.QUEUED.value,
-                Job.task_id.is_not(None),  # rows of `vidq run` (embedded) never touch a broker
-                Job.enqueued_at < now - dt.timedelta(seconds=older_than_s),
+                Job.task_id.is_not(None),
+                Job.enqueued_at < db_now(ago_s=older_than_s),
+            )
+        ).all()
+        # Rows of an interrupted `vidq run` (embedded: never published) that nobody
+        # has picked up since: no message can exist for them, so they are lost too.
+        unpublished = session.execute(
+            select(Job.id, Job.priority, Job.task_id).where(
+                Job.queue == settings.queue,
+                Job.status == JobStatus.QUEUED.value,
+                Job.task_id.is_(None),
+                Job.submitted_at < db_now(ago_s=older_than_s),
             )
         ).all()
     live = (broker_task_ids(settings, delivered_after=time.time() - older_than_s)
             if queued else set())
     report.broker_checked = live is not None
     lost = [row for row in queued if live is not None and row.task_id not in live]
+    lost += unpublished
     if dry_run:
         report.stale_running = [r.id for r in stale]
         report.lost_queued = [r.id for r in lost]
@@ -129,9 +144,9 @@ def reconcile(
             done = session.execute(
                 update(Job)
                 .where(Job.id == row.id, Job.status == JobStatus.RUNNING.value,
-                       Job.heartbeat_at < now - dt.timedelta(seconds=stale_after_s))
+                       Job.heartbeat_at < db_now(ago_s=stale_after_s))
                 .values(status=JobStatus.QUEUED.value, lease_token=None, heartbeat_at=None,
-                        task_id=task_id, enqueued_at=utcnow(), error_kind="crashed",
+                        task_id=task_id, enqueued_at=db_now(), error_kind="crashed",
                         error_message=STALE_MESSAGE)
             ).rowcount
             if done:
@@ -142,8 +157,9 @@ def reconcile(
             done = session.execute(
                 update(Job)
                 .where(Job.id == row.id, Job.status == JobStatus.QUEUED.value,
-                       Job.task_id == row.task_id)
-                .values(task_id=task_id, enqueued_at=utcnow())
+                       Job.task_id.is_(None) if row.task_id is None
+                       else Job.task_id == row.task_id)
+                .values(task_id=task_id, enqueued_at=db_now())
             ).rowcount
             if done:
                 report.lost_queued.append(row.id)

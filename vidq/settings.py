@@ -32,8 +32,28 @@ class Settings:
     only for SQLite, the embedded default; a shared PostgreSQL is upgraded by an operator
     with ``vidq db upgrade``, and workers refuse to run against a schema that differs."""
 
+    db_connect_timeout_s: int = 10
+    """PostgreSQL: seconds to wait for a connection (libpq ``connect_timeout``) before the
+    attempt fails as a transient database error; 0 = wait forever (libpq's default)."""
+
+    db_statement_timeout_s: float = 300.0
+    """PostgreSQL: longest a single statement may run (``statement_timeout``) before the
+    server cancels it, so a stuck query cannot hold a worker or a lock forever; 0 = no
+    limit. ``vidq db upgrade`` lifts it for the migration itself."""
+
+    db_pool_size: int = 5
+    """PostgreSQL connections each process keeps open. A worker host opens up to
+    processes x (db_pool_size + db_max_overflow); size max_connections for the fleet."""
+
+    db_max_overflow: int = 5
+    """PostgreSQL connections a process may open beyond ``db_pool_size`` at a peak."""
+
+    db_pool_timeout_s: float = 30.0
+    """Seconds a thread waits for a free pooled connection before a transient error."""
+
     queue: str = "vidq"
-    """Celery queue that jobs go to and workers consume."""
+    """Celery queue that jobs go to and workers consume. Recorded on each job: reconcile
+    and retry act only on the jobs of their own queue, and re-enqueue them there."""
 
     model: str = "slow_r50"
     """Model preset (``vidq models`` lists them)."""

@@ -47,7 +47,12 @@ def _run_one(job_id: int, *, pipeline: Pipeline, settings: Settings, store: JobS
     attempt = 0
     while True:
         try:
-            return execute_job(job_id, pipeline=pipeline, settings=settings, store=store)
+            outcome = execute_job(job_id, pipeline=pipeline, settings=settings, store=store)
+            if outcome.status != "busy":
+                return outcome
+            # Running elsewhere with a live heartbeat: another `vidq run`, or one just
+            # interrupted whose heartbeat has not gone stale yet. Look again later.
+            time.sleep(min(5.0, settings.stale_after_s))
         except TransientError as exc:
             if attempt >= settings.max_retries:
                 give_up = TransientError(

@@ -25,10 +25,12 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
 from vidq import metrics
-from vidq.db import ClipPrediction, Job, JobStatus, VideoLabel, first_line, sessions, utcnow
-from vidq.errors import Cancelled, PermanentError, TransientError, VidqError
+from vidq.db import (
+    ClipPrediction, Job, JobStatus, VideoLabel, db_now, first_line, sessions, utcnow,
+)
+from vidq.errors import Cancelled, InputError, PermanentError, TransientError, VidqError
 from vidq.faultpoints import pause_point
-from vidq.media import check_video_path
+from vidq.media import changed_since_submit, check_video_path
 from vidq.sampling import Sampling
 from vidq.segments import write_segments
 from vidq.settings import Settings
@@ -86,8 +88,9 @@ class JobStore:
         happened to its last attempt."""
 
         def op(s: Session) -> Job | Outcome:
-            now = utcnow()
-            stale = now - dt.timedelta(seconds=self.stale_after_s)
+            # The database's clock, never this host's: a host whose clock runs ahead
+            # would otherwise see every live heartbeat as stale and steal its job.
+            now, stale = db_now(), db_now(ago_s=self.stale_after_s)
             claimable = or_(
                 Job.status == JobStatus.QUEUED.value,
                 (Job.status == JobStatus.RUNNING.value)
@@ -151,7 +154,7 @@ class JobStore:
                 update(Job)
                 .where(Job.id == job_id, Job.lease_token == token,
                        Job.status == JobStatus.RUNNING.value)
-                .values(heartbeat_at=utcnow())
+                .values(heartbeat_at=db_now())
             ).rowcount
             == 1
         )
@@ -183,13 +186,23 @@ class JobStore:
                     status=JobStatus.FAILED.value,
                     error_kind=error.kind,
                     error_message=error.message[:2000],
-                    finished_at=utcnow(),
+                    finished_at=db_now(),
                     lease_token=None,
                 )
             )
             return res.rowcount == 1
 
         return self._run(op)
+
+    def fail_if_changed(self, job: Job, path: str, token: str) -> InputError | None:
+        """Fail the job (and return why) if the file at ``path`` is no longer the one
+        submitted; None if it is. Checked after decoding, just before results are
+        written, so a file replaced at any point before the commit is caught."""
+        changed = changed_since_submit(path, size_bytes=job.size_bytes, mtime_ns=job.mtime_ns,
+                                       content_sha256=job.content_sha256)
+        if changed is not None:
+            self.fail(job.id, token, changed)
+        return changed
 
     def succeed(self, job_id: int, token: str, result: object) -> bool:
         """Write the job's results in one transaction, only while our lease holds."""
@@ -207,7 +220,7 @@ class JobStore:
                 .values(
                     status=JobStatus.SUCCEEDED.value,
                     lease_token=None,
-                    finished_at=utcnow(),
+                    finished_at=db_now(),
                     error_kind=None,
                     error_message=None,
                     weights_id=result.weights_id,
@@ -343,6 +356,9 @@ def execute_job(
             except FutureTimeout:
                 raise over from None  # should_stop ends the video at its next clip
             pause_point("before_commit")
+            changed = store.fail_if_changed(job, str(path), token)
+            if changed is not None:  # already failed in the table
+                raise changed
             committed = commit_result(store, job_id, token, result,
                                       horizon_s=settings.commit_retry_s)
     except Cancelled as exc:

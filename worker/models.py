@@ -41,6 +41,9 @@ class ModelPreset:
     mean: tuple[float, float, float] = (0.45, 0.45, 0.45)
     std: tuple[float, float, float] = (0.225, 0.225, 0.225)
     num_classes: int = 400
+    sha256: str | None = None
+    """Pinned sha256 of the published checkpoint: ``pretrained`` weights (downloaded or
+    found in the hub cache) with another hash are refused. None = not pinned yet."""
     cpu_bf16: bool = True
     """Whether ``--precision auto`` picks bf16 on an AMX CPU. X3D's depthwise 3D
     convolutions run far slower in bf16 than fp32 through oneDNN (measured ~13x on
@@ -72,6 +75,8 @@ PRESETS: dict[str, ModelPreset] = {
     p.name: p
     for p in (
         # The seed: PyTorch Hub facebookresearch/pytorchvideo slow_r50, 8x8, 74.58 top-1.
+        # sha256 not pinned: the published file's hash could not be obtained offline
+        # (no network here); set it from `sha256sum SLOW_8x8_R50.pyth` of a trusted copy.
         ModelPreset(
             name="slow_r50",
             builder="slow_r50",
@@ -181,6 +186,18 @@ def resolve_checkpoint(preset: ModelPreset, weights: str) -> Path | None:
     return cached
 
 
+def verify_pinned(preset: ModelPreset, path: Path) -> str:
+    """The checkpoint's sha256, after checking it against the preset's pinned hash."""
+    digest = file_sha256(path)
+    if preset.sha256 is not None and digest != preset.sha256:
+        raise ConfigError(
+            f"Checkpoint {path} has sha256 {digest}, not the published {preset.name} "
+            f"checkpoint's {preset.sha256}; delete it so it is downloaded again, or set "
+            "VIDQ_WEIGHTS=/path/to/a/checkpoint you trust."
+        )
+    return digest
+
+
 def extract_state_dict(checkpoint: Any) -> dict[str, torch.Tensor]:
     """Accept the hub's ``.pyth`` (``{"model_state": ...}``) and plain state dicts."""
     if isinstance(checkpoint, dict):
@@ -208,16 +225,18 @@ def load_model(preset: ModelPreset, weights: str) -> LoadedModel:
         torch.manual_seed(0)
         module = preset.build()
         return LoadedModel(preset, module.eval(), RANDOM_WEIGHTS_ID)
+    digest = (verify_pinned(preset, checkpoint_path) if weights == "pretrained"
+              else file_sha256(checkpoint_path))
     module = preset.build()
     try:
+        # Tensors and plain containers only: unpickling anything else could run code.
         checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    except Exception:
-        # Older .pyth files pickle extra training state; the operator chose this file.
-        try:
-            checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-        except Exception as exc:
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise ConfigError(f"Cannot read checkpoint {checkpoint_path}: {first}.") from None
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(
+            f"Cannot read checkpoint {checkpoint_path} as plain tensors (torch.load with "
+            f"weights_only=True: {first[:200]}); re-save its state dict with torch.save."
+        ) from None
     try:
         module.load_state_dict(extract_state_dict(checkpoint))
     except RuntimeError as exc:
@@ -225,7 +244,7 @@ def load_model(preset: ModelPreset, weights: str) -> LoadedModel:
         raise ConfigError(
             f"Checkpoint {checkpoint_path} does not fit model {preset.name}: {first}"
         ) from None
-    return LoadedModel(preset, module.eval(), "sha256:" + file_sha256(checkpoint_path))
+    return LoadedModel(preset, module.eval(), "sha256:" + digest)
 
 
 # (conv, norm) attribute pairs of PyTorchVideo's blocks (stems, bottlenecks, the

@@ -145,8 +145,9 @@ def _reconcile_loop() -> None:
     while True:
         time.sleep(period)
         try:
-            if lock is None or lock.set("vidq:reconcile-lock", os.getpid(), nx=True,
-                                        ex=max(1, period - 1)):
+            # One lock per queue: each model's workers reconcile their own queue's jobs.
+            if lock is None or lock.set(f"vidq:reconcile-lock:{settings.queue}", os.getpid(),
+                                        nx=True, ex=max(1, period - 1)):
                 reconcile(settings)
         except Exception as exc:  # the broker or database is down: try next period
             log.warning("reconcile skipped: %s", str(exc).splitlines()[0] if str(exc) else exc)
@@ -182,6 +183,10 @@ class ClassifyRequest(Request):
             raise InvalidTaskError(
                 f"malformed vidq message (id={self.id!r}, timelimit={limits!r})"
             )
+        # Limits are the worker's, not the sender's: anyone who can write to the broker
+        # could otherwise give a job one second, or no limit at all (prefork pools).
+        hard = settings.task_time_limit_s
+        self.time_limits = (hard, max(hard - 60, 1))
 
 
 @app.task(name=TASK_CLASSIFY, bind=True, acks_late=True, Request=ClassifyRequest)
@@ -190,6 +195,9 @@ def classify(self: Any, job_id: Any = None, transient: int = 0) -> str:
         # A foreign or malformed message: drop it once, never loop on it.
         log.error("rejecting malformed message %s: args=%r", self.request.id, self.request.args)
         raise Reject("malformed vidq message", requeue=False)
+    # The retry counter rides in the message: bound it by this worker's settings, so a
+    # crafted value can neither retry forever (negative) nor skip the retries.
+    transient = min(max(transient, 0), settings.max_retries)
     state = load_process_state()
     try:
         outcome = execute_job(job_id, pipeline=state.pipeline, settings=settings,

@@ -159,7 +159,8 @@ class FaultCluster(Cluster):
         published: ``publish_inserted`` sends it the way ``vidq reconcile`` would."""
         engine = get_engine(self.database_url)  # creates the schema if no worker has yet
         values = {
-            "path": path, "content_sha256": "0" * 64, "size_bytes": 0,
+            # A content hash of its own: the database allows one active job per content.
+            "path": path, "content_sha256": uuid.uuid4().hex * 2, "size_bytes": 0,
             "status": "queued", "priority": 5, "attempts": 0, "model": "x3d_xs",
             "weights": "random", "strategy": "single", "clips_requested": 10,
             "start_sec": 0.0, "crops": 1, "config_key": "x3d_xs|random|single:start=0:crops=1",
