@@ -36,7 +36,7 @@ EXTRA_VIDQ_VARS = {"VIDQ_WORKER_PROCESSES"}
 COMPOSE_ONLY_VARS = {
     "VIDQ_REDIS_PASSWORD", "VIDQ_POSTGRES_PASSWORD", "VIDQ_POSTGRES_APP_PASSWORD",
     "VIDQ_FLOWER_USER", "VIDQ_FLOWER_PASSWORD", "VIDQ_MEDIA_DIR",
-    "VIDQ_WORKER_REPLICAS", "VIDQ_FLOWER_PORT",
+    "VIDQ_WORKER_REPLICAS", "VIDQ_FLOWER_PORT", "VIDQ_PROMETHEUS_PORT",
 }
 PASSWORDS = {
     "VIDQ_REDIS_PASSWORD": "r3dis-pw", "VIDQ_POSTGRES_PASSWORD": "pg-pw",
@@ -542,3 +542,24 @@ def test_the_init_script_gives_the_application_rows_but_not_the_schema(tmp_path:
     finally:
         dispose_engines()
         server.destroy()
+
+
+def test_worker_health_check_asks_vidq_worker_for_loaded_models() -> None:
+    worker = raw_compose()["services"]["worker"]
+    port = env_of(worker)["VIDQ_METRICS_PORT"]
+    test = " ".join(argv(worker["healthcheck"]["test"]))
+    assert f"127.0.0.1:{port}/healthz" in test
+    assert seconds(worker["healthcheck"]["start_period"]) >= 300  # weights may download
+
+
+def test_prometheus_is_optional_and_scrapes_every_worker() -> None:
+    services = raw_compose()["services"]
+    prometheus = services["prometheus"]
+    assert prometheus["profiles"] == ["monitoring"]
+    assert all(p.startswith("127.0.0.1:") for p in map(str, prometheus["ports"]))
+    config_mount = next(m for m in prometheus["volumes"] if "prometheus.yml" in m)
+    config = yaml.safe_load((REPO / config_mount.split(":")[0].lstrip("./")).read_text())
+    (job,) = config["scrape_configs"]
+    (sd,) = job["dns_sd_configs"]
+    port = int(env_of(services["worker"])["VIDQ_METRICS_PORT"])
+    assert sd["names"] == ["worker"] and sd["port"] == port
