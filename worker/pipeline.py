@@ -130,6 +130,10 @@ class Pipeline:
             maxsize=queue_clips or self.batch_size + 2 * self.decode_workers)
         self._todo: queue.Queue[_Video | None] = queue.Queue()
         self._closing = threading.Event()
+        # The model thread must use the intra-op threads its creator chose: a thread's
+        # first torch op takes the process-wide value last set by any thread, which
+        # would be a decoder's 1.
+        self.model_threads = torch.get_num_threads()
         self.stats = BatchStats()
         self._threads = [
             threading.Thread(target=self._decode_loop, name=f"vidq-decode-{i}", daemon=True)
@@ -251,6 +255,7 @@ class Pipeline:
             return None
 
     def _model_loop(self) -> None:
+        torch.set_num_threads(self.model_threads)
         batch: list[tuple[_Video, ClipFrames, torch.Tensor]] = []
         while not self._closing.is_set():
             item = self._get(0.2)

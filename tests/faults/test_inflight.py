@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -45,7 +46,7 @@ def test_jobs_in_flight_in_one_process_with_a_bad_video_among_them(
         watcher.join()
     jobs = {j["path"]: j for j in cluster.jobs()}
     assert jobs[str(bad)]["status"] == "failed" and jobs[str(bad)]["attempts"] == 1
-    assert jobs[str(bad)]["error_kind"] == "not_a_video"
+    assert jobs[str(bad)]["error_kind"] in ("not_a_video", "undecodable", "corrupt")
     for path in [media.long, *media.good[1:4]]:
         job = cluster.assert_succeeded_once(jobs[str(path)]["id"])
         assert job["attempts"] == 1
@@ -104,3 +105,30 @@ def test_sigterm_finishes_every_job_in_flight(cluster: FaultCluster, media: Faul
         cluster.assert_succeeded_once(job_id)
     assert all(j["status"] in ("succeeded", "queued") for j in rows.values()), rows
     assert all(j["attempts"] <= 1 for j in rows.values()), rows
+
+
+def test_a_video_that_kills_its_worker_every_time_ends_failed_crashed(
+    cluster: FaultCluster, media: FaultMedia, tmp_path: os.PathLike[str]
+) -> None:
+    """A poison video (here: the process is SIGKILLed whenever it holds the job, as an
+    out-of-memory kill or a decoder segfault would) cannot take a worker for ever."""
+    hold = Path(tmp_path) / "hold"
+    hold.touch()
+    log = Path(f"{hold}.log")
+    worker = cluster.start_worker("--concurrency", "1", VIDQ_MAX_ATTEMPTS="2",
+                                  VIDQ_RECONCILE_EVERY_S="2",
+                                  VIDQ_FAULT_PAUSE=f"after_claim={hold}")
+    cluster.vidq("submit", str(media.good[5]), "--batch", "poison")
+    for attempt in (1, 2):
+        cluster.wait_for(lambda: log.exists() and log.read_text().count("held") >= attempt,
+                         what=f"attempt {attempt} running")
+        (process,) = children_of(worker.pid)
+        os.kill(process, signal.SIGKILL)
+    cluster.wait_for(lambda: cluster.status_of(1) == "failed", what="the job given up",
+                     timeout=180)
+    (job,) = cluster.jobs()
+    assert job["attempts"] == 2 and job["error_kind"] == "crashed", job
+    assert "gave up after 2 attempts" in job["error_message"]
+    assert "stopped" in job["error_message"]
+    assert log.read_text().count("held") == 2  # no third run
+    assert worker.poll() is None
