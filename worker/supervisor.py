@@ -97,7 +97,7 @@ def run_workers(settings: Settings, plan: WorkerPlan, *, queues: str, loglevel: 
     if settings.metrics_port:
         metrics_env["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="vidq-metrics-")
         os.environ.update(metrics_env)  # before prometheus_client reads it
-        from vidq import metrics
+        from worker import metrics_server as metrics
 
         def healthy() -> tuple[bool, str]:
             alive = sum(1 for proc, _ in children.values() if proc.poll() is None)
@@ -147,9 +147,9 @@ def run_workers(settings: Settings, plan: WorkerPlan, *, queues: str, loglevel: 
                 continue
             del children[index]
             if metrics_env:
-                from vidq import metrics
+                from worker import metrics_server
 
-                metrics.mark_process_dead(proc.pid)
+                metrics_server.mark_process_dead(proc.pid)
             if stopping:
                 continue
             if code == CONFIG_EXIT:

@@ -36,13 +36,12 @@ def get(url: str) -> tuple[int, str]:
 
 
 def sample(text: str, name: str, **labels: str) -> float:
-    """The value of one sample of the Prometheus text format (0 if absent)."""
-    for line in text.splitlines():
-        if not line.startswith(name + "{") and not line.startswith(name + " "):
-            continue
-        if all(f'{k}="{v}"' in line for k, v in labels.items()):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    """The largest value among the samples of ``name`` with these labels (0 if none):
+    per-process gauges have one sample per worker process."""
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if (line.startswith(name + "{") or line.startswith(name + " "))
+              and all(f'{k}="{v}"' in line for k, v in labels.items())]
+    return max(values, default=0.0)
 
 
 def wait(check, timeout: float = 120, what: str = "") -> object:  # type: ignore[no-untyped-def]
@@ -82,6 +81,7 @@ def test_metrics_health_and_json_logs_of_a_real_run(cluster: Cluster, corpus: Pa
     assert sample(text, "vidq_batch_fill_count") >= 1
     assert sample(text, "vidq_queue_wait_seconds_count") == 6
     assert sample(text, "vidq_model_load_seconds") > 0
+    assert text.count("vidq_model_load_seconds{") == 1  # one worker process, nobody else
     assert in_flight_seen >= 1
     assert sample(text, "vidq_jobs_in_flight") == 0
 
