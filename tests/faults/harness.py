@@ -18,6 +18,7 @@ import subprocess
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -40,6 +41,33 @@ FAULT_ENV = {
 }
 
 
+@dataclass(frozen=True)
+class Hold:
+    """A pause point of vidq/faultpoints.py, for the processes started with ``env()``:
+    while engaged, a process that reaches the point blocks there until released."""
+
+    point: str
+    path: Path
+
+    def env(self) -> dict[str, str]:
+        return {"VIDQ_FAULT_PAUSE": f"{self.point}={self.path}"}
+
+    def engage(self) -> None:
+        self.path.touch()
+
+    def release(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    def events(self) -> list[tuple[int, str]]:
+        """(pid, "held" | "passed") for every time a process reached the point."""
+        log = Path(f"{self.path}.log")
+        lines = log.read_text().splitlines() if log.exists() else []
+        return [(int(pid), what) for pid, what in (line.split() for line in lines if line)]
+
+    def held_pids(self) -> list[int]:
+        return [pid for pid, what in self.events() if what == "held"]
+
+
 class FaultCluster(Cluster):
     """The e2e Cluster plus what a fault test needs: pids, direct rows, waits."""
 
@@ -52,6 +80,16 @@ class FaultCluster(Cluster):
         return Settings.from_env(self.env)
 
     # -- processes -------------------------------------------------------------------
+    def hold(self, point: str, tag: str = "") -> Hold:
+        """A hold on ``point`` for the workers started with its ``env()``."""
+        return Hold(point, self.workdir / f"hold-{point}{tag}")
+
+    def wait_held(self, hold: Hold, *, n: int = 1, timeout: float = 120) -> int:
+        """Until ``n`` processes are held at the point (a state, not a time); the last pid."""
+        pids = self.wait_for(lambda: hold.held_pids()[n - 1:], timeout=timeout,
+                             what=f"a process held at {hold.point}", poll_s=0.05)
+        return int(pids[-1])
+
     def start_workers(self, n: int, *args: str, **env: str) -> list[Any]:
         """Start ``n`` workers at once and wait until all are ready (saves a startup each)."""
         procs = [self.start_worker(*args, ready=False, **env) for _ in range(n)]
