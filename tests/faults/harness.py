@@ -231,28 +231,35 @@ def free_port() -> int:
 class RedisServer:
     """A private redis-server that keeps nothing (no RDB, no AOF), like the shared one."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, password: str | None = None) -> None:
         self.port = free_port()
         self.workdir = workdir
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.password = password
+        auth = f":{password}@" if password else ""
+        self.url = f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def cli(self) -> list[str]:
+        auth = ["-a", self.password, "--no-auth-warning"] if self.password else []
+        return ["redis-cli", "-p", str(self.port), *auth]
 
     def start(self) -> None:
         subprocess.run(
             ["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "--port", str(self.port),
              "--save", "", "--appendonly", "no", "--dir", str(self.workdir),
              "--logfile", str(self.workdir / f"redis-{self.port}.log"),
-             "--pidfile", str(self.workdir / f"redis-{self.port}.pid")],
+             "--pidfile", str(self.workdir / f"redis-{self.port}.pid"),
+             *(["--requirepass", self.password] if self.password else [])],
             check=True, capture_output=True,
         )
         self._cli_until("ping", "PONG")
 
     def stop(self) -> None:
         """``shutdown nosave``: everything in it is gone."""
-        subprocess.run(["redis-cli", "-p", str(self.port), "shutdown", "nosave"],
+        subprocess.run([*self.cli(), "shutdown", "nosave"],
                        capture_output=True, timeout=30)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            if subprocess.run(["redis-cli", "-p", str(self.port), "ping"],
+            if subprocess.run([*self.cli(), "ping"],
                               capture_output=True).returncode != 0:
                 return
             time.sleep(0.1)
@@ -261,7 +268,7 @@ class RedisServer:
     def _cli_until(self, command: str, expected: str) -> None:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            out = subprocess.run(["redis-cli", "-p", str(self.port), command],
+            out = subprocess.run([*self.cli(), command],
                                  capture_output=True, text=True)
             if out.stdout.strip() == expected:
                 return
