@@ -150,7 +150,7 @@ def test_no_password_reaches_the_worker_log(
     cluster.vidq("submit", str(media.good[0]), "--batch", "masked")
     cluster.wait_done(n=1, timeout=120)
     private_redis.stop()  # connection errors are logged with the broker URL
-    cluster.wait_log(cluster.log_of(worker), "reconcile skipped", proc=worker, timeout=60)
+    cluster.wait_log(cluster.log_of(worker), "Cannot connect to", proc=worker, timeout=60)
     private_redis.start()
     cluster.wait_log(cluster.log_of(worker), "] Connected to ", count=2, proc=worker)
     log = cluster.log_text(worker)
