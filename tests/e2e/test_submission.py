@@ -14,6 +14,8 @@ import redis
 from tests.e2e.conftest import Cluster
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+# Where the backend makes no difference to what is checked, SQLite only: the
+# publish batches (COPY on PostgreSQL) and the broker-down path run on both.
 
 QUEUE = "vidq"
 DEAD_BROKER = "redis://:s3cret-pw@127.0.0.1:1/0"  # nothing listens on port 1
@@ -43,6 +45,7 @@ def fake_videos(root: Path, n: int, prefix: str = "f") -> list[Path]:
     return paths
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_csv_jsonl_and_plain_manifests_record_exactly_their_paths(
     cluster: Cluster, tmp_path: Path
 ) -> None:
@@ -63,6 +66,7 @@ def test_csv_jsonl_and_plain_manifests_record_exactly_their_paths(
     assert out.returncode != 0 and "needs a 'path' column" in out.stderr
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_the_same_content_twice_in_one_submission_is_one_job(
     cluster: Cluster, tmp_path: Path
 ) -> None:
@@ -120,6 +124,7 @@ def test_broker_down_at_submit_records_rows_and_reconcile_publishes_them_later(
     assert "re-enqueued 0 stale running and 0 lost queued jobs" in again  # all accounted for
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_status_masks_the_database_password(cluster: Cluster) -> None:
     url = "postgresql+psycopg://vidq:db-s3cret@127.0.0.1:1/vidq"  # nothing listens there
     out = cluster.vidq("status", check=False, VIDQ_DATABASE_URL=url)
@@ -128,6 +133,7 @@ def test_status_masks_the_database_password(cluster: Cluster) -> None:
     assert "postgresql+psycopg://vidq:***@127.0.0.1:1/vidq" in out.stderr, out.stderr
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_higher_priority_jobs_run_first(cluster: Cluster, tmp_path: Path) -> None:
     from tests.media import make_video
 
