@@ -17,30 +17,50 @@ from tests.faults.harness import FaultCluster, RedisServer, children_of
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
 
-# Started in a worker's processes through PYTHONPATH: every classify call in a pool
-# child raises torch's out-of-memory error until VIDQ_TEST_OOM_CALLS calls have
-# (-1: forever). A stand-in for a GPU, the one thing these machines do not have.
+# Loaded by every worker process through PYTHONPATH: once worker.inference is
+# imported, the model's forward raises torch's out-of-memory error for the first
+# VIDQ_TEST_OOM_CALLS calls in each process (-1: always). A stand-in for a GPU,
+# the one thing these machines do not have; whatever pool runs the jobs.
 OOM_SITECUSTOMIZE = '''
+import importlib.abc
+import importlib.util
 import os
+import sys
+
+
+def _run_out_of_memory(module):
+    import torch
+
+    real = module.Classifier.forward
+    budget = [int(os.environ["VIDQ_TEST_OOM_CALLS"])]
+
+    def forward(self, *args, **kwargs):
+        if budget[0] != 0:
+            budget[0] -= 1
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, *args, **kwargs)
+
+    module.Classifier.forward = forward
+
+
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name != "worker.inference":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        real_exec = spec.loader.exec_module
+
+        def exec_module(module):
+            real_exec(module)
+            _run_out_of_memory(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
 
 if os.environ.get("VIDQ_TEST_OOM_CALLS"):
-    from celery import signals
-
-    @signals.worker_process_init.connect
-    def _run_out_of_memory(**_):
-        import torch
-        import worker.inference as inference
-
-        real = inference.Classifier.classify
-        budget = [int(os.environ["VIDQ_TEST_OOM_CALLS"])]
-
-        def classify(self, *args, **kwargs):
-            if budget[0] != 0:
-                budget[0] -= 1
-                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-            return real(self, *args, **kwargs)
-
-        inference.Classifier.classify = classify
+    sys.meta_path.insert(0, _PatchOnImport())
 '''
 
 
