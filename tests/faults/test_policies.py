@@ -128,8 +128,9 @@ def test_a_worker_process_over_its_memory_limit_is_replaced_and_jobs_go_on(
 ) -> None:
     # 1 MiB: every pool child is over it after its first job.
     worker = cluster.start_worker("--concurrency", "1", VIDQ_WORKER_MAX_MEMORY_MB="1")
-    cluster.vidq("submit", *map(str, media.good[:2]), "--batch", "recycle")
-    cluster.wait_done(n=2, timeout=240)
+    for n, video in enumerate(media.good[:2], start=1):  # one after the other
+        cluster.vidq("submit", str(video), "--batch", f"recycle-{n}")
+        cluster.wait_done(n=n, timeout=240)
     pids = []
     for job in cluster.jobs():
         cluster.assert_succeeded_once(job["id"])
