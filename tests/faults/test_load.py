@@ -67,9 +67,12 @@ def test_many_jobs_with_a_worker_killed_and_replaced_each_run_once(
     cluster.wait_for(lambda: count(cluster, "status = 'succeeded'") >= KILL_AFTER,
                      timeout=600, what=f"{KILL_AFTER} jobs done", poll_s=1)
     hold.engage()
-    cluster.wait_held(hold)  # the victim has claimed a job and holds it, lease live
+    held_pid = cluster.wait_held(hold)  # the victim has claimed a job and holds it
     cluster.kill_group(victim)  # SIGKILL of the whole worker, mid-job
     hold.release()
+    # What the dead process left running: the held job, and any other job it had in
+    # flight (a pipeline may run several at once). Each must be re-enqueued once.
+    stranded = count(cluster, f"status = 'running' and worker_host like '%:{held_pid}'")
     killed_at = count(cluster, "status in ('succeeded', 'failed')")
     cluster.start_worker("--concurrency", "1")
 
@@ -115,6 +118,7 @@ def test_many_jobs_with_a_worker_killed_and_replaced_each_run_once(
         "reenqueued_stale_running": sum(r for r, _q in reenqueued),
         "reenqueued_lost_queued": sum(q for _r, q in reenqueued),
         "finished_when_killed": killed_at,
+        "stranded_when_killed": stranded,
         "workers": 2,
         "worker_killed": 1,
         "worker_replaced": 1,
@@ -126,14 +130,16 @@ def test_many_jobs_with_a_worker_killed_and_replaced_each_run_once(
     print(f"\nload run figures ({report}):\n{report.read_text()}")
 
     # The README's line: N submitted, N succeeded, 0 failed, 0 lost, 0 duplicated;
-    # 1 job re-enqueued from the killed worker (attempts 2).
+    # the job(s) the killed worker held re-enqueued once each (attempts 2): 1 where a
+    # worker process runs one job at a time.
     assert figures["jobs_submitted"] == N_JOBS
     assert figures["lost"] == 0, figures
     assert figures["failed"] == 0 and figures["succeeded"] == N_JOBS, figures
     assert figures["duplicated_commits"] == 0 and figures["commits_logged"] == N_JOBS, figures
     assert figures["duplicated_task_runs"] == 0 and figures["duplicated_task_ids"] == 0, figures
     assert figures["jobs_with_wrong_result_rows"] == 0, figures
-    assert figures["reenqueued_stale_running"] == 1, figures
+    assert stranded >= 1, figures
+    assert figures["reenqueued_stale_running"] == stranded, figures
     assert figures["reenqueued_lost_queued"] == 0, figures
-    assert figures["attempts_gt_1"] == 1 and figures["max_attempts"] == 2, figures
+    assert figures["attempts_gt_1"] == stranded and figures["max_attempts"] == 2, figures
     assert survivor.poll() is None
