@@ -72,7 +72,8 @@ def test_many_jobs_with_a_worker_killed_and_replaced_each_run_once(
     hold.release()
     # What the dead process left running: the held job, and any other job it had in
     # flight (a pipeline may run several at once). Each must be re-enqueued once.
-    stranded = count(cluster, f"status = 'running' and worker_host like '%:{held_pid}'")
+    stranded = int(cluster.sql("select count(*) from jobs where status = 'running'"
+                               " and worker_host like :host", host=f"%:{held_pid}")[0][0])
     killed_at = count(cluster, "status in ('succeeded', 'failed')")
     cluster.start_worker("--concurrency", "1")
 
