@@ -11,19 +11,19 @@ Each video is 640x360 at 30 fps, ``--frames`` long (default 256 = 4 clip spans o
 same 4 windows). Content is /work/shared/reference/make_video.py's: moving shapes
 over gradients plus noise, H.264 ``veryfast``, a keyframe every 60 frames.
 
-Measured in this one run, ``--rounds`` times, seed then ours each round:
-  * seed: the seed script (default /work/shared/reference/seed_pipeline.py) once
-    per video, N_CLIPS = the video's whole clip spans; its own ``total_s`` (open,
-    decode, transform, forward for every clip; model construction excluded);
-  * ours: one ``vidq classify --strategy sliding --json`` over all videos; the
-    time it reports on stderr, measured after model load (decode, transform,
-    forward, assembly);
+Measured in this one run, ``--rounds`` times, the two sides taking turns to go
+first (seed-ours, then ours-seed, ...), each in a fresh process over all videos
+with the same warm-up (benchmarks/warm_pipelines.py: the model built once, one
+untimed forward on a random clip, then every video timed):
+  * seed: the seed script's own code (default /work/shared/reference/seed_pipeline.py),
+    N_CLIPS = the video's whole clip spans; open, decode, transform, forward;
+  * ours: vidq's ``Classifier.classify_many`` (what ``vidq classify`` runs) with
+    ``--strategy sliding``: decode, transform, forward, assembly;
   * floor: the bare model forward (softmax included) on random input of our batch
-    size and precision, in this process, after ours in each round: what the model
-    alone allows.
-Every time is printed with its baseline and the ratio. Both sides use random
-slow_r50 weights (the pretrained checkpoint is not reachable offline), which
-changes no timing.
+    size and precision, in this process, after each round: what the model alone allows.
+Each round prints both rates and the ratio; the summary gives the median ratio and
+its spread over rounds. Both sides use random slow_r50 weights (the pretrained
+checkpoint is not reachable offline), which changes no timing.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -80,28 +80,17 @@ def clip_spans(path: Path) -> int:
     return max(int(Fraction(duration).limit_denominator(100000) / SPAN), 1)
 
 
-def run_seed(script: str, video: Path, clips: int) -> dict[str, float]:
-    proc = subprocess.run([sys.executable, script, str(video), str(clips)],
-                          capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        sys.exit(f"seed script failed on {video}:\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+WARM = str(Path(__file__).resolve().with_name("warm_pipelines.py"))
 
 
-def run_ours(videos: list[Path], args: argparse.Namespace) -> tuple[int, float, list[dict]]:
-    command = [str(Path(sys.executable).with_name("vidq")), "classify", *map(str, videos),
-               "--strategy", "sliding", "--json", "--model", "slow_r50", "--weights", args.weights,
-               "--precision", args.precision]
-    if args.batch_size:
-        command += ["--batch-size", str(args.batch_size)]
+def run_side(side: str, videos: list[Path], args: argparse.Namespace, clips: int) -> dict:
+    command = [sys.executable, WARM, side, *map(str, videos), "--clips-per-video", str(clips),
+               "--seed-script", args.seed_script, "--precision", args.precision,
+               "--batch-size", str(args.batch_size)]
     proc = subprocess.run(command, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        sys.exit(f"vidq classify failed:\n{proc.stderr[-2000:]}")
-    summary = re.search(r"vidq: (\d+) clips in ([\d.]+)s", proc.stderr)
-    if summary is None:
-        sys.exit(f"no summary line from vidq classify:\n{proc.stderr}")
-    results = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
-    return int(summary.group(1)), float(summary.group(2)), results
+        sys.exit(f"{side} pipeline failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 class ForwardFloor:
@@ -159,55 +148,43 @@ def main() -> None:
         print(f"{len(videos)} videos, {sum(spans.values())} clips of {float(SPAN):.4f}s "
               f"(slow_r50 8x8) per round, {args.rounds} rounds, {os.cpu_count()} CPUs")
 
-        # Rounds alternate seed and ours so that any other load on the machine
-        # weighs on both sides alike; the totals add up every round.
+        if len(set(spans.values())) != 1:
+            sys.exit("every video must be the same number of clip spans long")
+        clips = next(iter(spans.values()))
         floor = ForwardFloor(args.precision, args.batch_size)
         batch, floor_precision = floor.clf.batch_size, floor.clf.precision
-        seed_clips, seed_s, our_clips, our_s, round_ratios = 0, 0.0, 0, 0.0, []
-        floor_clips, floor_s = 0, 0.0
-        seed_stage = {"decode_transform_s": 0.0, "model_s": 0.0}
-        our_stage = {"model_s": 0.0}
-        for _ in range(args.rounds):
-            r_clips, r_s = 0, 0.0
-            for v in videos:
-                out = run_seed(args.seed_script, v, spans[v])
-                r_clips += out["clips"]
-                r_s += out["total_s"]
-                for key in seed_stage:
-                    seed_stage[key] += out[key]
-            o_clips, o_s, results = run_ours(videos, args)
-            for v, r in zip(videos, results):
-                for key in our_stage:
-                    our_stage[key] += r["timing"][key]
-                starts = [c["start_sec"] for c in r["clips"]]
-                expected = [round(i * (8 * 8) / 30, 4) for i in range(spans[v])]
-                if starts != expected:
-                    sys.exit(f"{v}: our windows {starts} are not the seed's {expected}")
-            if o_clips != r_clips:
-                sys.exit(f"clip counts differ: seed {r_clips}, ours {o_clips}")
+        seed_rates, our_rates, floor_rates, ratios = [], [], [], []
+        precision = "?"
+        for r in range(args.rounds):
+            sides = ["seed", "vidq"] if r % 2 == 0 else ["vidq", "seed"]
+            got = {side: run_side(side, videos, args, clips) for side in sides}
+            if got["seed"]["clips"] != got["vidq"]["clips"]:
+                sys.exit(f"clip counts differ: seed {got['seed']['clips']}, "
+                         f"vidq {got['vidq']['clips']}")
+            precision = got["vidq"]["precision"]
+            seed_rate = got["seed"]["clips"] / got["seed"]["total_s"]
+            our_rate = got["vidq"]["clips"] / got["vidq"]["total_s"]
             f_clips, f_s = floor.measure(args.floor_seconds)
-            floor_clips, floor_s = floor_clips + f_clips, floor_s + f_s
-            round_ratios.append((o_clips / o_s) / (r_clips / r_s))
-            seed_clips, seed_s = seed_clips + r_clips, seed_s + r_s
-            our_clips, our_s = our_clips + o_clips, our_s + o_s
-        seed_rate = seed_clips / seed_s
-        our_rate = our_clips / our_s
-        precision = results[0]["precision"]
-
-        floor_rate = floor_clips / floor_s
+            seed_rates.append(seed_rate)
+            our_rates.append(our_rate)
+            floor_rates.append(f_clips / f_s)
+            ratios.append(our_rate / seed_rate)
+            print(f"round {r + 1} ({' then '.join(sides)}): seed {seed_rate:.3f} clips/s, "
+                  f"vidq {our_rate:.3f} clips/s = {ratios[-1]:.2f}x; "
+                  f"bare forward {floor_rates[-1]:.3f} clips/s")
         load_after = os.getloadavg()[0]
 
-    print(f"seed pipeline (fp32, one clip at a time): {seed_clips} clips in {seed_s:.2f}s = "
-          f"{seed_rate:.3f} clips/s  (baseline, 1.00x); of its time: decode+transform "
-          f"{seed_stage['decode_transform_s'] / seed_s:.0%}, "
-          f"model {seed_stage['model_s'] / seed_s:.0%}")
-    print(f"vidq classify --strategy sliding ({precision}, batch {batch}): {our_clips} clips in "
-          f"{our_s:.2f}s = {our_rate:.3f} clips/s  = {our_rate / seed_rate:.2f}x the seed "
-          f"(per round: {', '.join(f'{r:.2f}x' for r in round_ratios)}); "
-          f"forward passes {our_stage['model_s'] / our_s:.0%} of its time")
-    print(f"bare model forward ({floor_precision}, batch {batch}, random input): "
-          f"{floor_rate:.3f} clips/s = {floor_rate / seed_rate:.2f}x the seed; "
-          f"vidq classify reaches {our_rate / floor_rate:.0%} of it")
+    med = statistics.median
+    print(f"\nseed pipeline (fp32, one clip at a time, warm): median {med(seed_rates):.3f} "
+          f"clips/s (baseline)")
+    print(f"vidq classify pipeline ({precision}, batch {batch}, warm): median "
+          f"{med(our_rates):.3f} clips/s = {med(ratios):.2f}x the seed "
+          f"(rounds {min(ratios):.2f}-{max(ratios):.2f}x)")
+    floor_ratios = [o / f for o, f in zip(our_rates, floor_rates)]
+    print(f"bare model forward ({floor_precision}, batch {batch}, random input): median "
+          f"{med(floor_rates):.3f} clips/s = {med(floor_rates) / med(seed_rates):.2f}x the seed; "
+          f"vidq reaches {med(floor_ratios):.0%} of it (rounds {min(floor_ratios):.0%}-"
+          f"{max(floor_ratios):.0%})")
     print(f"load average {load_before:.2f} before, {load_after:.2f} after (this benchmark "
           f"itself keeps the CPUs busy)")
     if load_before > 0.5 * (os.cpu_count() or 1):

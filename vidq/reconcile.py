@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import select, update
 
 from vidq.db import Job, JobStatus, db_now, sessions
+from vidq.faultpoints import pause_point
 from vidq.notify import due_batches, notify_if_done
 from vidq.queue import PRIORITY_LEVELS, make_celery, new_task_id, publish_jobs
 from vidq.settings import Settings
@@ -98,6 +99,7 @@ def reconcile(
     settings: Settings, *, older_than_s: float | None = None, dry_run: bool = False
 ) -> ReconcileReport:
     """Re-enqueue jobs with no live task. Safe to run anywhere, any time, concurrently."""
+    pause_point("reconcile")
     older_than_s = settings.reconcile_after_s if older_than_s is None else older_than_s
     stale_after_s = settings.stale_after_s
     report = ReconcileReport()

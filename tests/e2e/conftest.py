@@ -100,6 +100,9 @@ class Cluster:
             "VIDQ_MODEL": "x3d_xs",
             "VIDQ_WEIGHTS": "random",
             "VIDQ_HEARTBEAT_S": "1",
+            # No periodic reconcile unless a test asks: on a loaded machine a heartbeat
+            # late by 8 s would make a live job look stale and run it twice.
+            "VIDQ_RECONCILE_EVERY_S": "0",
             "PYTHONUNBUFFERED": "1",
         }
         self.database_url = database_url

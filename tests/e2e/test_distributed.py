@@ -179,15 +179,79 @@ def test_results_formats_parse(cluster: Cluster, corpus: Path) -> None:
     assert show["status"] == "succeeded" and len(show["labels"]) == 5 and show["clips"]
 
 
-def test_readme_sql_runs_against_the_schema(cluster: Cluster, corpus: Path) -> None:
-    cluster.start_worker()
-    cluster.vidq("submit", str(corpus), "-r", "--batch", "nightly", "--wait")
+def _known_results(database_url: str) -> None:
+    """A results table whose poll answers are known: two batches, every status, two
+    failure kinds, archery above and below 0.5, one job's clips inserted out of order."""
+    import datetime as dt
+
+    from sqlalchemy import insert
+
+    from vidq.db import Batch, ClipPrediction, Job, VideoLabel, get_engine
+
+    t0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    asked = {"content_sha256": "0" * 64, "size_bytes": 1, "model": "slow_r50",
+             "weights": "pretrained", "strategy": "uniform", "clips_requested": 3,
+             "config_key": "k", "weights_id": None, "top_label": None, "top_score": None,
+             "finished_at": None, "error_kind": None}
+    jobs = [  # id, batch, path, status, top label/score, finished, error kind
+        (1, 1, "/v/a.mp4", "succeeded", "archery", 0.9, 1, None),
+        (2, 1, "/v/b.mp4", "succeeded", "bowling", 0.7, 2, None),
+        (3, 1, "/v/c.mp4", "failed", None, None, 4, "not_a_video"),
+        (4, 1, "/v/d.mp4", "queued", None, None, None, None),
+        (5, 2, "/v/e.mp4", "succeeded", "archery", 0.6, 3, None),
+        (6, 2, "/v/f.mp4", "failed", None, None, 5, "not_a_video"),
+        (7, 2, "/v/g.mp4", "failed", None, None, 6, "over_limit"),
+        (8, 1, "/v/h.mp4", "running", None, None, None, None),
+    ]
+    labels = [(1, 1, "archery", 0.9), (1, 2, "bowling", 0.05), (2, 1, "bowling", 0.7),
+              (2, 2, "archery", 0.2), (5, 1, "archery", 0.6), (5, 2, "bowling", 0.3)]
+    clips = [(1, 2, 1, 4.27, 6.4, "archery", 0.95), (1, 0, 1, 0.0, 2.13, "archery", 0.8),
+             (1, 1, 2, 2.13, 4.27, "archery", 0.3), (1, 1, 1, 2.13, 4.27, "bowling", 0.6),
+             (2, 0, 1, 0.0, 2.13, "bowling", 0.7)]
+    engine = get_engine(database_url)
+    with engine.begin() as conn:
+        conn.execute(insert(Batch), [{"id": 1, "name": "nightly"}, {"id": 2, "name": "other"}])
+        conn.execute(insert(Job), [
+            {**asked, "id": i, "batch_id": b, "path": p, "status": st, "top_label": lab,
+             "top_score": sc, "weights_id": "sha256:w" if st == "succeeded" else None,
+             "finished_at": None if fin is None else t0 + dt.timedelta(minutes=fin),
+             "error_kind": kind}
+            for i, b, p, st, lab, sc, fin, kind in jobs
+        ])
+        conn.execute(insert(VideoLabel), [
+            {"job_id": j, "rank": r, "class_id": 0, "label": lab, "score": sc}
+            for j, r, lab, sc in labels
+        ])
+        conn.execute(insert(ClipPrediction), [
+            {"job_id": j, "clip_index": c, "rank": r, "start_sec": a, "end_sec": b,
+             "class_id": 0, "label": lab, "score": sc}
+            for j, c, r, a, b, lab, sc in clips
+        ])
+
+
+def test_readme_polls_answer_correctly_on_known_results(
+    cluster: Cluster, database_url: str
+) -> None:
+    _known_results(database_url)
     blocks = re.findall(r"```sql\n(.*?)```", README.read_text(), flags=re.S)
     statements = [s.strip() for b in blocks for s in b.split(";") if s.strip()]
-    assert len(statements) >= 4, "README.md should show the common polls as SQL"
-    for statement in statements:
-        rows = cluster.sql(statement)
-        assert rows is not None
+    assert len(statements) == 5, "README.md shows five common polls; update this test with it"
+    progress, archery, timeline, failures, newest = (cluster.sql(s) for s in statements)
+
+    assert sorted(progress) == [("failed", 1), ("queued", 1), ("running", 1), ("succeeded", 2)]
+    assert [(i, p) for i, p, _sc in archery] == [(1, "/v/a.mp4"), (5, "/v/e.mp4")]
+    assert [sc for _i, _p, sc in archery] == pytest.approx([0.9, 0.6])
+    assert [(c, lab) for c, _a, _b, lab, _sc in timeline] == [
+        (0, "archery"), (1, "bowling"), (2, "archery")
+    ]
+    assert [(a, b) for _c, a, b, _lab, _sc in timeline] == [
+        pytest.approx((0.0, 2.13)), pytest.approx((2.13, 4.27)), pytest.approx((4.27, 6.4))
+    ]
+    assert sorted(failures) == [("not_a_video", 2, "/v/c.mp4"), ("over_limit", 1, "/v/g.mp4")]
+    assert [(i, p, lab) for i, p, lab, _sc, _w, _f in newest] == [
+        (5, "/v/e.mp4", "archery"), (2, "/v/b.mp4", "bowling"), (1, "/v/a.mp4", "archery")
+    ]
+    assert all(w == "sha256:w" and f is not None for *_x, w, f in newest)
 
 
 def _wait_for(cluster: Cluster, query: str, expected: int, timeout: float = 60) -> None:

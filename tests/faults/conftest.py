@@ -50,10 +50,12 @@ def cluster(
     c.kill_all()
 
 
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A Redis of this test's own, free to be shut down; always stopped at the end."""
-    server = RedisServer(tmp_path)
+@pytest.fixture(params=[None], ids=["no-password"])
+def private_redis(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis of this test's own, free to be shut down; always stopped at the end.
+    ``@pytest.mark.parametrize("private_redis", ["PASSWORD"], indirect=True)`` sets
+    a password (``requirepass``)."""
+    server = RedisServer(tmp_path, password=request.param)
     server.start()
     try:
         yield server
@@ -66,7 +68,8 @@ def _redis_up(server: RedisServer) -> bool:
     import redis
 
     try:
-        return bool(redis.Redis(port=server.port, socket_timeout=2).ping())
+        return bool(redis.Redis(port=server.port, password=server.password,
+                                socket_timeout=2).ping())
     except redis.RedisError:
         return False
 

@@ -18,6 +18,7 @@ import subprocess
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -40,6 +41,33 @@ FAULT_ENV = {
 }
 
 
+@dataclass(frozen=True)
+class Hold:
+    """A pause point of vidq/faultpoints.py, for the processes started with ``env()``:
+    while engaged, a process that reaches the point blocks there until released."""
+
+    point: str
+    path: Path
+
+    def env(self) -> dict[str, str]:
+        return {"VIDQ_FAULT_PAUSE": f"{self.point}={self.path}"}
+
+    def engage(self) -> None:
+        self.path.touch()
+
+    def release(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    def events(self) -> list[tuple[int, str]]:
+        """(pid, "held" | "passed") for every time a process reached the point."""
+        log = Path(f"{self.path}.log")
+        lines = log.read_text().splitlines() if log.exists() else []
+        return [(int(pid), what) for pid, what in (line.split() for line in lines if line)]
+
+    def held_pids(self) -> list[int]:
+        return [pid for pid, what in self.events() if what == "held"]
+
+
 class FaultCluster(Cluster):
     """The e2e Cluster plus what a fault test needs: pids, direct rows, waits."""
 
@@ -52,6 +80,16 @@ class FaultCluster(Cluster):
         return Settings.from_env(self.env)
 
     # -- processes -------------------------------------------------------------------
+    def hold(self, point: str, tag: str = "") -> Hold:
+        """A hold on ``point`` for the workers started with its ``env()``."""
+        return Hold(point, self.workdir / f"hold-{point}{tag}")
+
+    def wait_held(self, hold: Hold, *, n: int = 1, timeout: float = 120) -> int:
+        """Until ``n`` processes are held at the point (a state, not a time); the last pid."""
+        pids = self.wait_for(lambda: hold.held_pids()[n - 1:], timeout=timeout,
+                             what=f"a process held at {hold.point}", poll_s=0.05)
+        return int(pids[-1])
+
     def start_workers(self, n: int, *args: str, **env: str) -> list[Any]:
         """Start ``n`` workers at once and wait until all are ready (saves a startup each)."""
         procs = [self.start_worker(*args, ready=False, **env) for _ in range(n)]
@@ -194,28 +232,35 @@ def free_port() -> int:
 class RedisServer:
     """A private redis-server that keeps nothing (no RDB, no AOF), like the shared one."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, password: str | None = None) -> None:
         self.port = free_port()
         self.workdir = workdir
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.password = password
+        auth = f":{password}@" if password else ""
+        self.url = f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def cli(self) -> list[str]:
+        auth = ["-a", self.password, "--no-auth-warning"] if self.password else []
+        return ["redis-cli", "-p", str(self.port), *auth]
 
     def start(self) -> None:
         subprocess.run(
             ["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "--port", str(self.port),
              "--save", "", "--appendonly", "no", "--dir", str(self.workdir),
              "--logfile", str(self.workdir / f"redis-{self.port}.log"),
-             "--pidfile", str(self.workdir / f"redis-{self.port}.pid")],
+             "--pidfile", str(self.workdir / f"redis-{self.port}.pid"),
+             *(["--requirepass", self.password] if self.password else [])],
             check=True, capture_output=True,
         )
         self._cli_until("ping", "PONG")
 
     def stop(self) -> None:
         """``shutdown nosave``: everything in it is gone."""
-        subprocess.run(["redis-cli", "-p", str(self.port), "shutdown", "nosave"],
+        subprocess.run([*self.cli(), "shutdown", "nosave"],
                        capture_output=True, timeout=30)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            if subprocess.run(["redis-cli", "-p", str(self.port), "ping"],
+            if subprocess.run([*self.cli(), "ping"],
                               capture_output=True).returncode != 0:
                 return
             time.sleep(0.1)
@@ -224,7 +269,7 @@ class RedisServer:
     def _cli_until(self, command: str, expected: str) -> None:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            out = subprocess.run(["redis-cli", "-p", str(self.port), command],
+            out = subprocess.run([*self.cli(), command],
                                  capture_output=True, text=True)
             if out.stdout.strip() == expected:
                 return

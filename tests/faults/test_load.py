@@ -1,14 +1,19 @@
-"""A thousand small jobs through two workers, one of them SIGKILLed part-way and
-replaced: every job ends exactly once. Prints (and writes to JSON) the figures:
+"""Many small jobs through two workers, one of them SIGKILLed part-way (held at a
+claimed job, so exactly one job is in flight when it dies) and replaced: every
+job ends exactly once. Prints (and writes to JSON) the figures.
 
-    python -m pytest tests/faults/test_load.py -m faults -s
+CI runs 150 jobs. The README's figure is the full run of 1,000:
+
+    VIDQ_TEST_LOAD_JOBS=1000 python -m pytest tests/faults/test_load.py -s
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -18,7 +23,7 @@ from tests.media import make_video
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.timeout(1200)]
 
-N_JOBS = 1000
+N_JOBS = int(os.environ.get("VIDQ_TEST_LOAD_JOBS", "150"))
 KILL_AFTER = N_JOBS // 3
 STALL_S = 90
 
@@ -37,23 +42,38 @@ def count(cluster: FaultCluster, where: str) -> int:
     return int(cluster.sql(f"select count(*) from jobs where {where}")[0][0])
 
 
+def repeated(items: list[object]) -> int:
+    """How many distinct items occur more than once."""
+    return sum(1 for n in Counter(items).values() if n > 1)
+
+
 # PostgreSQL: the backend for many workers; SQLite serializes every write.
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
-def test_a_thousand_jobs_with_a_worker_killed_and_replaced_each_run_once(
+def test_many_jobs_with_a_worker_killed_and_replaced_each_run_once(
     cluster: FaultCluster, tiny_videos: Path, tmp_path: Path
 ) -> None:
     started = time.monotonic()
     # Reconcile every 2 s; a queued job whose message a dead worker took counts as
     # lost after 10 s (600 s by default).
     cluster.env.update(VIDQ_RECONCILE_EVERY_S="2", VIDQ_RECONCILE_AFTER_S="10")
-    victim, survivor = cluster.start_workers(2, "--concurrency", "1")
+    hold = cluster.hold("after_claim", "-victim")
+    victim = cluster.start_worker("--concurrency", "1", ready=False, **hold.env())
+    survivor = cluster.start_worker("--concurrency", "1", ready=False)
+    for proc in (victim, survivor):
+        cluster.wait_log(cluster.log_of(proc), "ready:", proc=proc)
     out = cluster.vidq("submit", str(tiny_videos), "--batch", "load", timeout=300)
     assert f"{N_JOBS} jobs recorded" in out.stderr, out.stderr
 
     cluster.wait_for(lambda: count(cluster, "status = 'succeeded'") >= KILL_AFTER,
-                     timeout=300, what=f"{KILL_AFTER} jobs done", poll_s=1)
-    running_at_kill = count(cluster, "status = 'running'")
-    cluster.kill_group(victim)  # SIGKILL, whatever it is doing
+                     timeout=600, what=f"{KILL_AFTER} jobs done", poll_s=1)
+    hold.engage()
+    held_pid = cluster.wait_held(hold)  # the victim has claimed a job and holds it
+    cluster.kill_group(victim)  # SIGKILL of the whole worker, mid-job
+    hold.release()
+    # What the dead process left running: the held job, and any other job it had in
+    # flight (a pipeline may run several at once). Each must be re-enqueued once.
+    stranded = int(cluster.sql("select count(*) from jobs where status = 'running'"
+                               " and worker_host like :host", host=f"%:{held_pid}")[0][0])
     killed_at = count(cluster, "status in ('succeeded', 'failed')")
     cluster.start_worker("--concurrency", "1")
 
@@ -69,26 +89,37 @@ def test_a_thousand_jobs_with_a_worker_killed_and_replaced_each_run_once(
         time.sleep(1)
     elapsed = time.monotonic() - started
 
-    results = cluster.result_sets()
+    logs = cluster.all_logs()
     reenqueued = [tuple(map(int, m)) for m in re.findall(
-        r"reconcile: re-enqueued (\d+) stale running and (\d+) lost queued", cluster.all_logs())]
-    clips_done = dict(cluster.sql("select id, clips_done from jobs where status = 'succeeded'"))
+        r"reconcile: re-enqueued (\d+) stale running and (\d+) lost queued", logs)]
+    # Where a duplicate could appear: a job committed by two attempts (each commit
+    # logs "job N succeeded"), a Celery task id that ran to success twice, clip rows
+    # beyond the clips planned (x3d_xs, strategy single: 1 clip of a 2 s video), or
+    # two jobs sharing a task id.
+    commits = re.findall(r"job (\d+) succeeded", logs)
+    task_runs = re.findall(r"Task vidq\.classify\[([^\]]+)\] succeeded in", logs)
+    clip_rows = dict(cluster.sql("select job_id, count(*) from clip_predictions group by job_id"))
+    label_rows = dict(cluster.sql("select job_id, count(*) from video_labels group by job_id"))
+    succeeded = [j for (j,) in cluster.sql("select id from jobs where status = 'succeeded'")]
+    task_ids = [t for (t,) in cluster.sql("select task_id from jobs")]
     figures = {
         "jobs_submitted": count(cluster, "1 = 1"),
-        "succeeded": count(cluster, "status = 'succeeded'"),
+        "succeeded": len(succeeded),
         "failed": count(cluster, "status = 'failed'"),
         "lost": count(cluster, "status in ('queued', 'running')"),
-        "duplicated": sum(1 for labels, _rows, _clips in results.values() if labels > TOP_K),
-        "wrong_result_rows": sum(
-            1 for job_id, n in clips_done.items()
-            if results.get(job_id, (0, 0, 0)) != (TOP_K, n * TOP_K, n)
+        "duplicated_commits": repeated(commits),
+        "duplicated_task_runs": repeated(task_runs),
+        "duplicated_task_ids": repeated(task_ids),
+        "jobs_with_wrong_result_rows": sum(
+            1 for j in succeeded if (clip_rows.get(j), label_rows.get(j)) != (TOP_K, TOP_K)
         ),
+        "commits_logged": len(commits),
         "attempts_gt_1": count(cluster, "attempts > 1"),
         "max_attempts": int(cluster.sql("select max(attempts) from jobs")[0][0]),
         "reenqueued_stale_running": sum(r for r, _q in reenqueued),
         "reenqueued_lost_queued": sum(q for _r, q in reenqueued),
         "finished_when_killed": killed_at,
-        "running_when_killed": running_at_kill,
+        "stranded_when_killed": stranded,
         "workers": 2,
         "worker_killed": 1,
         "worker_replaced": 1,
@@ -99,8 +130,18 @@ def test_a_thousand_jobs_with_a_worker_killed_and_replaced_each_run_once(
     report.write_text(json.dumps(figures, indent=2))
     print(f"\nload run figures ({report}):\n{report.read_text()}")
 
+    # The README's line: N submitted, N succeeded, 0 failed, 0 lost, 0 duplicated;
+    # the job(s) the killed worker held re-enqueued once each (attempts 2): 1 where a
+    # worker process runs one job at a time.
     assert figures["jobs_submitted"] == N_JOBS
     assert figures["lost"] == 0, figures
-    assert figures["duplicated"] == 0 and figures["wrong_result_rows"] == 0, figures
     assert figures["failed"] == 0 and figures["succeeded"] == N_JOBS, figures
+    # (A commit may land just before the SIGKILL, its log line not yet written.)
+    assert figures["duplicated_commits"] == 0 and figures["commits_logged"] <= N_JOBS, figures
+    assert figures["duplicated_task_runs"] == 0 and figures["duplicated_task_ids"] == 0, figures
+    assert figures["jobs_with_wrong_result_rows"] == 0, figures
+    assert stranded >= 1, figures
+    assert figures["reenqueued_stale_running"] == stranded, figures
+    assert figures["reenqueued_lost_queued"] == 0, figures
+    assert figures["attempts_gt_1"] == stranded and figures["max_attempts"] == 2, figures
     assert survivor.poll() is None

@@ -68,17 +68,24 @@ def test_database_outage_jobs_retry_and_complete_none_failed(
     media: FaultMedia,
 ) -> None:
     cluster = make_cluster(broker_url=redis_url, database_url=private_postgres.url)
-    worker = cluster.start_worker("--concurrency", "1")
-    running = submit_long_job(cluster, media, "outage")
-    cluster.vidq("submit", *map(str, media.good[:3]), "--batch", "outage-queued")
-    cluster.wait_running(running)
+    hold = cluster.hold("before_commit")
+    hold.engage()
+    worker = cluster.start_worker("--concurrency", "1", **hold.env())
+    cluster.vidq("submit", str(media.good[0]), "--batch", "outage")
+    held = 1
+    cluster.wait_held(hold)  # classified, about to write its rows
+    cluster.vidq("submit", *map(str, media.good[1:4]), "--batch", "outage-queued")
 
     private_postgres.stop()
     try:
-        # Heartbeats fail, the running job cannot save its rows, queued jobs cannot be
-        # claimed: every one of them is a transient error, retried with backoff.
-        cluster.wait_log(cluster.log_of(worker), "database unavailable", proc=worker, timeout=60)
-        time.sleep(4)
+        hold.release()  # its commit meets the outage
+        # Down for longer than one backoff step: until the held job has been retried
+        # twice (its commit, then a claim, both failing) with the database still gone.
+        cluster.wait_log(cluster.log_of(worker), f"job {held}: database unavailable",
+                         proc=worker, timeout=60)
+        cluster.wait_for(lambda: re.search(rf"job {held}: database unavailable.*; retry 2 in",
+                                           cluster.log_text(worker)),
+                         what="a second retry during the outage", timeout=60)
     finally:
         private_postgres.start()
 
@@ -87,4 +94,6 @@ def test_database_outage_jobs_retry_and_complete_none_failed(
         assert job["status"] == "succeeded", job
         cluster.assert_succeeded_once(job["id"])
     assert cluster.sql("select count(*) from jobs where error_kind is not null") == [(0,)]
+    # The held job's first commit was lost to the outage: it was claimed again.
+    assert cluster.sql("select attempts from jobs where id = :id", id=held) == [(2,)]
     assert "retries_exhausted" not in cluster.log_text(worker)
