@@ -11,8 +11,9 @@ must to the held process (SIGKILL, SIGSTOP, SIGTERM), then deletes the file.
 Torch-free and side-effect free unless the variable is set.
 
 The points (keep them where the pipeline is rewritten):
+- ``before_claim``: a worker has the job's message (unacked), the row is untouched;
 - ``after_claim``: the job row is claimed (running, heartbeat live), nothing decoded;
-- ``before_commit``: the job is classified, its heartbeat stopped, nothing written;
+- ``before_commit``: the job is classified (its heartbeat still beating), nothing written;
 - ``reconcile``: ``vidq.reconcile.reconcile`` is about to look for lost jobs.
 """
 

@@ -314,6 +314,7 @@ def execute_job(
     """Claim, classify (through the process's pipeline) and persist one job. Permanent
     errors fail the job at once; TransientError propagates for the caller to retry
     (the lease is released). Many calls run at once, one per job in flight."""
+    pause_point("before_claim")
     token = uuid.uuid4().hex
     claimed = store.claim(job_id, token, f"{socket.gethostname()}:{os.getpid()}")
     if isinstance(claimed, Outcome):

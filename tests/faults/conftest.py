@@ -16,7 +16,8 @@ import pytest
 from tests.e2e.conftest import database_url, empty_database_url, redis_url  # noqa: F401
 from tests.faults.harness import FaultCluster, PostgresServer, RedisServer
 from tests.media import make_video
-from vidq.db import dispose_engines
+from vidq.db import dispose_engines, make_engine
+from vidq.migrate import upgrade
 
 LONG_JOB = ("--strategy", "sliding", "--stride", "0.2")
 """With ``media.long``: ~55 x3d_xs clips, several seconds of inference to interrupt."""
@@ -81,6 +82,11 @@ def private_postgres() -> Iterator[PostgresServer]:
     if server.bindir is None:
         pytest.skip("PostgreSQL server binaries (pg_ctl, initdb) are not installed")
     server.init()
+    engine = make_engine(server.url)  # as an operator would: `vidq db upgrade` first
+    try:
+        upgrade(engine)
+    finally:
+        engine.dispose()
     try:
         yield server
     finally:

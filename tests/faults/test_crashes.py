@@ -21,25 +21,27 @@ def submit_long_job(cluster: FaultCluster, media: FaultMedia, batch: str) -> int
     return int(cluster.sql("select max(id) from jobs")[0][0])
 
 
-def test_sigkill_of_the_pool_child_mid_job_redelivers_and_runs_once(
+def test_sigkill_of_the_worker_process_mid_job_restarts_it_and_runs_once(
     cluster: FaultCluster, media: FaultMedia
 ) -> None:
     hold = cluster.hold("after_claim")
     hold.engage()
-    worker = cluster.start_worker("--concurrency", "1", **hold.env())
-    cluster.vidq("submit", str(media.good[0]), "--batch", "kill-child")
-    child = cluster.wait_held(hold)  # claimed, heartbeat live, nothing written
-    assert child in children_of(worker.pid), "the job should run in a ForkPoolWorker child"
-    os.kill(child, signal.SIGKILL)
+    worker = cluster.start_worker("--concurrency", "1", VIDQ_RECONCILE_EVERY_S="2",
+                                  **hold.env())
+    cluster.vidq("submit", str(media.good[0]), "--batch", "kill-process")
+    process = cluster.wait_held(hold)  # claimed, heartbeat live, nothing written
+    assert process in children_of(worker.pid), "the job runs in a supervised worker process"
+    os.kill(process, signal.SIGKILL)
     hold.release()
 
+    # `vidq worker` starts a new worker process; the killed one's message stays
+    # unacked in Redis (hours), so its periodic reconcile re-enqueues the stale job.
     cluster.wait_for(lambda: cluster.status_of(1) == "succeeded", what="job succeeded")
     job = cluster.assert_succeeded_once(1)
-    # The lost child's message was requeued (reject_on_worker_lost); its replacement
-    # found the dead lease still fresh ("busy"), waited for it to go stale, then ran it.
     assert job["attempts"] == 2
-    assert int(job["worker_host"].rsplit(":", 1)[1]) != child
-    assert worker.poll() is None, "the main worker process outlives its child"
+    assert int(job["worker_host"].rsplit(":", 1)[1]) != process
+    assert worker.poll() is None, "the supervisor outlives its worker process"
+    assert "exited with -9; restarting" in cluster.log_text(worker)
     assert cluster.sql("select count(*) from jobs") == [(1,)]
 
 
@@ -69,12 +71,12 @@ def test_sigterm_mid_job_finishes_it_and_leaves_the_queue_for_the_next_worker(
 ) -> None:
     hold = cluster.hold("after_claim")
     hold.engage()
-    worker = cluster.start_worker("--concurrency", "1", **hold.env())
+    worker = cluster.start_worker("--concurrency", "1", "--inflight", "1", **hold.env())
     cluster.vidq("submit", str(media.good[1]), "--batch", "term")
     cluster.wait_held(hold)
     running, waiting = 1, 2
     cluster.vidq("submit", str(media.good[0]), "--batch", "term-queued")
-    os.kill(worker.pid, signal.SIGTERM)  # the main process only: a warm shutdown
+    os.kill(worker.pid, signal.SIGTERM)  # the supervisor only: a warm shutdown of its process
     cluster.wait_log(cluster.log_of(worker), "Warm shutdown", proc=worker)
     assert cluster.status_of(running) == "running"  # the signal landed mid-job
     hold.release()
@@ -167,22 +169,21 @@ def _result_rows(cluster: FaultCluster, job_id: int) -> tuple[list[tuple], ...]:
 def test_sigkill_of_a_worker_holding_an_unclaimed_message_does_not_strand_the_job(
     cluster: FaultCluster, media: FaultMedia
 ) -> None:
-    worker = cluster.start_worker("--concurrency", "1")
-    cluster.vidq("submit", str(media.good[2]), "--batch", "first")
-    cluster.wait_for(lambda: cluster.status_of(1) == "succeeded", what="the child to be idle")
-    (child,) = children_of(worker.pid)
-    os.kill(child, signal.SIGSTOP)  # the parent takes the next message; the child cannot claim it
+    hold = cluster.hold("before_claim")
+    hold.engage()
+    worker = cluster.start_worker("--concurrency", "1", "--inflight", "1", **hold.env())
     cluster.vidq("submit", str(media.good[3]), "--batch", "held")
+    cluster.wait_held(hold)  # the message is delivered; the job is not claimed yet
     broker = redis.Redis.from_url(cluster.settings.broker_url)
-    cluster.wait_for(lambda: broker.hlen("unacked") == 1 and not broker.llen("vidq"),
-                     what="the message to be delivered (unacked)")
+    assert broker.hlen("unacked") == 1 and not broker.llen("vidq")
     cluster.kill_group(worker)
-    assert cluster.status_of(2) == "queued"
+    hold.release()
+    assert cluster.status_of(1) == "queued"
     # The message now sits in Redis's unacked set, under a dead worker, until the
     # visibility timeout (hours). Reconcile must not take it for a live task forever.
     replacement = cluster.start_worker("--concurrency", "1", VIDQ_RECONCILE_EVERY_S="2",
                                        VIDQ_RECONCILE_AFTER_S="5")
-    cluster.wait_for(lambda: cluster.status_of(2) == "succeeded", what="job succeeded")
-    job = cluster.assert_succeeded_once(2)
+    cluster.wait_for(lambda: cluster.status_of(1) == "succeeded", what="job succeeded")
+    job = cluster.assert_succeeded_once(1)
     assert job["attempts"] == 1
     assert "re-enqueued 0 stale running and 1 lost queued jobs" in cluster.log_text(replacement)
