@@ -80,16 +80,14 @@ def int8(checkpoint: Path | str, calibration: Path | str, **kwargs: object) -> C
 # -- calibration files ----------------------------------------------------------------
 
 
-def test_a_calibration_is_reproducible_and_says_what_it_belongs_to(
-    checkpoint: Path, video: Path, calibration: Path, workdir: Path
-) -> None:
+def test_a_calibration_says_what_it_belongs_to(checkpoint: Path, calibration: Path) -> None:
     raw = torch.load(calibration, map_location="cpu", weights_only=True)  # no pickled code
     assert raw["model"] == "slow_r50" and raw["clips"] == 1
     assert raw["weights_id"] == load_model(SLOW_R50, str(checkpoint)).weights_id
-    assert raw["calibration_id"].startswith("sha256:") and raw["observers"]
-    # The same clip again, into a file of another name: the same id.
-    again = calibrate_file(checkpoint, [video], clips=1, out=workdir / "again.pt")
-    assert torch.load(again, weights_only=True)["calibration_id"] == raw["calibration_id"]
+    assert raw["calibration_id"].startswith("sha256:")
+    # Every activation observer's histogram and range, from a real clip.
+    maxima = [t for name, t in raw["observers"].items() if name.endswith(".max_val")]
+    assert len(maxima) > 50 and all(torch.isfinite(t) for t in maxima)
 
 
 def test_a_calibration_for_other_weights_is_refused(calibration: Path) -> None:
@@ -151,7 +149,7 @@ def vidq(*args: str, home: Path, env: dict[str, str] | None = None) -> subproces
 
 
 def test_vidq_calibrate_writes_the_file_vidq_classify_int8_uses(
-    checkpoint: Path, video: Path, workdir: Path
+    checkpoint: Path, video: Path, calibration: Path, workdir: Path
 ) -> None:
     out = workdir / "cli.calibration"
     made = vidq("calibrate", str(video), "--clips", "1", "--weights", str(checkpoint),
@@ -159,6 +157,9 @@ def test_vidq_calibrate_writes_the_file_vidq_classify_int8_uses(
     assert made.returncode == 0, made.stderr
     (said,) = re.findall(r"calibration (sha256:[0-9a-f]{64}) \(1 clips", made.stderr)
     assert torch.load(out, weights_only=True)["calibration_id"] == said
+    # Reproducible: the fixture calibrated the same clip in this process, into a file
+    # of another name, and got the same id.
+    assert said == torch.load(calibration, weights_only=True)["calibration_id"]
 
     env = {"VIDQ_INT8_CALIBRATION": str(out), "VIDQ_WEIGHTS": str(checkpoint)}
     used = vidq("classify", str(video), "--precision", "int8", "--json", home=workdir, env=env)
@@ -166,7 +167,7 @@ def test_vidq_calibrate_writes_the_file_vidq_classify_int8_uses(
     (result,) = [json.loads(line) for line in used.stdout.splitlines()]
     assert result["precision"] == "int8" and result["calibration_id"] == said
     assert len(result["top"]) == 5 and result["clips"]
-    assert f"int8 on cpu, weights sha256:" in used.stderr and said[:19] in used.stderr
+    assert "int8 on cpu, weights sha256:" in used.stderr and said[:19] in used.stderr
 
     # The same file with other weights: one line, exit status 2, nothing classified.
     refused = vidq("classify", str(video), "--precision", "int8", "--weights", "random",
@@ -195,10 +196,27 @@ def make_videos(directory: Path, specs: list[tuple[int, int, int, int]]) -> list
     return paths
 
 
+MEAN_TOP5_OVERLAP = 4.0
+"""Mean classes shared by int8's and fp32's top-5 per clip. Measured 4.5 (5,4,4,5,5,5,4,4):
+where they differ, a class at rank 5-6 swapped with one a near-tie away."""
+
+PROB_TOLERANCE = 0.02
+"""Max abs difference of a clip's softmax, int8 vs fp32. Measured <= 8.0e-3
+(5e-3..8e-3 per clip) with the top-1 at 0.13-0.28 logits above the second. int8
+rounds each activation to 1/255 of its calibrated range (weights per channel to
+1/127), about 0.4% per layer; the bound leaves 2.5x for other fbgemm kernels (AVX512)
+or calibration clips, while a broken int8 path (an observer not loaded, a clipped
+range, a float head fed quantized values) moves probabilities by >= 0.05 and the
+top-1 with them."""
+
+
 @pytest.mark.slow
 def test_int8_stays_close_to_fp32_on_videos_it_was_not_calibrated_on(
     checkpoint: Path, workdir: Path
 ) -> None:
+    """Calibrated on 8 clips of 4 videos, compared on 8 clips of 4 other videos: the
+    top-1 agrees on every clip (measured 8/8), the top-5s nearly (MEAN_TOP5_OVERLAP),
+    the probabilities within PROB_TOLERANCE."""
     calibration_videos = make_videos(workdir, CALIBRATION_VIDEOS)
     held_apart = make_videos(workdir, HELD_APART_VIDEOS)
     calibration = calibrate_file(checkpoint, calibration_videos,
@@ -208,18 +226,22 @@ def test_int8_stays_close_to_fp32_on_videos_it_was_not_calibrated_on(
     quantized = int8(checkpoint, calibration)
     views = list(quantize.calibration_views(
         held_apart, preset=SLOW_R50, clips=CLIPS_PER_VIDEO * len(held_apart)))
-    assert len(views) == 8
-    top1, overlaps, prob_diffs, logit_gaps = 0, [], [], []
+    assert len(views) == CLIPS_PER_VIDEO * len(held_apart)
+    top1, overlaps, prob_diffs, margins, logp_diffs = 0, [], [], [], []
     for v in views:
         want, got = fp32.forward(v)[0], quantized.forward(v)[0]
         top1 += int(want.argmax() == got.argmax())
-        overlaps.append(len(set(want.topk(5).indices.tolist()) & set(got.topk(5).indices.tolist())))
+        want5 = want.topk(5).indices
+        overlaps.append(len(set(want5.tolist()) & set(got.topk(5).indices.tolist())))
         prob_diffs.append((want - got).abs().max().item())
-        logit_gaps.append((want.log()[want.argmax()] - want.log().topk(2).values[1]).item())
+        ranked = want.log().topk(2).values
+        margins.append((ranked[0] - ranked[1]).item())
+        logp_diffs.append((want.log() - got.log())[want5].abs().max().item())
     print(f"int8 vs fp32 on {len(views)} held-apart clips: top-1 agree {top1}/{len(views)}, "
           f"top-5 overlap {overlaps} (mean {sum(overlaps) / len(overlaps):.2f}), max |dp| "
-          f"{max(prob_diffs):.3e} per clip {['%.3f' % d for d in prob_diffs]}, fp32 top-1 "
-          f"margins {['%.2f' % g for g in logit_gaps]}")
-    assert top1 >= len(views)
-    assert sum(overlaps) / len(overlaps) >= 4.0
-    assert max(prob_diffs) <= 0.2
+          f"{max(prob_diffs):.2e} per clip {[f'{d:.3f}' for d in prob_diffs]}, fp32 top-1 "
+          f"margins {[f'{m:.2f}' for m in margins]} logits, max |dlog p| on fp32's top-5 "
+          f"{max(logp_diffs):.3f}")
+    assert top1 == len(views)
+    assert sum(overlaps) / len(overlaps) >= MEAN_TOP5_OVERLAP and min(overlaps) >= 3
+    assert max(prob_diffs) <= PROB_TOLERANCE

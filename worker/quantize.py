@@ -26,9 +26,10 @@ import hashlib
 import json
 import math
 import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -199,7 +200,7 @@ def load_calibration(path: str | Path, *, preset: ModelPreset, weights_id: str) 
     """Read a calibration and refuse one made for another model or other weights."""
     try:
         raw = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception:
+    except Exception:  # noqa: BLE001  (any unreadable file gets the one line below)
         raw = None
     observers = raw.get("observers") if isinstance(raw, dict) else None
     if (
