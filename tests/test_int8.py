@@ -196,18 +196,20 @@ def make_videos(directory: Path, specs: list[tuple[int, int, int, int]]) -> list
     return paths
 
 
-MEAN_TOP5_OVERLAP = 4.0
+MEAN_TOP5_OVERLAP = 4.25
 """Mean classes shared by int8's and fp32's top-5 per clip. Measured 4.5 (5,4,4,5,5,5,4,4):
-where they differ, a class at rank 5-6 swapped with one a near-tie away."""
+where they differ, a class at rank 5-6 swapped with one a near-tie away. The bound
+allows two more such swaps over the 8 clips. A calibration that saw activations at
+half their real range (so int8 clips them) measured 4.0: red."""
 
-PROB_TOLERANCE = 0.02
-"""Max abs difference of a clip's softmax, int8 vs fp32. Measured <= 8.0e-3
-(5e-3..8e-3 per clip) with the top-1 at 0.13-0.28 logits above the second. int8
-rounds each activation to 1/255 of its calibrated range (weights per channel to
-1/127), about 0.4% per layer; the bound leaves 2.5x for other fbgemm kernels (AVX512)
-or calibration clips, while a broken int8 path (an observer not loaded, a clipped
-range, a float head fed quantized values) moves probabilities by >= 0.05 and the
-top-1 with them."""
+PROB_TOLERANCE = 0.012
+"""Max abs difference of a clip's softmax, int8 vs fp32. Measured <= 7.95e-3
+(5e-3..8e-3 per clip; the run is deterministic on one CPU). int8 rounds each
+activation to 1/128 of its calibrated range (fbgemm's reduced 7-bit range; weights
+per channel to 1/127), so each layer adds ~0.2-0.4% relative noise; over 50 layers the
+log-probabilities of fp32's top-5 move by <= 0.087, below fp32's top-1 margin of
+0.13-0.28, which is why the top-1 agrees on every clip. The bound is 1.5x the
+measured value: the half-range calibration above measured 1.43e-2 (red)."""
 
 
 @pytest.mark.slow
@@ -215,7 +217,8 @@ def test_int8_stays_close_to_fp32_on_videos_it_was_not_calibrated_on(
     checkpoint: Path, workdir: Path
 ) -> None:
     """Calibrated on 8 clips of 4 videos, compared on 8 clips of 4 other videos: the
-    top-1 agrees on every clip (measured 8/8), the top-5s nearly (MEAN_TOP5_OVERLAP),
+    top-1 agrees on every clip (measured 8/8, with int8's log-probability error 0.087
+    below fp32's smallest top-1 margin 0.13), the top-5s nearly (MEAN_TOP5_OVERLAP),
     the probabilities within PROB_TOLERANCE."""
     calibration_videos = make_videos(workdir, CALIBRATION_VIDEOS)
     held_apart = make_videos(workdir, HELD_APART_VIDEOS)
