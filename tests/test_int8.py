@@ -20,7 +20,7 @@ import torch
 
 from tests import media
 from tests.test_classify_cli import vidq_command
-from tests.test_fidelity import HEAD_SCALE, randomize_batch_norms
+from tests.test_fidelity import write_test_checkpoint
 from vidq.errors import ConfigError
 from worker import quantize
 from worker.inference import Classifier, resolve_precision
@@ -36,16 +36,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def checkpoint(workdir: Path) -> Path:
-    from pytorchvideo.models.hub import slow_r50
-
-    torch.manual_seed(0)
-    model = slow_r50(pretrained=False)
-    randomize_batch_norms(model)
-    state = model.state_dict()
-    state["blocks.5.proj.weight"] = state["blocks.5.proj.weight"] * HEAD_SCALE
-    path = workdir / "SLOW_8x8_R50_int8_test.pyth"
-    torch.save({"model_state": state}, path)
-    return path
+    return write_test_checkpoint(workdir / "SLOW_8x8_R50_int8_test.pyth")
 
 
 @pytest.fixture(scope="module")
