@@ -100,13 +100,15 @@ def main() -> None:
               f"built in {build_s:.1f}s (calibration {int8.calibration_id[:19]})")
 
         # The seed's model in the same pipeline: the instance's forward replaced by the
-        # seed's own call (eager module, contiguous input, fp32).
+        # seed's own call (eager module, fp32, and the contiguous layout the seed's
+        # transforms produce: vidq's views arrive channels_last_3d, which would speed
+        # the eager convolutions up).
         seed = Classifier(weights="random", device="cpu", precision="fp32")
         seed_module = load_model(seed.preset, "random").module.eval()
 
         def seed_forward(views: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
-                return torch.softmax(seed_module(views), dim=1)
+                return torch.softmax(seed_module(views.contiguous()), dim=1)
 
         seed.forward = seed_forward  # type: ignore[method-assign]
         classifiers = {"seed": seed, "fp32": fp32, "int8": int8}
