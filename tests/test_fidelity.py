@@ -96,8 +96,8 @@ def randomize_batch_norms(model: torch.nn.Module, *, seed: int = 1) -> None:
             bn.running_var.data = torch.rand(c, generator=g) * 0.5 + 0.75
 
 
-@pytest.fixture(scope="module")
-def checkpoint(workdir: Path) -> Path:
+def write_test_checkpoint(path: Path) -> Path:
+    """The test weights described in the module docstring, as a hub-style ``.pyth``."""
     from pytorchvideo.models.hub import slow_r50
 
     torch.manual_seed(0)
@@ -105,9 +105,13 @@ def checkpoint(workdir: Path) -> Path:
     randomize_batch_norms(model)
     state = model.state_dict()
     state["blocks.5.proj.weight"] = state["blocks.5.proj.weight"] * HEAD_SCALE
-    path = workdir / "SLOW_8x8_R50_test.pyth"
     torch.save({"model_state": state}, path)  # the hub's .pyth layout
     return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(workdir: Path) -> Path:
+    return write_test_checkpoint(workdir / "SLOW_8x8_R50_test.pyth")
 
 
 @pytest.fixture(scope="module")

@@ -73,7 +73,10 @@ def main() -> None:
 @sampling_options
 @click.option("--weights", default=None, help="pretrained | PATH | random (VIDQ_WEIGHTS).")
 @click.option("--device", default=None, help="auto | cpu | cuda[:N] (VIDQ_DEVICE).")
-@click.option("--precision", default=None, help="auto | fp32 | bf16 | fp16 (VIDQ_PRECISION).")
+@click.option("--precision", default=None,
+              help="auto | fp32 | bf16 | fp16 | int8 (VIDQ_PRECISION).")
+@click.option("--int8-calibration", default=None,
+              help="Calibration file for int8, from `vidq calibrate` (VIDQ_INT8_CALIBRATION).")
 @click.option("--batch-size", type=int, default=None, help="Clips per forward pass.")
 @click.option("--top-k", type=click.IntRange(1, 400), default=None)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per video.")
@@ -89,6 +92,7 @@ def classify(
     weights: str | None,
     device: str | None,
     precision: str | None,
+    int8_calibration: str | None,
     batch_size: int | None,
     top_k: int | None,
     as_json: bool,
@@ -100,7 +104,7 @@ def classify(
 
     settings = Settings.from_env(
         model=model, weights=weights, device=device, precision=precision,
-        batch_size=batch_size, top_k=top_k,
+        int8_calibration=int8_calibration, batch_size=batch_size, top_k=top_k,
     )
     sampling = Sampling(
         strategy=strategy, clips=clips, stride_s=stride, start_sec=start_sec, crops=int(crops)
@@ -136,7 +140,9 @@ def classify(
         if n_clips:
             click.echo(
                 f"vidq: {n_clips} clips in {elapsed:.2f}s ({n_clips / elapsed:.2f} clips/s, "
-                f"{classifier.precision} on {classifier.device}, weights {classifier.weights_id[:19]})",
+                f"{classifier.precision} on {classifier.device}, weights {classifier.weights_id[:19]}"
+                + (f", calibration {classifier.calibration_id[:19]}" if classifier.calibration_id
+                   else "") + ")",
                 err=True,
             )
     if failures:
@@ -248,13 +254,16 @@ def _wait(settings: Settings, batch: str, poll_s: float = 1.0) -> None:
 @main.command()
 @submission_options
 @click.option("--device", default=None, help="auto | cpu | cuda[:N] (VIDQ_DEVICE).")
-@click.option("--precision", default=None, help="auto | fp32 | bf16 | fp16 (VIDQ_PRECISION).")
+@click.option("--precision", default=None,
+              help="auto | fp32 | bf16 | fp16 | int8 (VIDQ_PRECISION).")
+@click.option("--int8-calibration", default=None,
+              help="Calibration file for int8, from `vidq calibrate` (VIDQ_INT8_CALIBRATION).")
 @run_cli
 def run(inputs: tuple[str, ...], recursive: bool, pattern: str | None,
         manifests: tuple[str, ...], batch: str | None, priority: int, force: bool,
         weights: str | None, model: str | None, strategy: str, clips: int,
         stride: float | None, start_sec: float, crops: str, device: str | None,
-        precision: str | None, notify: str | None) -> None:
+        precision: str | None, notify: str | None, int8_calibration: str | None) -> None:
     """Submit and classify here, with no broker: the embedded mode (SQLite by default)."""
     from tqdm import tqdm
 
@@ -262,7 +271,7 @@ def run(inputs: tuple[str, ...], recursive: bool, pattern: str | None,
     from worker.inference import Classifier
 
     settings = Settings.from_env(weights=weights, device=device, precision=precision,
-                                 model=model)
+                                 int8_calibration=int8_calibration, model=model)
     request = _request(settings, model=model, strategy=strategy, clips=clips, stride=stride,
                        start_sec=start_sec, crops=crops, priority=priority)
     classifier = Classifier.from_settings(settings)  # fail on missing weights before recording
@@ -719,6 +728,40 @@ def db_history() -> None:
     for rev, down, doc in migrate.history():
         mark = " (head)" if rev == head else ""
         click.echo(f"{down or 'base':>6} -> {rev}{mark}  {doc}")
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--out", "out", required=True, help="Calibration file to write.")
+@click.option("--clips", type=click.IntRange(1, 10000), default=32, show_default=True,
+              help="Clips run through the float model, spread evenly over the videos.")
+@click.option("--model", default=None, help="Model preset (default slow_r50; VIDQ_MODEL).")
+@click.option("--weights", default=None, help="pretrained | PATH | random (VIDQ_WEIGHTS).")
+@run_cli
+def calibrate(paths: tuple[str, ...], out: str, clips: int, model: str | None,
+              weights: str | None) -> None:
+    """Record int8 activation ranges of the float model on your videos (for --precision int8)."""
+    from vidq.media import check_video_path
+    from worker import quantize
+    from worker.models import fold_batch_norms, get_preset, load_model
+
+    settings = Settings.from_env(model=model, weights=weights)
+    preset = get_preset(settings.model)
+    quantize.refuse_unsupported_preset(preset)
+    videos = [check_video_path(p, media_roots=settings.media_roots,
+                               max_file_bytes=settings.max_file_bytes) for p in paths]
+    loaded = load_model(preset, settings.weights)
+    fold_batch_norms(loaded.module)  # observe the model that int8 will quantize
+    t0 = time.perf_counter()
+    calibration = quantize.calibrate(
+        loaded.module, preset=preset, weights_id=loaded.weights_id,
+        views=quantize.calibration_views(videos, preset=preset, clips=clips),
+    )
+    quantize.save_calibration(calibration, out)
+    click.echo(f"calibration {calibration.calibration_id} ({calibration.clips} clips of "
+               f"{len(videos)} videos, {preset.name}, weights {loaded.weights_id[:19]}, "
+               f"{time.perf_counter() - t0:.1f}s) written to {out}; use it with "
+               f"--precision int8 and VIDQ_INT8_CALIBRATION={out}", err=True)
 
 
 @main.command()

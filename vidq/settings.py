@@ -66,7 +66,12 @@ class Settings:
     """``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``."""
 
     precision: str = "auto"
-    """``auto`` (bf16 on AMX CPUs and CUDA, fp32 elsewhere), ``fp32``, ``bf16``, ``fp16``."""
+    """``auto`` (bf16 on AMX CPUs and CUDA, fp32 elsewhere), ``fp32``, ``bf16``, ``fp16``,
+    or ``int8`` (CPU only, slow_r50 only, needs ``int8_calibration``; auto never picks it)."""
+
+    int8_calibration: str = ""
+    """Calibration file for ``precision=int8``, written by ``vidq calibrate``; it must
+    match the model and weights. Empty: int8 is refused (it never calibrates silently)."""
 
     batch_size: int = 0
     """Clips per forward pass; 0 picks 1 on CPU (fastest per clip there) and 16 on CUDA."""

@@ -20,6 +20,7 @@ import torch
 from vidq.errors import ConfigError, TransientError, VidqError
 from vidq.sampling import Sampling
 from vidq.settings import Settings
+from worker import quantize
 from worker.models import (
     LoadedModel,
     fold_batch_norms,
@@ -31,7 +32,7 @@ from worker.supervisor import default_decode_workers, default_inflight
 from worker.transforms import clip_views, frames_to_views
 from worker.video import ClipFrames, DecodeStats, Limits, VideoInfo
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -56,9 +57,15 @@ def cpu_has_fast_bf16() -> bool:
 
 def resolve_precision(name: str, device: torch.device, *, cpu_bf16: bool = True) -> str:
     """``auto``: bf16 on CUDA (fp16 where bf16 is missing); on CPU, bf16 where the
-    CPU has AMX/AVX512-BF16 and the preset's convolutions profit from it."""
+    CPU has AMX/AVX512-BF16 and the preset's convolutions profit from it. ``auto``
+    never picks int8: it needs a calibration and changes results (see worker/quantize.py)."""
     if name not in PRECISIONS:
         raise ConfigError(f"Unknown precision {name!r}; use {', '.join(PRECISIONS)}.")
+    if name == "int8" and device.type != "cpu":
+        raise ConfigError(
+            f"Precision int8 runs on CPU only (fbgemm kernels), not on {device}; "
+            "use --device cpu, or bf16/fp16 on the GPU."
+        )
     if name != "auto":
         return name
     if device.type == "cuda":
@@ -101,6 +108,8 @@ class VideoResult:
     timing: dict[str, float] = field(default_factory=dict)
     decode_stats: DecodeStats = field(default_factory=DecodeStats)
     """Packets read, skipped and decoded: ``decoded / packets`` is the decode work done."""
+    calibration_id: str | None = None
+    """The int8 calibration the model was quantized with; None at float precisions."""
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -128,12 +137,16 @@ class Classifier:
         skip_unused_frames: bool = True,
         media_roots: tuple[str, ...] = (),
         max_file_bytes: int = 0,
+        int8_calibration: str = "",
     ) -> None:
         self.preset = get_preset(model)
         self.device = resolve_device(device)
         self.precision = resolve_precision(
             precision, self.device, cpu_bf16=self.preset.cpu_bf16
         )
+        if self.precision == "int8":
+            quantize.check_int8_supported(self.preset, int8_calibration)
+        self.calibration_id: str | None = None
         self.batch_size = batch_size or (16 if self.device.type == "cuda" else 1)
         self.top_k = top_k
         self.limits = limits
@@ -156,7 +169,13 @@ class Classifier:
         # re-cast from fp32 on every forward (same rounding, so the same results):
         # ~20% off a bf16 forward on an AMX CPU.
         fold_batch_norms(module)
-        if self.precision != "fp32":
+        if self.precision == "int8":
+            calibration = quantize.load_calibration(
+                int8_calibration, preset=self.preset, weights_id=self.weights_id
+            )
+            module = quantize.quantize(module, preset=self.preset, calibration=calibration)
+            self.calibration_id = calibration.calibration_id
+        elif self.precision != "fp32":
             for layer in module.modules():
                 if isinstance(layer, (torch.nn.Conv3d, torch.nn.Linear)):
                     layer.to(_DTYPES[self.precision])
@@ -190,6 +209,7 @@ class Classifier:
             media_roots=settings.media_roots,
             max_file_bytes=settings.max_file_bytes,
             skip_unused_frames=settings.skip_unused_frames,
+            int8_calibration=settings.int8_calibration,
         )
 
     # -- one batch -----------------------------------------------------------------
@@ -199,7 +219,7 @@ class Classifier:
             views = views.pin_memory().to(self.device, non_blocking=True)
         views = views.contiguous(memory_format=torch.channels_last_3d)
         with torch.inference_mode():
-            if self.precision == "fp32":
+            if self.precision not in _DTYPES:  # fp32, or int8 (quantized in the graph)
                 logits = self.module(views)
             else:
                 with torch.autocast(self.device.type, dtype=_DTYPES[self.precision]):
@@ -312,6 +332,7 @@ class Classifier:
                 "total_s": round(total, 4),
             },
             decode_stats=decode_stats or DecodeStats(),
+            calibration_id=self.calibration_id,
         )
 
 
