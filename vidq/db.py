@@ -154,6 +154,8 @@ class Job(Base):
     # What ran.
     weights_id: Mapped[str | None] = mapped_column(String(80))
     precision: Mapped[str | None] = mapped_column(String(8))
+    calibration_id: Mapped[str | None] = mapped_column(String(80))
+    """int8 runs: the sha256 id of the activation calibration used (``vidq calibrate``)."""
     device: Mapped[str | None] = mapped_column(String(16))
     num_frames: Mapped[int | None] = mapped_column(Integer)
     sampling_rate: Mapped[int | None] = mapped_column(Integer)

@@ -225,6 +225,7 @@ class JobStore:
                     error_message=None,
                     weights_id=result.weights_id,
                     precision=result.precision,
+                    calibration_id=result.calibration_id,
                     device=result.device,
                     duration_s=info.duration_s,
                     fps=info.fps,
