@@ -212,7 +212,8 @@ def _known_results(database_url: str) -> None:
     with engine.begin() as conn:
         conn.execute(insert(Batch), [{"id": 1, "name": "nightly"}, {"id": 2, "name": "other"}])
         conn.execute(insert(Job), [
-            {**asked, "id": i, "batch_id": b, "path": p, "status": st, "top_label": lab,
+            {**asked, "id": i, "content_sha256": f"{i:064x}",  # one active job per content
+             "batch_id": b, "path": p, "status": st, "top_label": lab,
              "top_score": sc, "weights_id": "sha256:w" if st == "succeeded" else None,
              "finished_at": None if fin is None else t0 + dt.timedelta(minutes=fin),
              "error_kind": kind}
