@@ -215,7 +215,7 @@ def test_a_forced_rerun_replaces_the_segments_and_a_lost_lease_writes_none(
 
     # Forced re-run of the same job (requeue a succeeded job) with other predictions.
     with sessions(url)() as session, session.begin():
-        assert len(requeue(session, batch="seg", statuses=("succeeded",))) == 1
+        assert len(requeue(session, batch="seg", statuses=("succeeded",), queue="vidq")) == 1
     store.claim(job_id, "b" * 32, "h")
     # A stale delivery holding the old token cannot write over the new attempt.
     assert not store.succeed(job_id, "a" * 32, _result([0.9] * 6))
