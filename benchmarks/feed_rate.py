@@ -61,7 +61,7 @@ class SimulatedAccelerator(Classifier):
 
 
 def bare_decode_rate(classifier: Classifier, videos: list[Path], sampling: Sampling,
-                     decoders: int) -> float:
+                     decoders: int, threads: int = 0) -> float:
     """Windows/s of ``decoders`` threads that only decode and transform (no queue, no DB)."""
     todo = list(videos)
     lock = threading.Lock()
@@ -74,7 +74,7 @@ def bare_decode_rate(classifier: Classifier, videos: list[Path], sampling: Sampl
                 if not todo:
                     return
                 path = todo.pop()
-            with VideoReader(path, limits=classifier.limits) as reader:
+            with VideoReader(path, limits=classifier.limits, threads=threads) as reader:
                 windows = plan_windows(sampling, reader.info.duration_s,
                                        classifier.preset.clip_duration)
                 for clip in reader.clips(windows, num_frames=classifier.preset.num_frames):
@@ -83,10 +83,10 @@ def bare_decode_rate(classifier: Classifier, videos: list[Path], sampling: Sampl
                         done[0] += 1
 
     t = time.perf_counter()
-    threads = [threading.Thread(target=run) for _ in range(decoders)]
-    for th in threads:
+    workers = [threading.Thread(target=run) for _ in range(decoders)]
+    for th in workers:
         th.start()
-    for th in threads:
+    for th in workers:
         th.join()
     return done[0] / (time.perf_counter() - t)
 
@@ -178,7 +178,8 @@ def simulated(args: argparse.Namespace, videos: dict[str, list[Path]], work: Pat
                 clf = SimulatedAccelerator(batch_s=args.batch_ms / 1000,
                                            batch_size=args.batch_size,
                                            decode_workers=decoders, inflight=args.inflight)
-                bare = bare_decode_rate(clf, files, sampling, decoders)
+                clf.decoder_threads = args.decoder_threads
+                bare = bare_decode_rate(clf, files, sampling, decoders, args.decoder_threads)
                 rate, stats = worker_rate(clf, files, sampling, work,
                                           f"sim-{name}-{decoders}-{rnd}")
                 results.setdefault((name, decoders), []).append((rate, bare))
@@ -234,6 +235,10 @@ def main() -> None:
                     help="simulated accelerator time per batch")
     ap.add_argument("--inflight", type=int, default=0, help="0 = the default rule")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--decoder-threads", type=int, default=1,
+                    help="FFmpeg threads per decoder, in the pipeline and the baseline alike "
+                         "(1: one core per decoder, as on a GPU host with many decoders; "
+                         "0: the worker's default, cores / decoders)")
     ap.add_argument("--real", default=None, help="a real model preset instead of the simulation")
     ap.add_argument("--corpus", type=Path, default=None)
     args = ap.parse_args()

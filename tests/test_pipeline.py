@@ -70,7 +70,7 @@ def test_a_slow_model_holds_the_decoders_back(clips: list[Path]) -> None:
 
     clf.prepare, clf.predict = prepare, predict  # type: ignore[method-assign]
     with clf.pipeline() as pipeline:
-        bound = pipeline._clips.maxsize
+        bound = pipeline.clip_slots
         futures = [pipeline.submit(str(p), Sampling(strategy="sliding", stride_s=0.25))
                    for p in clips]
         for f in futures:

@@ -78,6 +78,13 @@ def notify_if_done(settings: Settings, batch_id: int | None, *, retries: int = 5
     if batch_id is None:
         return None
     make_session = sessions(settings.database_url, auto_migrate=settings.auto_migrate)
+    with make_session() as session:
+        # A read first: most batches notify nobody, and this runs after every job.
+        due = session.scalar(select(Batch.id).where(
+            Batch.id == batch_id, Batch.notify_url.is_not(None),
+            Batch.notify_status.in_(("pending", "sending"))))
+    if due is None:
+        return None
     with make_session() as session, session.begin():
         claimed = session.execute(
             update(Batch)

@@ -77,9 +77,9 @@ class Settings:
     """Clips per forward pass; 0 picks 1 on CPU (fastest per clip there) and 16 on CUDA."""
 
     inflight: int = 0
-    """Jobs one worker process holds at once (its Celery thread pool). 0 = twice the
-    decode workers plus the batch size: every decoder has a next video waiting, and a
-    batch of one-clip videos fits. 1 = one job at a time."""
+    """Jobs one worker process holds at once (its Celery thread pool). 0 = twice the batch
+    size plus twice the decode workers: a batch of one-clip videos in the model, the next
+    one ready, and a video in each decoder's hands. 1 = one job at a time."""
 
     decode_workers: int = 0
     """Videos decoded and transformed at the same time in one worker process (threads).

@@ -262,7 +262,8 @@ class Classifier:
         from worker.pipeline import Pipeline
 
         return Pipeline(self, decode_workers=self.decode_workers,
-                        batch_wait_ms=self.batch_wait_ms)
+                        batch_wait_ms=self.batch_wait_ms,
+                        decoder_threads=getattr(self, "decoder_threads", 0))
 
     def classify_many(
         self, paths: Iterable[str | Path], sampling: Sampling = Sampling()

@@ -39,6 +39,7 @@ from vidq import metrics
 from vidq.errors import InputError, TransientError, VidqError
 from vidq.media import open_video
 from vidq.sampling import Sampling, plan_windows
+from worker.supervisor import cpu_cores
 from worker.video import ClipFrames, DecodeStats, VideoInfo, VideoReader
 
 _FINISH = threading.Lock()  # a video can be ended by a decoder, the model loop or close()
@@ -124,10 +125,16 @@ class Pipeline:
         self.batch_size: int = classifier.batch_size
         self.batch_wait_s = max(0.0, batch_wait_ms) / 1000
         self.decode_workers = max(1, decode_workers)
-        self.decoder_threads = decoder_threads
-        # Enough prepared clips for a full batch plus one in hand per decoder.
-        self._clips: queue.Queue[Any] = queue.Queue(
-            maxsize=queue_clips or self.batch_size + 2 * self.decode_workers)
+        # FFmpeg's own threads per decoder: the cores shared out among the decoders, so
+        # one decoder on a small CPU host still uses every core (as one decode thread
+        # did before), and fifteen on a GPU host do not start fifteen threads each.
+        self.decoder_threads = decoder_threads or max(1, cpu_cores() // self.decode_workers)
+        # The bound is on prepared clips (what holds memory): enough for a full batch
+        # plus two per decoder. The queue also carries small control items (a video's
+        # start and end), which take no slot.
+        self.clip_slots = queue_clips or self.batch_size + 2 * self.decode_workers
+        self._slots = threading.BoundedSemaphore(self.clip_slots)
+        self._clips: queue.Queue[Any] = queue.Queue()
         self._todo: queue.Queue[_Video | None] = queue.Queue()
         self._closing = threading.Event()
         # The model thread must use the intra-op threads its creator chose: a thread's
@@ -135,6 +142,8 @@ class Pipeline:
         # would be a decoder's 1.
         self.model_threads = torch.get_num_threads()
         self.stats = BatchStats()
+        self._waiting_views = 0  # clip views in the queue (the queue also holds control items)
+        self._views_lock = threading.Lock()
         self._threads = [
             threading.Thread(target=self._decode_loop, name=f"vidq-decode-{i}", daemon=True)
             for i in range(self.decode_workers)
@@ -179,14 +188,13 @@ class Pipeline:
 
     # -- decode stage --------------------------------------------------------------
     def _put(self, item: tuple[Any, ...]) -> None:
-        """Put into the bounded clip queue, blocking (backpressure) until the pipeline closes."""
-        while True:
-            try:
-                self._clips.put(item, timeout=0.2)
-                return
-            except queue.Full:
+        """Queue an item; a clip first waits for a free slot (backpressure), until the
+        pipeline closes."""
+        if item[0] == "clip":
+            while not self._slots.acquire(timeout=0.2):
                 if self._closing.is_set():
-                    raise _Closed from None
+                    raise _Closed
+        self._clips.put(item)
 
     def _decode_loop(self) -> None:
         # The transforms of this thread stay on one core; the model keeps its threads.
@@ -231,6 +239,8 @@ class Pipeline:
                     prepared = classifier.prepare(clip.frames, crops=crops)
                     clip.frames = clip.frames[:0]  # the RGB frames are no longer needed
                     self._put(("clip", video, clip, prepared))
+                    with self._views_lock:
+                        self._waiting_views += crops
                     n += 1
                 if n == 0:
                     raise InputError(
@@ -265,7 +275,8 @@ class Pipeline:
             if not batch:
                 continue
             first = time.perf_counter()
-            backlog = self._clips.qsize() + 1
+            with self._views_lock:
+                backlog = self._waiting_views + self._views(batch)
             deadline = first + self.batch_wait_s
             while self._views(batch) < self.batch_size:
                 item = self._get(max(0.0, deadline - time.perf_counter()))
@@ -284,6 +295,10 @@ class Pipeline:
     def _take(self, item: tuple[Any, ...], batch: list[tuple[_Video, ClipFrames, torch.Tensor]]
               ) -> None:
         kind, video = item[0], item[1]
+        if kind == "clip":  # its slot is free again, whatever becomes of the clip
+            self._slots.release()
+            with self._views_lock:
+                self._waiting_views -= video.sampling.crops
         if video.done:
             return
         if kind == "start":
@@ -370,6 +385,8 @@ class Pipeline:
                 item = self._clips.get_nowait()
             except queue.Empty:
                 break
+            if item[0] == "clip":
+                self._slots.release()
             item[1].finish(error=_shutdown())
 
 

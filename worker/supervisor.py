@@ -50,8 +50,9 @@ def default_decode_workers(processes: int = 1) -> int:
 
 
 def default_inflight(decode_workers: int, batch_size: int) -> int:
-    """Every decoder has a next video waiting, and a batch of one-clip videos fits."""
-    return 2 * decode_workers + batch_size
+    """A batch of one-clip videos in the model, the next batch decoded and waiting, and
+    a video in each decoder's hands."""
+    return 2 * batch_size + 2 * decode_workers
 
 
 def count_gpus(settings: Settings) -> int:
