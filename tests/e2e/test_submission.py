@@ -143,7 +143,8 @@ def test_higher_priority_jobs_run_first(cluster: Cluster, tmp_path: Path) -> Non
     high = [str(tmp_path / f"p{i}.mp4") for i in range(3, 6)]
     cluster.vidq("submit", *low, "--batch", "low", "--priority", "1")  # queued first
     cluster.vidq("submit", *high, "--batch", "high", "--priority", "9")
-    cluster.start_worker("--concurrency", "1")
+    # One job at a time: the order the queue delivers in, not how jobs in flight overlap.
+    cluster.start_worker("--concurrency", "1", "--inflight", "1")
     _wait_all_finished(cluster, 6)
     order = [p for (p,) in cluster.sql("select path from jobs order by started_at, id")]
     assert sorted(order[:3]) == sorted(high) and sorted(order[3:]) == sorted(low), order
