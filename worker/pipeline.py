@@ -128,7 +128,10 @@ class Pipeline:
         # FFmpeg's own threads per decoder: the cores shared out among the decoders, so
         # one decoder on a small CPU host still uses every core (as one decode thread
         # did before), and fifteen on a GPU host do not start fifteen threads each.
-        self.decoder_threads = decoder_threads or max(1, cpu_cores() // self.decode_workers)
+        # (0 = FFmpeg's own choice, which is every core: right for a lone decoder.)
+        share = cpu_cores() // self.decode_workers
+        self.decoder_threads = decoder_threads or (0 if self.decode_workers == 1 else
+                                                   max(1, share))
         # The bound is on prepared clips (what holds memory): enough for a full batch
         # plus two per decoder. The queue also carries small control items (a video's
         # start and end), which take no slot.
