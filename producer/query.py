@@ -6,12 +6,12 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Select, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from vidq.db import (
-    ACTIVE, Batch, ClipPrediction, Job, JobStatus, LabelSegment, VideoLabel, db_now, utcnow,
+    ACTIVE, Batch, ClipPrediction, Job, JobStatus, LabelSegment, VideoLabel, aware, db_now, utcnow,
 )
 from vidq.errors import InputError
 from vidq.queue import new_task_id
@@ -65,9 +65,7 @@ def status_summary(session: Session, batch: str | None = None) -> StatusSummary:
     n_recent, clips_recent, first_start = session.execute(recent).one()
     jobs_per_s = clips_per_s = 0.0
     if n_recent and first_start is not None:
-        if first_start.tzinfo is None:  # SQLite returns naive UTC
-            first_start = first_start.replace(tzinfo=dt.timezone.utc)
-        span = max((utcnow() - max(first_start, since)).total_seconds(), 1e-3)
+        span = max((utcnow() - max(aware(first_start), since)).total_seconds(), 1e-3)
         jobs_per_s, clips_per_s = n_recent / span, clips_recent / span
     left = counts[JobStatus.QUEUED.value] + counts[JobStatus.RUNNING.value]
     eta = left / jobs_per_s if jobs_per_s > 0 else (0.0 if left == 0 else None)
@@ -75,10 +73,17 @@ def status_summary(session: Session, batch: str | None = None) -> StatusSummary:
         select(func.min(Job.submitted_at)).where(*scope, Job.status == JobStatus.QUEUED.value))
     oldest_s = None
     if oldest is not None:
-        if oldest.tzinfo is None:
-            oldest = oldest.replace(tzinfo=dt.timezone.utc)
-        oldest_s = max(0.0, (utcnow() - oldest).total_seconds())
+        oldest_s = max(0.0, (utcnow() - aware(oldest)).total_seconds())
     return StatusSummary(counts, int(clips_done), jobs_per_s, clips_per_s, eta, oldest_s)
+
+
+def succeeded_jobs(session: Session, stmt: Select[Any], *, batch: str | None) -> Select[Any]:
+    """The scope every results query shares: ``stmt`` (which selects from ``jobs``)
+    limited to succeeded jobs, of ``batch`` when given, with the batch's name joinable."""
+    stmt = stmt.outerjoin(Batch, Batch.id == Job.batch_id).where(
+        Job.status == JobStatus.SUCCEEDED.value)
+    bid = batch_id(session, batch)
+    return stmt if bid is None else stmt.where(Job.batch_id == bid)
 
 
 RESULT_COLUMNS = (
@@ -104,12 +109,8 @@ def iter_results(
             Job.finished_at,
         )
         .join(VideoLabel, VideoLabel.job_id == Job.id)
-        .outerjoin(Batch, Batch.id == Job.batch_id)
-        .where(Job.status == JobStatus.SUCCEEDED.value)
     )
-    bid = batch_id(session, batch)
-    if bid is not None:
-        stmt = stmt.where(Job.batch_id == bid)
+    stmt = succeeded_jobs(session, stmt, batch=batch)
     if label is not None:
         stmt = stmt.where(VideoLabel.label == label)
     elif not all_ranks:
@@ -149,12 +150,8 @@ def iter_segments(
                LabelSegment.duration_s, LabelSegment.mean_score, LabelSegment.peak_score,
                LabelSegment.clips)
         .join(Job, Job.id == LabelSegment.job_id)
-        .outerjoin(Batch, Batch.id == Job.batch_id)
-        .where(Job.status == JobStatus.SUCCEEDED.value)
     )
-    bid = batch_id(session, batch)
-    if bid is not None:
-        stmt = stmt.where(Job.batch_id == bid)
+    stmt = succeeded_jobs(session, stmt, batch=batch)
     if label is not None:
         stmt = stmt.where(LabelSegment.label == label)
     if min_score is not None:

@@ -106,15 +106,20 @@ def test_unexpected_errors_count_as_attempts_then_fail_the_job(
 def test_an_attempt_whose_worker_died_is_recorded_as_crashed(job: tuple[Settings, int]) -> None:
     settings, job_id = job
     dead = JobStore(settings.database_url, stale_after_s=0.5, max_attempts=2)
-    for _ in range(2):  # claimed by a worker that then vanished (no heartbeat, no release)
-        assert not isinstance(dead.claim(job_id, "t", "gone-host:1"), Outcome)
+    for attempt in (1, 2):  # claimed by a worker that vanished (no heartbeat, no release)
+        assert not isinstance(dead.claim(job_id, "t", f"gone-host:{attempt}"), Outcome)
         time.sleep(0.7)
+        if attempt == 2:  # the takeover recorded what happened to the attempt before it
+            r = row(settings, job_id)
+            assert (r["status"], r["attempts"], r["error_kind"]) == ("running", 2, "crashed")
+            assert r["error_message"] == ("the worker running attempt 1 stopped (killed, out "
+                                          "of memory or crashed) on gone-host:1")
     outcome = execute_job(job_id, pipeline=StandIn(lambda _s: None), settings=settings,  # type: ignore[arg-type]
                           store=dead)
     assert outcome.status == "failed"
     r = row(settings, job_id)
     assert (r["status"], r["attempts"], r["error_kind"]) == ("failed", 2, "crashed")
-    assert "stopped (killed, out of memory or crashed) on gone-host:1" in r["error_message"]
+    assert "attempt 2 stopped (killed, out of memory or crashed) on gone-host:2" in r["error_message"]
 
 
 def test_a_time_limit_fails_the_job_at_once(job: tuple[Settings, int]) -> None:

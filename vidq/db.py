@@ -61,6 +61,12 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
+def aware(t: dt.datetime) -> dt.datetime:
+    """A timestamp read back from the database, in UTC: SQLite hands back naive
+    datetimes (UTC, as vidq writes them), PostgreSQL aware ones."""
+    return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
+
+
 class db_now(FunctionElement[dt.datetime]):
     """The database server's clock (``now()`` on PostgreSQL), less ``ago_s`` seconds.
 

@@ -30,7 +30,7 @@ from typing import Any
 
 from sqlalchemy import exists, func, select, update
 
-from vidq.db import ACTIVE, Batch, Job, JobStatus, db_now, sessions
+from vidq.db import ACTIVE, Batch, Job, JobStatus, aware, db_now, sessions
 from vidq.errors import VidqError
 from vidq.settings import Settings
 
@@ -68,7 +68,7 @@ def summary(session: Any, batch: Batch) -> dict[str, Any]:
 def _iso(t: dt.datetime | None) -> str | None:
     if t is None:
         return None
-    return (t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)).isoformat()
+    return aware(t).isoformat()
 
 
 def notify_if_done(settings: Settings, batch_id: int | None, *, retries: int = 5,

@@ -8,7 +8,6 @@ overwrite a succeeded job, whatever the broker does.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import os
 import random
@@ -20,13 +19,13 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
-from sqlalchemy import String, cast, delete, func, insert, literal, or_, update
+from sqlalchemy import String, case, cast, delete, func, insert, literal, or_, select, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
 from vidq import metrics
 from vidq.db import (
-    ClipPrediction, Job, JobStatus, VideoLabel, db_now, first_line, sessions, utcnow,
+    ClipPrediction, Job, JobStatus, VideoLabel, aware, db_now, first_line, sessions, utcnow,
 )
 from vidq.errors import Cancelled, InputError, PermanentError, TransientError, VidqError
 from vidq.faultpoints import pause_point
@@ -91,23 +90,44 @@ class JobStore:
             # The database's clock, never this host's: a host whose clock runs ahead
             # would otherwise see every live heartbeat as stale and steal its job.
             now, stale = db_now(), db_now(ago_s=self.stale_after_s)
-            claimable = or_(
-                Job.status == JobStatus.QUEUED.value,
-                (Job.status == JobStatus.RUNNING.value)
-                & or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale),
-            )
+            stale_running = (Job.status == JobStatus.RUNNING.value) & or_(
+                Job.heartbeat_at.is_(None), Job.heartbeat_at < stale)
+            claimable = or_(Job.status == JobStatus.QUEUED.value, stale_running)
             # An attempt that stopped heartbeating died with its process (SIGKILL, the
             # OOM killer, a segfault): that is what its record says from now on.
-            s.execute(
+            crashed_message = (literal("the worker running attempt ")
+                               + cast(Job.attempts, String)
+                               + literal(" stopped (killed, out of memory or crashed) on ")
+                               + func.coalesce(Job.worker_host, literal("?")))
+            # The common case in one statement: take a claimable job with attempts left
+            # (SET reads the row as it was, so a taken-over attempt is recorded too).
+            taken = s.scalars(
                 update(Job)
-                .where(Job.id == job_id, Job.status == JobStatus.RUNNING.value,
-                       or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale))
-                .values(error_kind="crashed", error_message=literal(
-                    "the worker running attempt ") + cast(Job.attempts, String) + literal(
-                    " stopped (killed, out of memory or crashed) on ")
-                    + func.coalesce(Job.worker_host, literal("?")))
-            )
+                .where(Job.id == job_id, claimable,
+                       *([Job.attempts < self.max_attempts] if self.max_attempts else []))
+                .values(
+                    status=JobStatus.RUNNING.value,
+                    lease_token=token,
+                    attempts=Job.attempts + 1,
+                    worker_host=host,
+                    started_at=now,
+                    heartbeat_at=now,
+                    error_kind=case((stale_running, literal("crashed")), else_=Job.error_kind),
+                    error_message=case((stale_running, crashed_message),
+                                       else_=Job.error_message),
+                )
+                .returning(Job)
+                .execution_options(synchronize_session=False)
+            ).one_or_none()
+            if taken is not None:
+                s.expunge(taken)
+                return taken
             if self.max_attempts:
+                s.execute(
+                    update(Job)
+                    .where(Job.id == job_id, stale_running)
+                    .values(error_kind="crashed", error_message=crashed_message)
+                )
                 gave_up = s.execute(
                     update(Job)
                     .where(Job.id == job_id, claimable, Job.attempts >= self.max_attempts)
@@ -121,28 +141,12 @@ class JobStore:
                 ).rowcount
                 if gave_up:
                     return Outcome(job_id, "failed", "attempts exhausted")
-            res = s.execute(
-                update(Job)
-                .where(Job.id == job_id)
-                .where(claimable)
-                .values(
-                    status=JobStatus.RUNNING.value,
-                    lease_token=token,
-                    attempts=Job.attempts + 1,
-                    worker_host=host,
-                    started_at=now,
-                    heartbeat_at=now,
-                )
-            )
-            job = s.get(Job, job_id)
-            if job is None:
+            status = s.scalar(select(Job.status).where(Job.id == job_id))
+            if status is None:
                 return Outcome(job_id, "skipped", "no such job")
-            if res.rowcount != 1:
-                if job.status == JobStatus.RUNNING.value:
-                    return Outcome(job_id, "busy", "running elsewhere with a live heartbeat")
-                return Outcome(job_id, "skipped", f"job is {job.status}")
-            s.expunge(job)
-            return job
+            if status == JobStatus.RUNNING.value:
+                return Outcome(job_id, "busy", "running elsewhere with a live heartbeat")
+            return Outcome(job_id, "skipped", f"job is {status}")
 
         return self._run(op)
 
@@ -324,7 +328,7 @@ def execute_job(
     fields: dict[str, Any] = {"job_id": job_id, "batch_id": job.batch_id,
                               "attempt": job.attempts, "path": job.path}
     metrics.ATTEMPTS.inc()
-    metrics.QUEUE_WAIT.observe(max(0.0, (utcnow() - _aware(job.submitted_at)).total_seconds()))
+    metrics.QUEUE_WAIT.observe(max(0.0, (utcnow() - aware(job.submitted_at)).total_seconds()))
     preset = pipeline.classifier.preset.name
     limit_s = max(1.0, settings.task_time_limit_s - 60.0)
     deadline = time.monotonic() + limit_s
@@ -396,11 +400,6 @@ def execute_job(
                        {**fields, "status": "succeeded"})
     return Outcome(job_id, "skipped", "lease lost: another delivery owns this job",
                    {**fields, "status": "skipped"})
-
-
-def _aware(t: dt.datetime) -> dt.datetime:
-    """SQLite hands back naive datetimes (UTC, as vidq writes them)."""
-    return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
 
 
 def _release(store: JobStore, job_id: int, token: str, error: VidqError) -> None:

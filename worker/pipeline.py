@@ -132,9 +132,12 @@ class Pipeline:
         share = cpu_cores() // self.decode_workers
         self.decoder_threads = decoder_threads or (0 if self.decode_workers == 1 else
                                                    max(1, share))
-        # The bound is on prepared clips (what holds memory): enough for a full batch
-        # plus two per decoder. The queue also carries small control items (a video's
-        # start and end), which take no slot.
+        # The bound is on prepared clips waiting for the model (what holds memory):
+        # enough for a full batch plus two per decoder. A clip gives its slot back when
+        # the model loop takes it into a batch, so at peak a process holds the slots,
+        # plus the batch being formed or run, plus one clip per decoder blocked on a
+        # slot. The queue also carries small control items (a video's start and end),
+        # which take no slot.
         self.clip_slots = queue_clips or self.batch_size + 2 * self.decode_workers
         self._slots = threading.BoundedSemaphore(self.clip_slots)
         self._clips: queue.Queue[Any] = queue.Queue()
