@@ -70,6 +70,26 @@ def test_a_pretrained_checkpoint_with_another_hash_is_refused_in_one_line(
     assert "\n" not in message and file_sha256(path) in message and "0" * 64 in message
 
 
+def test_the_operator_pin_overrides_the_presets_and_an_unpinned_pretrained_warns(
+    hub_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = write_hub_checkpoint(get_preset("x3d_xs"))
+    digest = file_sha256(path)
+    preset = pin(monkeypatch, "x3d_xs", "0" * 64)  # the built-in pin is stale
+    assert load_model(preset, "pretrained", sha256=digest).weights_id == "sha256:" + digest
+    with pytest.raises(ConfigError, match="VIDQ_WEIGHTS_SHA256's " + "1" * 64):
+        load_model(pin(monkeypatch, "x3d_xs", digest), "pretrained", sha256="1" * 64)
+    assert "not verified" not in caplog.text
+    with caplog.at_level("WARNING", logger="vidq.models"):
+        load_model(pin(monkeypatch, "x3d_xs", None), "pretrained")
+    assert f"(sha256 {digest}) is not verified against a pin" in caplog.text
+
+
+def test_a_pin_with_random_weights_is_a_contradiction() -> None:
+    with pytest.raises(ConfigError, match="VIDQ_WEIGHTS=random loads none"):
+        load_model(get_preset("x3d_xs"), "random", sha256="1" * 64)
+
+
 def test_every_published_preset_has_a_hash_field() -> None:
     for preset in models.PRESETS.values():
         assert preset.sha256 is None or len(preset.sha256) == 64, preset.name

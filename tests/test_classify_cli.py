@@ -265,6 +265,28 @@ def test_a_checkpoint_for_another_architecture_is_one_line(
     assert_one_line_failure(proc, str(checkpoint), "does not fit model x3d_xs")
 
 
+def test_a_checkpoint_other_than_the_pinned_one_is_refused_in_one_line(
+    media_files: Media, home: Path, tmp_path: Path
+) -> None:
+    """VIDQ_WEIGHTS_SHA256 pins the weights a fleet runs: the pinned file loads, any
+    other is refused before it is read."""
+    trusted, other = tmp_path / "trusted.pyth", tmp_path / "other.pyth"
+    torch.save({"model_state": x3d_xs_state_dict(42)}, trusted)
+    torch.save({"model_state": x3d_xs_state_dict(7)}, other)
+    pin = sha256(trusted)
+    ok = run_vidq(str(media_files.h264_30), *MODEL, "--weights", str(trusted), "--json",
+                  env={"VIDQ_WEIGHTS_SHA256": pin.upper().replace("SHA256:", "")}, home=home)
+    assert ok.returncode == 0, ok.stderr
+    (result,) = json_results(ok.stdout).values()
+    assert result["weights_id"] == pin and result["top"][0]["class_id"] == 42
+    refused = run_vidq(str(media_files.h264_30), *MODEL, "--weights", str(other),
+                       env={"VIDQ_WEIGHTS_SHA256": pin}, home=home)
+    assert_one_line_failure(refused, str(other), sha256(other)[7:], pin[7:], "refusing it")
+    malformed = run_vidq(str(media_files.h264_30), *MODEL, "--weights", str(trusted),
+                         env={"VIDQ_WEIGHTS_SHA256": "abc"}, home=home)
+    assert_one_line_failure(malformed, "VIDQ_WEIGHTS_SHA256='abc' is not a sha256")
+
+
 @pytest.mark.parametrize("what", ["not_a_checkpoint", "missing"])
 def test_an_unreadable_or_missing_checkpoint_is_one_line(
     media_files: Media, home: Path, tmp_path: Path, what: str

@@ -750,7 +750,7 @@ def calibrate(paths: tuple[str, ...], out: str, clips: int, model: str | None,
     quantize.refuse_unsupported_preset(preset)
     videos = [check_video_path(p, media_roots=settings.media_roots,
                                max_file_bytes=settings.max_file_bytes) for p in paths]
-    loaded = load_model(preset, settings.weights)
+    loaded = load_model(preset, settings.weights, sha256=settings.weights_sha256)
     fold_batch_norms(loaded.module)  # observe the model that int8 will quantize
     t0 = time.perf_counter()
     calibration = quantize.calibrate(

@@ -62,6 +62,11 @@ class Settings:
     """``pretrained`` (the hub checkpoint through the torch hub cache), a local
     checkpoint path, or ``random`` (untrained; every result row says so)."""
 
+    weights_sha256: str = ""
+    """sha256 the checkpoint must have (``pretrained`` or a file); any other file is
+    refused before it is loaded. Empty: ``pretrained`` is checked against the preset's
+    built-in pin where it has one, and loaded with a warning where it has none."""
+
     device: str = "auto"
     """``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``."""
 

@@ -138,6 +138,7 @@ class Classifier:
         media_roots: tuple[str, ...] = (),
         max_file_bytes: int = 0,
         int8_calibration: str = "",
+        weights_sha256: str = "",
     ) -> None:
         self.preset = get_preset(model)
         self.device = resolve_device(device)
@@ -157,7 +158,7 @@ class Classifier:
         self.media_roots = media_roots
         self.max_file_bytes = max_file_bytes
         self.labels = kinetics400_labels()
-        loaded: LoadedModel = load_model(self.preset, weights)
+        loaded: LoadedModel = load_model(self.preset, weights, sha256=weights_sha256)
         self.weights_id = loaded.weights_id
         module = loaded.module.to(self.device)
         # The fast path, at every precision: BN folded into the convs (one pass over
@@ -210,6 +211,7 @@ class Classifier:
             max_file_bytes=settings.max_file_bytes,
             skip_unused_frames=settings.skip_unused_frames,
             int8_calibration=settings.int8_calibration,
+            weights_sha256=settings.weights_sha256,
         )
 
     # -- one batch -----------------------------------------------------------------

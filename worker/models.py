@@ -7,6 +7,7 @@ entry in ``PRESETS``.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import socket
 import warnings
@@ -22,6 +23,7 @@ from torch import nn
 from vidq.errors import ConfigError
 
 RANDOM_WEIGHTS_ID = "random-init"
+log = logging.getLogger("vidq.models")
 _HUB_ROOT = "https://dl.fbaipublicfiles.com/pytorchvideo/model_zoo/kinetics"
 
 
@@ -80,8 +82,9 @@ PRESETS: dict[str, ModelPreset] = {
     p.name: p
     for p in (
         # The seed: PyTorch Hub facebookresearch/pytorchvideo slow_r50, 8x8, 74.58 top-1.
-        # sha256 not pinned: the published file's hash could not be obtained offline
-        # (no network here); set it from `sha256sum SLOW_8x8_R50.pyth` of a trusted copy.
+        # sha256 not pinned here: the published file's hash could not be obtained
+        # offline (no network where this was written). Until it is, operators pin it
+        # with VIDQ_WEIGHTS_SHA256 (`sha256sum SLOW_8x8_R50.pyth` of a trusted copy).
         ModelPreset(
             name="slow_r50",
             builder="slow_r50",
@@ -194,15 +197,34 @@ def resolve_checkpoint(preset: ModelPreset, weights: str) -> Path | None:
     return cached
 
 
-def verify_pinned(preset: ModelPreset, path: Path) -> str:
-    """The checkpoint's sha256, after checking it against the preset's pinned hash."""
+def normalize_sha256(raw: str) -> str:
+    """``sha256:<hex>`` or ``<hex>`` (any case) -> lower-case hex; ConfigError otherwise."""
+    value = raw.strip().lower().removeprefix("sha256:")
+    if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+        raise ConfigError(f"VIDQ_WEIGHTS_SHA256={raw!r} is not a sha256 (64 hex digits).")
+    return value
+
+
+def verify_pinned(preset: ModelPreset, path: Path, *, weights: str, pinned: str = "") -> str:
+    """The checkpoint's sha256, after checking it against the pin: ``pinned``
+    (``VIDQ_WEIGHTS_SHA256``, for any checkpoint) or else, for ``pretrained``, the
+    preset's own. A checkpoint nothing pins is loaded with a warning that says so."""
     digest = file_sha256(path)
-    if preset.sha256 is not None and digest != preset.sha256:
+    expected = normalize_sha256(pinned) if pinned else (
+        preset.sha256 if weights == "pretrained" else None)
+    if expected is not None and digest != expected:
+        whose = ("VIDQ_WEIGHTS_SHA256's" if pinned
+                 else f"the published {preset.name} checkpoint's")
         raise ConfigError(
-            f"Checkpoint {path} has sha256 {digest}, not the published {preset.name} "
-            f"checkpoint's {preset.sha256}; delete it so it is downloaded again, or set "
-            "VIDQ_WEIGHTS=/path/to/a/checkpoint you trust."
+            f"Checkpoint {path} has sha256 {digest}, not {whose} {expected}; refusing it. "
+            + ("Delete it so it is downloaded again, or set VIDQ_WEIGHTS to a checkpoint "
+               "you trust." if weights == "pretrained" else
+               "Point VIDQ_WEIGHTS at the checkpoint you pinned, or fix the pin.")
         )
+    if expected is None and weights == "pretrained":
+        log.warning("pretrained %s checkpoint %s (sha256 %s) is not verified against a pin; "
+                    "set VIDQ_WEIGHTS_SHA256 to the hash of a copy you trust", preset.name,
+                    path, digest)
     return digest
 
 
@@ -226,15 +248,18 @@ class LoadedModel:
     """``sha256:<hex>`` of the checkpoint file, or ``random-init``."""
 
 
-def load_model(preset: ModelPreset, weights: str) -> LoadedModel:
-    """Build the preset's architecture and load ``weights`` into it (eval mode, CPU)."""
+def load_model(preset: ModelPreset, weights: str, *, sha256: str = "") -> LoadedModel:
+    """Build the preset's architecture and load ``weights`` into it (eval mode, CPU).
+    ``sha256`` pins the checkpoint (``VIDQ_WEIGHTS_SHA256``): any other file is refused."""
+    if sha256 and weights == "random":
+        raise ConfigError("VIDQ_WEIGHTS_SHA256 pins a checkpoint, but VIDQ_WEIGHTS=random "
+                          "loads none; unset one of them.")
     checkpoint_path = resolve_checkpoint(preset, weights)
     if checkpoint_path is None:
         torch.manual_seed(0)
         module = preset.build()
         return LoadedModel(preset, module.eval(), RANDOM_WEIGHTS_ID)
-    digest = (verify_pinned(preset, checkpoint_path) if weights == "pretrained"
-              else file_sha256(checkpoint_path))
+    digest = verify_pinned(preset, checkpoint_path, weights=weights, pinned=sha256)
     module = preset.build()
     try:
         # Tensors and plain containers only: unpickling anything else could run code.
