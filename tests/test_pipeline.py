@@ -62,7 +62,7 @@ def test_a_slow_model_holds_the_decoders_back(clips: list[Path]) -> None:
             created[0] += 1
         return real_prepare(frames, crops=crops)
 
-    def predict(prepared: list[torch.Tensor], *, crops: list[int]) -> torch.Tensor:
+    def predict(prepared: list[torch.Tensor], *, crops: list[int]) -> Any:
         with lock:
             live.append(created[0] - len(live))  # prepared clips not yet scored
         time.sleep(0.3)  # a model far slower than the decoders
