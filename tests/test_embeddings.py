@@ -478,7 +478,8 @@ def test_a_worker_writes_the_vectors_of_each_clip_and_video_once(
     got = vectors([r[0] for r in stored])
     assert got.shape == want.shape == (3, DIM) and within_float16(got, want).all()
     (video,) = cluster.sql("select vector from video_embeddings where job_id = :j", j=job_id)
-    assert within_float16(vectors([video[0]]), vectors([reference.embedding])).all()  # type: ignore[list-item]
+    assert reference.embedding is not None
+    assert within_float16(vectors([video[0]]), vectors([reference.embedding])).all()
     # Another video's vector differs (by a few float16 steps: the corpus videos differ
     # only in their noise): each job got its own.
     (other,) = cluster.sql("select vector from video_embeddings where job_id = :j", j=jobs[1][0])
