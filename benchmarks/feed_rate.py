@@ -55,9 +55,10 @@ class SimulatedAccelerator(Classifier):
                          inflight=inflight)
         self.batch_s = batch_s
 
-    def predict(self, prepared: list[torch.Tensor], *, crops: list[int]) -> torch.Tensor:
+    def predict(self, prepared: list[torch.Tensor], *, crops: list[int]
+                ) -> tuple[torch.Tensor, None]:
         time.sleep(self.batch_s)
-        return torch.full((sum(crops), len(self.labels)), 1.0 / len(self.labels))
+        return torch.full((sum(crops), len(self.labels)), 1.0 / len(self.labels)), None
 
 
 def bare_decode_rate(classifier: Classifier, videos: list[Path], sampling: Sampling,

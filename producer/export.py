@@ -5,7 +5,11 @@ Three tables, one file each under the output directory:
 - ``videos``: one row per job of the batch (every status), its metadata and its
   top-k video labels as ``label_1, class_id_1, score_1, ...``;
 - ``clips``: ``clip_predictions``, one row per clip x rank;
-- ``segments``: ``label_segments``, one row per segment.
+- ``segments``: ``label_segments``, one row per segment;
+- when the batch kept embeddings (``VIDQ_EMBEDDINGS``): ``video_embeddings`` and, in
+  ``clip`` mode, ``clip_embeddings``, their ``vector`` column a fixed-size list of
+  float16 in Parquet, an array of numbers in JSON lines, and base64 of the stored
+  little-endian float16 bytes in CSV.
 
 Rows stream from the database in pages (``yield_per``: a server-side cursor on
 PostgreSQL, SQLite's own stepping) and leave as Parquet row groups
@@ -17,6 +21,7 @@ Local paths only for now; object storage is a later part of issue 12.
 
 from __future__ import annotations
 
+import base64
 import csv
 import datetime as dt
 import itertools
@@ -31,7 +36,10 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.sql import Select
 from sqlalchemy.sql.elements import ColumnElement
 
-from vidq.db import Batch, ClipPrediction, Job, LabelSegment, VideoLabel
+from vidq.db import (
+    Batch, ClipEmbedding, ClipPrediction, Job, LabelSegment, VideoEmbedding, VideoLabel,
+)
+from vidq.embeddings import decode
 from vidq.errors import InputError
 
 FORMATS = ("parquet", "jsonl", "csv")
@@ -54,13 +62,19 @@ SEGMENT_COLUMNS: tuple[ColumnElement[Any], ...] = tuple(
     getattr(LabelSegment, c) for c in
     ("job_id", "segment_index", "label", "class_id", "start_sec", "end_sec", "duration_s",
      "mean_score", "peak_score", "clips"))
+VIDEO_EMBEDDING_COLUMNS: tuple[ColumnElement[Any], ...] = tuple(
+    getattr(VideoEmbedding, c) for c in ("job_id", "model", "weights_id", "dim", "norm", "vector"))
+CLIP_EMBEDDING_COLUMNS: tuple[ColumnElement[Any], ...] = tuple(
+    getattr(ClipEmbedding, c) for c in ("job_id", "clip_index", "start_sec", "end_sec", "vector"))
 
 
 @dataclass(frozen=True)
 class Field:
     name: str
     kind: str
-    """int16 | int64 | float64 | bool | timestamp | string"""
+    """int16 | int64 | float64 | bool | timestamp | string | vector"""
+    dim: int = 0
+    """``vector``: values per row (float16 bytes in the database)."""
 
 
 @dataclass(frozen=True)
@@ -147,9 +161,41 @@ def batch_tables(conn: Connection, batch: str) -> list[TableExport]:
                        .where(LabelSegment.job_id.in_(batch_jobs))
                        .order_by(LabelSegment.job_id, LabelSegment.segment_index))
 
-    return [TableExport("videos", video_fields, videos),
-            TableExport("clips", _fields(CLIP_COLUMNS), clips),
-            TableExport("segments", _fields(SEGMENT_COLUMNS), segments)]
+    tables = [TableExport("videos", video_fields, videos),
+              TableExport("clips", _fields(CLIP_COLUMNS), clips),
+              TableExport("segments", _fields(SEGMENT_COLUMNS), segments)]
+    return tables + _embedding_tables(conn, batch_jobs)
+
+
+def _embedding_tables(conn: Connection, batch_jobs: Any) -> list[TableExport]:
+    """The embedding tables, when the batch kept any (``VIDQ_EMBEDDINGS``)."""
+    dims = list(conn.scalars(select(VideoEmbedding.dim).distinct()
+                             .where(VideoEmbedding.job_id.in_(batch_jobs))))
+    if not dims:
+        return []
+    if len(dims) > 1:  # one fixed-size vector column per file
+        raise InputError(f"the batch's embeddings have different sizes ({sorted(dims)}); "
+                         "export batches of one model.", kind="config")
+
+    def vector_fields(columns: Sequence[ColumnElement[Any]]) -> list[Field]:
+        return _fields(columns[:-1]) + [Field("vector", "vector", dims[0])]
+
+    def videos() -> Iterator[Sequence[Any]]:
+        return _stream(conn, select(*VIDEO_EMBEDDING_COLUMNS)
+                       .where(VideoEmbedding.job_id.in_(batch_jobs))
+                       .order_by(VideoEmbedding.job_id))
+
+    def clips() -> Iterator[Sequence[Any]]:
+        return _stream(conn, select(*CLIP_EMBEDDING_COLUMNS)
+                       .where(ClipEmbedding.job_id.in_(batch_jobs))
+                       .order_by(ClipEmbedding.job_id, ClipEmbedding.clip_index))
+
+    tables = [TableExport("video_embeddings", vector_fields(VIDEO_EMBEDDING_COLUMNS), videos)]
+    if conn.scalar(select(ClipEmbedding.job_id).where(ClipEmbedding.job_id.in_(batch_jobs))
+                   .limit(1)) is not None:
+        tables.append(TableExport("clip_embeddings", vector_fields(CLIP_EMBEDDING_COLUMNS),
+                                  clips))
+    return tables
 
 
 def export_batch(conn: Connection, *, batch: str, fmt: str, out_dir: str) -> ExportReport:
@@ -191,12 +237,24 @@ def _write_parquet(path: Path, table: TableExport) -> int:
     types = {"int16": pa.int16(), "int64": pa.int64(),
              "float64": pa.float64(), "bool": pa.bool_(), "string": pa.string(),
              "timestamp": pa.timestamp("us", tz="UTC")}
-    schema = pa.schema([pa.field(f.name, types[f.kind]) for f in table.fields])
+    schema = pa.schema([pa.field(f.name, pa.list_(pa.float16(), f.dim) if f.kind == "vector"
+                                 else types[f.kind]) for f in table.fields])
+
+    def array(values: Sequence[Any], i: int) -> Any:
+        f = table.fields[i]
+        if f.kind != "vector":
+            return pa.array(values, type=schema.field(i).type)
+        # The stored bytes are the array's buffer (little-endian float16, as Arrow's on
+        # the little-endian hosts vidq runs on): no per-value conversion.
+        flat = pa.Array.from_buffers(pa.float16(), len(values) * f.dim,
+                                     [None, pa.py_buffer(b"".join(values))])
+        return pa.FixedSizeListArray.from_arrays(flat, f.dim)
+
     n = 0
     with pq.ParquetWriter(path, schema, compression="zstd") as writer:
         for page in _pages(table.rows()):
             columns = list(zip(*page))
-            arrays = [pa.array(col, type=schema.field(i).type) for i, col in enumerate(columns)]
+            arrays = [array(col, i) for i, col in enumerate(columns)]
             writer.write_batch(pa.record_batch(arrays, schema=schema), row_group_size=PAGE_ROWS)
             n += len(page)
     return n
@@ -209,12 +267,23 @@ def _text(value: Any) -> Any:
     return value
 
 
+def _json_value(value: Any) -> Any:
+    """A vector as its numbers (each float16 value exactly), anything else as text."""
+    return list(decode(value)) if isinstance(value, bytes) else _text(value)
+
+
+def _csv_value(value: Any) -> Any:
+    """A vector as base64 of its float16 bytes: 2,732 characters for 2048 values, where
+    numbers would take ~40,000 (``numpy.frombuffer(base64.b64decode(s), "<f2")``)."""
+    return base64.b64encode(value).decode("ascii") if isinstance(value, bytes) else _text(value)
+
+
 def _write_jsonl(path: Path, table: TableExport) -> int:
     names = [f.name for f in table.fields]
     n = 0
     with open(path, "w", encoding="utf-8") as f:
         for row in table.rows():
-            f.write(json.dumps(dict(zip(names, map(_text, row)))) + "\n")
+            f.write(json.dumps(dict(zip(names, map(_json_value, row)))) + "\n")
             n += 1
     return n
 
@@ -225,7 +294,7 @@ def _write_csv(path: Path, table: TableExport) -> int:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow([fl.name for fl in table.fields])
         for row in table.rows():
-            writer.writerow(map(_text, row))
+            writer.writerow(map(_csv_value, row))
             n += 1
     return n
 

@@ -62,6 +62,17 @@ BF16_LOGIT_TOLERANCE = 0.25
 """Max abs difference of logits, bf16 fast path vs the seed's fp32 (spread ~22).
 Measured: <= 0.045 (0.2% of the spread)."""
 
+FEATURE_TOLERANCE = 1e-5
+"""Max abs difference of fp32 pooled features (the 2048 values the head projects to the
+logits; 0..0.90 with these weights), vidq's fast path vs the seed model's own pooled
+activations: the float32 rounding of the logits' path, without the projection.
+Measured: <= 2.4e-7."""
+
+FEATURE_FLOAT16_RELATIVE = 2.0**-11
+"""Stored vectors are float16: rounding to nearest moves a value by at most half a
+step, 2^-11 of its magnitude (less in float16's subnormal range), on top of the
+float32 deviation above."""
+
 # Top-1 must agree on every window. Top-5 may differ only by near-ties: a class in
 # our top 5 but not the seed's must have a seed logit within 2 x BF16_LOGIT_TOLERANCE
 # of the seed's 5th.
@@ -161,6 +172,10 @@ def seed_outputs(
     model = slow_r50(pretrained=False)
     model.load_state_dict(torch.load(checkpoint, map_location="cpu")["model_state"])
     model = model.eval()
+    # The seed's pooled activations: what its head's pool hands to the projection
+    # (2048 x 1 x 2 x 2 at 256 px), kept as they are; the test averages the positions.
+    pooled: list[torch.Tensor] = []
+    model.blocks[5].pool.register_forward_hook(lambda _m, _i, out: pooled.append(out))
     side_size, mean, std, crop_size = 256, [0.45, 0.45, 0.45], [0.225, 0.225, 0.225], 256
     transform = ApplyTransformToKey(
         key="video",
@@ -184,7 +199,8 @@ def seed_outputs(
         with torch.no_grad():
             logits = model(inputs[None, ...])
         probs = torch.nn.Softmax(dim=1)(logits)
-        out.append({"inputs": inputs, "logits": logits[0], "probs": probs[0]})
+        out.append({"inputs": inputs, "logits": logits[0], "probs": probs[0],
+                    "pooled": pooled.pop()[0]})
     for video in opened.values():
         video.close()
     return out
@@ -326,6 +342,58 @@ def test_bf16_fast_path_stays_within_bounds_of_the_seeds_fp32(
     assert top1_agree == len(prob_diffs)
     assert all(m <= 2 * BF16_LOGIT_TOLERANCE for m in swap_margins)
     assert min(overlaps) >= 3
+
+
+def test_fp32_features_match_the_seeds_pooled_activations(
+    checkpoint: Path,
+    videos: dict[str, Path],
+    windows: list[tuple[str, Window]],
+    seed_outputs: list[dict[str, torch.Tensor]],
+) -> None:
+    """VIDQ_EMBEDDINGS: the vector vidq keeps per clip is the seed model's pooled
+    activation averaged over the positions its projection runs at, in memory (fp32)
+    and as stored (float16), through the real pipeline."""
+    from pytorchvideo.models.hub import slow_r50
+
+    ours = Classifier(model="slow_r50", weights=str(checkpoint), device="cpu",
+                      precision="fp32", embeddings="clip")
+    seed_proj = slow_r50(pretrained=False).blocks[5].proj
+    seed_proj.load_state_dict({k.removeprefix("blocks.5.proj."): v for k, v in torch.load(
+        checkpoint, map_location="cpu")["model_state"].items() if k.startswith("blocks.5.proj")})
+    diffs, stored_excess, cosines = [], [], []
+    by_start: dict[tuple[str, float], torch.Tensor] = {}
+    for name, path in videos.items():
+        (result,) = list(ours.classify_many([path], Sampling(strategy="sliding")))
+        assert not isinstance(result, Exception), result
+        for clip in result.clips:
+            assert clip.embedding is not None
+            by_start[(name, clip.start_sec)] = torch.frombuffer(
+                bytearray(clip.embedding), dtype=torch.float16).float()
+    for (name, w), seed in zip(windows, seed_outputs):
+        assert seed["pooled"].shape == (2048, 1, 2, 2)
+        seed_feature = seed["pooled"].mean(dim=(1, 2, 3))
+        # That vector is the one the seed's projection maps to its logits.
+        with torch.inference_mode():
+            assert (seed_proj(seed_feature) - seed["logits"]).abs().max() <= 1e-4
+        with VideoReader(videos[name]) as reader:
+            (clip,) = list(reader.clips([w], num_frames=8))
+        _probs, features = ours.forward_with_features(clip_views(clip.frames, ours.preset))
+        assert features is not None
+        diffs.append((features[0] - seed_feature).abs().max().item())
+        stored = by_start.get((name, round(w.start_sec, 4)))
+        if stored is None:
+            continue  # the off-grid start is not in the sliding plan
+        # The stored vector: the float32 bound plus half a float16 step of each value.
+        bound = FEATURE_TOLERANCE + FEATURE_FLOAT16_RELATIVE * seed_feature.abs()
+        stored_excess.append(((stored - seed_feature).abs() / bound).max().item())
+        cosines.append(torch.nn.functional.cosine_similarity(stored, seed_feature, dim=0).item())
+    assert len(stored_excess) == len(windows) - 1
+    print(f"fp32 feature max abs diff per window: {['%.1e' % d for d in diffs]} (values up "
+          f"to {max(s['pooled'].max().item() for s in seed_outputs):.2f}); stored float16 "
+          f"vs seed, worst fraction of its bound {max(stored_excess):.2f}, cosine >= "
+          f"{min(cosines):.7f}")
+    assert max(diffs) <= FEATURE_TOLERANCE
+    assert max(stored_excess) <= 1.0
 
 
 # -- the GPU path (run where CUDA is present: `pytest -m gpu`) -----------------------

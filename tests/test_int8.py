@@ -239,3 +239,38 @@ def test_int8_stays_close_to_fp32_on_videos_it_was_not_calibrated_on(
     assert top1 == len(views)
     assert sum(overlaps) / len(overlaps) >= MEAN_TOP5_OVERLAP and min(overlaps) >= 3
     assert max(prob_diffs) <= PROB_TOLERANCE
+
+
+def test_int8_keeps_embeddings_from_its_one_forward_close_to_fp32(
+    checkpoint: Path, calibration: Path, video: Path,
+) -> None:
+    """VIDQ_EMBEDDINGS at int8: the quantized graph keeps the head in float and calls
+    the same pool module, so the features come from the int8 forward itself; they carry
+    the int8 trunk's deviation, like the logits."""
+    from vidq.sampling import Sampling, plan_windows
+    from worker.transforms import clip_views
+    from worker.video import VideoReader
+
+    quantized = int8(checkpoint, calibration, embeddings="clip")
+    fp32 = Classifier(model="slow_r50", weights=str(checkpoint), device="cpu",
+                      precision="fp32", embeddings="clip")
+    with VideoReader(video) as reader:
+        windows = plan_windows(Sampling(), reader.info.duration_s, SLOW_R50.clip_duration)
+        (clip,) = list(reader.clips(windows, num_frames=SLOW_R50.num_frames))
+    views = clip_views(clip.frames, SLOW_R50)
+    probs, features = quantized.forward_with_features(views)
+    _fp32_probs, fp32_features = fp32.forward_with_features(views)
+    assert features is not None and fp32_features is not None
+    assert features.shape == fp32_features.shape == (1, 2048)
+    # They are what the int8 model's float head projected to the probabilities it gave.
+    proj = quantized.module.get_submodule("blocks.5.proj")
+    with torch.inference_mode():
+        logits = proj(features)
+    assert (probs.log() - torch.log_softmax(logits, dim=1)).abs().max().item() <= 1e-4
+    similarity = torch.nn.functional.cosine_similarity(features, fp32_features).item()
+    worst = ((features - fp32_features).abs().max() / fp32_features.abs().max()).item()
+    print(f"int8 vs fp32 features: cosine {similarity:.5f}, max |diff| {worst:.3f} of the "
+          f"largest value")
+    assert similarity >= 0.999 and not torch.equal(features, fp32_features)  # measured 0.99995
+    result = quantized.classify(video)
+    assert result.embedding is not None and all(c.embedding for c in result.clips)

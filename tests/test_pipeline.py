@@ -62,7 +62,7 @@ def test_a_slow_model_holds_the_decoders_back(clips: list[Path]) -> None:
             created[0] += 1
         return real_prepare(frames, crops=crops)
 
-    def predict(prepared: list[torch.Tensor], *, crops: list[int]) -> torch.Tensor:
+    def predict(prepared: list[torch.Tensor], *, crops: list[int]) -> Any:
         with lock:
             live.append(created[0] - len(live))  # prepared clips not yet scored
         time.sleep(0.3)  # a model far slower than the decoders
@@ -93,12 +93,12 @@ def test_a_bad_video_fails_alone(clips: list[Path], tmp_path: Path) -> None:
 def test_the_model_thread_keeps_its_creators_threads(clips: list[Path]) -> None:
     clf = classifier(batch_size=1, decode_workers=2)
     seen: list[int] = []
-    real = clf.forward
+    real = clf.forward_with_features  # what the model loop's predict calls
 
-    def forward(views: torch.Tensor) -> torch.Tensor:
+    def forward(views: torch.Tensor) -> Any:
         seen.append(torch.get_num_threads())
         return real(views)
 
-    clf.forward = forward  # type: ignore[method-assign]
+    clf.forward_with_features = forward  # type: ignore[method-assign]
     list(clf.classify_many(clips[:3], Sampling()))
     assert seen and set(seen) == {torch.get_num_threads()}

@@ -62,6 +62,12 @@ def sampling_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+embeddings_option = click.option(
+    "--embeddings", type=click.Choice(["off", "video", "clip"]), default=None,
+    help="Keep the model's pooled features: per video, per video and clip, or not "
+         "(VIDQ_EMBEDDINGS; default off).")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="vidq")
 def main() -> None:
@@ -79,7 +85,9 @@ def main() -> None:
               help="Calibration file for int8, from `vidq calibrate` (VIDQ_INT8_CALIBRATION).")
 @click.option("--batch-size", type=int, default=None, help="Clips per forward pass.")
 @click.option("--top-k", type=click.IntRange(1, 400), default=None)
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per video.")
+@embeddings_option
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON object per video (with --embeddings: the vectors too).")
 @run_cli
 def classify(
     paths: tuple[str, ...],
@@ -95,6 +103,7 @@ def classify(
     int8_calibration: str | None,
     batch_size: int | None,
     top_k: int | None,
+    embeddings: str | None,
     as_json: bool,
 ) -> None:
     """Classify video files in this process (no Redis, no database)."""
@@ -105,6 +114,7 @@ def classify(
     settings = Settings.from_env(
         model=model, weights=weights, device=device, precision=precision,
         int8_calibration=int8_calibration, batch_size=batch_size, top_k=top_k,
+        embeddings=embeddings,
     )
     sampling = Sampling(
         strategy=strategy, clips=clips, stride_s=stride, start_sec=start_sec, crops=int(crops)
@@ -258,12 +268,14 @@ def _wait(settings: Settings, batch: str, poll_s: float = 1.0) -> None:
               help="auto | fp32 | bf16 | fp16 | int8 (VIDQ_PRECISION).")
 @click.option("--int8-calibration", default=None,
               help="Calibration file for int8, from `vidq calibrate` (VIDQ_INT8_CALIBRATION).")
+@embeddings_option
 @run_cli
 def run(inputs: tuple[str, ...], recursive: bool, pattern: str | None,
         manifests: tuple[str, ...], batch: str | None, priority: int, force: bool,
         weights: str | None, model: str | None, strategy: str, clips: int,
         stride: float | None, start_sec: float, crops: str, device: str | None,
-        precision: str | None, notify: str | None, int8_calibration: str | None) -> None:
+        precision: str | None, notify: str | None, int8_calibration: str | None,
+        embeddings: str | None) -> None:
     """Submit and classify here, with no broker: the embedded mode (SQLite by default)."""
     from tqdm import tqdm
 
@@ -271,7 +283,8 @@ def run(inputs: tuple[str, ...], recursive: bool, pattern: str | None,
     from worker.inference import Classifier
 
     settings = Settings.from_env(weights=weights, device=device, precision=precision,
-                                 int8_calibration=int8_calibration, model=model)
+                                 int8_calibration=int8_calibration, model=model,
+                                 embeddings=embeddings)
     request = _request(settings, model=model, strategy=strategy, clips=clips, stride=stride,
                        start_sec=start_sec, crops=crops, priority=priority)
     classifier = Classifier.from_settings(settings)  # fail on missing weights before recording
@@ -441,6 +454,37 @@ def segments(batch: str | None, label: str | None, min_score: float | None,
                        f"{row['job_id']:>7} {row['label'][:32]:32} {row['start_sec']:8.2f} "
                        f"{row['end_sec']:8.2f} {row['mean_score']:6.3f} "
                        f"{row['peak_score']:6.3f} {row['clips']:>5}  {row['path']}"))
+
+
+@main.command()
+@click.argument("job_id", type=int)
+@click.option("--top", type=click.IntRange(1, 10_000), default=10, show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "jsonl"]), default="table",
+              show_default=True)
+@run_cli
+def similar(job_id: int, top: int, fmt: str) -> None:
+    """The videos nearest to JOB_ID's by cosine similarity of their embeddings, among
+    those made by the same model and weights (needs VIDQ_EMBEDDINGS=video or clip)."""
+    from vidq.db import get_engine
+    from vidq.embeddings import nearest
+
+    settings = Settings.from_env()
+    engine = get_engine(settings.database_url, auto_migrate=settings.auto_migrate)
+    t0 = time.perf_counter()
+    with engine.connect() as conn:
+        search = nearest(conn, job_id, top=top)
+    rows = [{"rank": rank, "job_id": n.job_id, "similarity": round(n.similarity, 6),
+             "top_label": n.top_label, "path": n.path}
+            for rank, n in enumerate(search.neighbours, start=1)]
+    write_rows(rows, fmt=fmt, columns=["rank", "job_id", "similarity", "top_label", "path"],
+               header=f"{'#':>3} {'job':>7} {'cosine':>8}  {'top label':32}  path",
+               line=lambda r: (f"{r['rank']:>3} {r['job_id']:>7} {r['similarity']:8.4f}  "
+                               f"{(r['top_label'] or '')[:32]:32}  {r['path']}"))
+    if not search.compared:
+        warn(f"no other video has an embedding from model {search.model} with weights "
+             f"{search.weights_id[:19]}; vectors of other models or weights do not compare.")
+    click.echo(f"vidq: compared {search.compared} vectors of {search.model}, weights "
+               f"{search.weights_id[:19]}, in {time.perf_counter() - t0:.2f}s", err=True)
 
 
 @main.command()

@@ -20,6 +20,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     SmallInteger,
     String,
     Text,
@@ -268,6 +269,43 @@ class LabelSegment(Base):
         Index("ix_label_segments_label_duration", "label", "duration_s"),
         Index("ix_label_segments_label_mean_score", "label", "mean_score"),
     )
+
+
+class VideoEmbedding(Base):
+    """A video's pooled features: the mean of its clips' (``VIDQ_EMBEDDINGS=video|clip``),
+    as float16 bytes, written with the job's other results (vidq/embeddings.py)."""
+
+    __tablename__ = "video_embeddings"
+
+    job_id: Mapped[int] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    model: Mapped[str] = mapped_column(String(64))
+    weights_id: Mapped[str] = mapped_column(String(80))
+    """Vectors compare only within one model and one set of weights."""
+    dim: Mapped[int] = mapped_column(Integer)
+    norm: Mapped[float] = mapped_column(Float)
+    """L2 norm of the stored (float16) vector: cosine similarity without a second pass."""
+    vector: Mapped[bytes] = mapped_column(LargeBinary)
+    """``dim`` little-endian IEEE float16 values, not normalised."""
+
+    __table_args__ = (Index("ix_video_embeddings_model_weights", "model", "weights_id"),)
+
+
+class ClipEmbedding(Base):
+    """One clip's pooled features (mean over its crops), ``VIDQ_EMBEDDINGS=clip``. The
+    model and weights id are those of the job's ``video_embeddings`` row."""
+
+    __tablename__ = "clip_embeddings"
+
+    job_id: Mapped[int] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    clip_index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    start_sec: Mapped[float] = mapped_column(Float)
+    end_sec: Mapped[float] = mapped_column(Float)
+    vector: Mapped[bytes] = mapped_column(LargeBinary)
+    """Little-endian IEEE float16 values, as many as the video row's ``dim``."""
 
 
 _ENGINES: dict[str, Engine] = {}

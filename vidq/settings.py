@@ -14,6 +14,8 @@ from typing import Any, Mapping
 from vidq.errors import ConfigError
 
 ENV_PREFIX = "VIDQ_"
+EMBEDDING_MODES = ("off", "video", "clip")
+"""``VIDQ_EMBEDDINGS``: keep nothing, one vector per video, or per video and per clip."""
 
 
 @dataclass(frozen=True)
@@ -183,6 +185,18 @@ class Settings:
     """The most time (seconds) between two consecutive supporting clips that no clip
     looked at, for one segment to span both (uniform clips, strides over one clip span).
     A clip that looked and did not see the label always ends the segment."""
+
+    embeddings: str = "off"
+    """Keep the model's pooled features (the vector its last layer projects to the
+    labels: 2048 values for slow_r50 and the X3D presets), stored as float16 with the
+    model and weights id: ``video`` keeps one per video (the mean of its clips'),
+    ``clip`` one per clip as well, ``off`` none. Off by default: each vector is 4 KiB
+    (2048 x float16), more than all of a clip's label rows. See vidq/embeddings.py."""
+
+    def __post_init__(self) -> None:
+        if self.embeddings not in EMBEDDING_MODES:
+            raise ConfigError(f"VIDQ_EMBEDDINGS={self.embeddings!r} is not one of "
+                              f"{', '.join(EMBEDDING_MODES)}.")
 
     @property
     def stale_after_s(self) -> float:

@@ -7,6 +7,7 @@ decoder overlaps the model's forward pass; clips are batched across videos.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import deque
 from concurrent.futures import Future
@@ -17,10 +18,12 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import torch
 
+from vidq.embeddings import ClipVector, decode
 from vidq.errors import ConfigError, TransientError, VidqError
 from vidq.sampling import Sampling
-from vidq.settings import Settings
+from vidq.settings import EMBEDDING_MODES, Settings
 from worker import quantize
+from worker.features import PooledFeatures, head_pool_name
 from worker.models import (
     LoadedModel,
     fold_batch_norms,
@@ -92,6 +95,8 @@ class ClipPrediction:
     end_sec: float
     source_frames: int
     top: list[LabelScore]
+    embedding: bytes | None = None
+    """The clip's pooled features (mean over its crops), float16 bytes; ``clip`` mode only."""
 
 
 @dataclass
@@ -110,11 +115,25 @@ class VideoResult:
     """Packets read, skipped and decoded: ``decoded / packets`` is the decode work done."""
     calibration_id: str | None = None
     """The int8 calibration the model was quantized with; None at float precisions."""
+    embedding: bytes | None = None
+    """The mean of the clips' pooled features, float16 bytes, not normalised
+    (``VIDQ_EMBEDDINGS=video|clip``; vidq/embeddings.py)."""
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out["sampling"] = asdict(self.sampling)
+        # Vectors as JSON numbers (each float16 value exactly), not bytes.
+        for holder in (out, *out["clips"]):
+            if holder.get("embedding") is not None:
+                holder["embedding"] = list(decode(holder["embedding"]))
+            else:
+                holder.pop("embedding", None)
         return out
+
+    def clip_vectors(self) -> list[ClipVector]:
+        """The per-clip embeddings, as ``vidq.embeddings.write_embeddings`` takes them."""
+        return [ClipVector(c.index, c.start_sec, c.end_sec, c.embedding)
+                for c in self.clips if c.embedding is not None]
 
 
 class Classifier:
@@ -139,7 +158,12 @@ class Classifier:
         max_file_bytes: int = 0,
         int8_calibration: str = "",
         weights_sha256: str = "",
+        embeddings: str = "off",
     ) -> None:
+        if embeddings not in EMBEDDING_MODES:
+            raise ConfigError(f"Unknown embeddings mode {embeddings!r}; use "
+                              f"{', '.join(EMBEDDING_MODES)}.")
+        self.embeddings = embeddings
         self.preset = get_preset(model)
         self.device = resolve_device(device)
         self.precision = resolve_precision(
@@ -161,6 +185,7 @@ class Classifier:
         loaded: LoadedModel = load_model(self.preset, weights, sha256=weights_sha256)
         self.weights_id = loaded.weights_id
         module = loaded.module.to(self.device)
+        pool_name = head_pool_name(module)
         # The fast path, at every precision: BN folded into the convs (one pass over
         # the activations instead of two; the same function up to float rounding)
         # and channels_last_3d, the layout oneDNN's and cuDNN's fast 3D convolutions
@@ -183,6 +208,8 @@ class Classifier:
         module = module.to(memory_format=torch.channels_last_3d)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
+        # Hooked before compiling, so a compiled graph runs the hook too.
+        self.features = (PooledFeatures(module, pool_name) if embeddings != "off" else None)
         if compile:
             module = torch.compile(module, dynamic=False)
         self.module = module
@@ -212,21 +239,34 @@ class Classifier:
             skip_unused_frames=settings.skip_unused_frames,
             int8_calibration=settings.int8_calibration,
             weights_sha256=settings.weights_sha256,
+            embeddings=settings.embeddings,
         )
 
     # -- one batch -----------------------------------------------------------------
     def forward(self, views: torch.Tensor) -> torch.Tensor:
         """(B, 3, T, S, S) normalized views -> (B, classes) float32 softmax, on CPU."""
+        return self.forward_with_features(views)[0]
+
+    def forward_with_features(self, views: torch.Tensor
+                              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One forward pass: the (B, classes) float32 softmax and, when embeddings are
+        kept, the (B, C) float32 pooled features (worker/features.py), both on CPU."""
         if views.device != self.device:
             views = views.pin_memory().to(self.device, non_blocking=True)
         views = views.contiguous(memory_format=torch.channels_last_3d)
-        with torch.inference_mode():
+        capture = self.features
+        features = None
+        with torch.inference_mode(), (capture.lock if capture else contextlib.nullcontext()):
+            if capture:
+                capture.reset()
             if self.precision not in _DTYPES:  # fp32, or int8 (quantized in the graph)
                 logits = self.module(views)
             else:
                 with torch.autocast(self.device.type, dtype=_DTYPES[self.precision]):
                     logits = self.module(views)
-            return torch.softmax(logits.float(), dim=1).cpu()
+            if capture:
+                features = capture.take().cpu()
+            return torch.softmax(logits.float(), dim=1).cpu(), features
 
     def _top(self, probs: torch.Tensor) -> list[LabelScore]:
         scores, ids = probs.topk(min(self.top_k, probs.numel()))
@@ -243,8 +283,10 @@ class Classifier:
             return torch.from_numpy(frames).pin_memory()
         return clip_views(frames, self.preset, crops=crops)
 
-    def predict(self, prepared: list[torch.Tensor], *, crops: list[int]) -> torch.Tensor:
-        """Prepared clips (from any videos) -> one forward pass -> (views, classes) softmax."""
+    def predict(self, prepared: list[torch.Tensor], *, crops: list[int]
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Prepared clips (from any videos) -> one forward pass -> (views, classes) softmax
+        and (views, C) pooled features, or None when embeddings are off."""
         try:
             if self.device.type == "cuda":
                 views = torch.cat([
@@ -253,7 +295,7 @@ class Classifier:
                 ])
             else:
                 views = prepared[0] if len(prepared) == 1 else torch.cat(prepared)
-            return self.forward(views)
+            return self.forward_with_features(views)
         except oom_errors() as exc:
             raise TransientError(f"out of accelerator memory ({exc})".splitlines()[0],
                                  kind="out_of_memory") from None
@@ -294,19 +336,24 @@ class Classifier:
         path: str,
         info: VideoInfo,
         sampling: Sampling,
-        scored: list[tuple[ClipFrames, torch.Tensor]],
+        scored: list[tuple[ClipFrames, torch.Tensor, torch.Tensor | None]],
         decode_s: float,
         model_s: float,
         started: float,
         decode_stats: DecodeStats | None = None,
     ) -> VideoResult:
-        """Every clip of a video scored: its clips' and the video's top-k."""
+        """Every clip of a video scored: its clips' and the video's top-k (and embeddings)."""
         scored = sorted(scored, key=lambda c: c[0].window.index)
         clip_preds = []
         all_views = []
-        for clip, probs in scored:
+        clip_features = []
+        for clip, probs, features in scored:
             all_views.append(probs)
             w = clip.window
+            # A clip's features, like its probabilities, are the mean over its crops.
+            feature = features.mean(dim=0) if features is not None else None
+            if feature is not None:
+                clip_features.append(feature)
             clip_preds.append(
                 ClipPrediction(
                     index=w.index,
@@ -314,10 +361,16 @@ class Classifier:
                     end_sec=round(w.end_sec, 4),
                     source_frames=clip.source_frames,
                     top=self._top(probs.mean(dim=0)),
+                    embedding=(float16_bytes(feature) if feature is not None
+                               and self.embeddings == "clip" else None),
                 )
             )
         # Video level: mean softmax over every view (clips x crops), as in multi-view eval.
         video_probs = torch.cat(all_views).mean(dim=0)
+        # The video's embedding: the mean of its clips' (every clip has the same crops, so
+        # also the mean over every view), computed in float32 before the float16 rounding.
+        video_embedding = (float16_bytes(torch.stack(clip_features).mean(dim=0))
+                           if clip_features and len(clip_features) == len(scored) else None)
         total = time.perf_counter() - started
         return VideoResult(
             path=path,
@@ -336,7 +389,20 @@ class Classifier:
             },
             decode_stats=decode_stats or DecodeStats(),
             calibration_id=self.calibration_id,
+            embedding=video_embedding,
         )
+
+
+FLOAT16_MAX = 65504.0
+
+
+def float16_bytes(vector: torch.Tensor) -> bytes:
+    """A float32 vector as little-endian IEEE float16 bytes (round to nearest). Values
+    past float16's range are clamped to its largest finite value rather than stored as
+    infinities, which would make every cosine with the vector undefined; pooled
+    activations of a working model stay far below it."""
+    half = vector.detach().float().clamp(-FLOAT16_MAX, FLOAT16_MAX).to(torch.float16).cpu()
+    return half.numpy().astype("<f2", copy=False).tobytes()
 
 
 def _outcome(future: Future[Any]) -> VideoResult | VidqError:

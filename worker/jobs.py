@@ -27,6 +27,7 @@ from vidq import metrics
 from vidq.db import (
     ClipPrediction, Job, JobStatus, VideoLabel, aware, db_now, first_line, sessions, utcnow,
 )
+from vidq.embeddings import write_embeddings
 from vidq.errors import Cancelled, InputError, PermanentError, TransientError, VidqError
 from vidq.faultpoints import pause_point
 from vidq.media import changed_since_submit, check_video_path
@@ -274,6 +275,10 @@ class JobStore:
                 ],
             )
             write_segments(s, job_id, result.clips)
+            # Replaced like the rest, also by nothing: a re-run with VIDQ_EMBEDDINGS=off
+            # leaves no vectors of the earlier result behind.
+            write_embeddings(s, job_id, model=result.model, weights_id=result.weights_id,
+                             video=result.embedding, clips=result.clip_vectors())
             return True
 
         return self._run(op)

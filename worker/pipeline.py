@@ -61,7 +61,9 @@ class _Video:
     info: VideoInfo | None = None
     expected: int | None = None
     """Clips the decoder produced; known when it has finished the video."""
-    scored: list[tuple[ClipFrames, torch.Tensor]] = field(default_factory=list)
+    scored: list[tuple[ClipFrames, torch.Tensor, torch.Tensor | None]] = field(
+        default_factory=list)
+    """Each clip's probabilities per view and, when embeddings are kept, its features."""
     decode_s: float = 0.0
     model_s: float = 0.0
     decode_stats: DecodeStats | None = None
@@ -330,8 +332,8 @@ class Pipeline:
         views = self._views(batch)
         t = time.perf_counter()
         try:
-            probs = self.classifier.predict([p for _, _, p in batch],
-                                            crops=[v.sampling.crops for v, _, _ in batch])
+            probs, features = self.classifier.predict(
+                [p for _, _, p in batch], crops=[v.sampling.crops for v, _, _ in batch])
         except VidqError as exc:
             for video, _, _ in batch:
                 video.finish(error=exc)
@@ -359,7 +361,8 @@ class Pipeline:
         touched: dict[int, _Video] = {}
         for video, clip, _ in batch:
             n = video.sampling.crops
-            video.scored.append((clip, probs[offset : offset + n]))
+            video.scored.append((clip, probs[offset : offset + n],
+                                 None if features is None else features[offset : offset + n]))
             video.model_s += dt * n / views
             offset += n
             touched[id(video)] = video
