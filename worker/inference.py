@@ -20,6 +20,7 @@ import torch
 from vidq.errors import ConfigError, TransientError, VidqError
 from vidq.sampling import Sampling
 from vidq.settings import Settings
+from vidq.storage import StorageConfig
 from worker import quantize
 from worker.models import (
     LoadedModel,
@@ -138,6 +139,7 @@ class Classifier:
         media_roots: tuple[str, ...] = (),
         max_file_bytes: int = 0,
         int8_calibration: str = "",
+        storage: StorageConfig | None = None,
     ) -> None:
         self.preset = get_preset(model)
         self.device = resolve_device(device)
@@ -156,6 +158,8 @@ class Classifier:
         self.batch_wait_ms = batch_wait_ms
         self.media_roots = media_roots
         self.max_file_bytes = max_file_bytes
+        self.storage = storage or StorageConfig()
+        """How decoders reach object-store inputs (s3://...)."""
         self.labels = kinetics400_labels()
         loaded: LoadedModel = load_model(self.preset, weights)
         self.weights_id = loaded.weights_id
@@ -210,6 +214,7 @@ class Classifier:
             max_file_bytes=settings.max_file_bytes,
             skip_unused_frames=settings.skip_unused_frames,
             int8_calibration=settings.int8_calibration,
+            storage=StorageConfig.from_settings(settings),
         )
 
     # -- one batch -----------------------------------------------------------------
