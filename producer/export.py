@@ -204,7 +204,7 @@ def _upload(fs: Any, uri: storage.ObjectURI) -> Iterator[IO[bytes]]:
     fsspec's ``close`` would otherwise upload what was written so far. The store's
     errors (on open, on each part sent, on completion) become vidq's."""
     with storage.storage_errors(str(uri)):
-        fh = fs.open(uri.fs_path, "wb")
+        fh = fs.open(uri.fs_path, "wb", block_size=storage.WRITE_PART_BYTES)
     try:
         yield fh
     except BaseException as exc:

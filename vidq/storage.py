@@ -64,6 +64,9 @@ READ_CACHE_BLOCKS = 4
 """Blocks a reader keeps (at most 32 MiB per open video): an MP4's index at the end
 and the media at the start both stay cached while FFmpeg seeks between them."""
 
+WRITE_PART_BYTES = 8 * 2**20
+"""One part of a multipart upload (exports): the most an export holds for the store."""
+
 _URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://(.*)$", re.DOTALL)
 _BUCKET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,254}$")
 _HEX_MD5 = re.compile(r"^[0-9a-f]{32}$")
