@@ -333,8 +333,9 @@ def check_object(
 
     Error kinds as ``check_video_path``'s, plus ``no_credentials`` (ConfigError) and
     ``storage_unavailable`` (TransientError)."""
+    # The roots first: a whole bucket outside them is refused as such.
+    check_roots(ObjectURI.parse(raw, prefix=True), raw, media_roots)
     uri = ObjectURI.parse(raw)
-    check_roots(uri, raw, media_roots)
     meta = head(uri, storage=storage, raw=raw)
     if meta.size == 0:
         raise InputError(f"{raw}: empty object (0 bytes).", kind="empty")
