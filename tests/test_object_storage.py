@@ -8,12 +8,15 @@ temporary copy, and the size limit on bytes actually read.
 - Decoding a streamed object gives exactly the frames of the local file (MP4 with its
   index at the end, Matroska, AVI, WebM), through a seekable reader, no copy.
 - A stream that cannot seek is copied to a temporary file bounded by the size limit.
+- An object replaced after submit, or while it is read, is caught.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import os
 import time
 from fractions import Fraction
 from pathlib import Path
@@ -27,7 +30,10 @@ from vidq.errors import ConfigError, InputError, TransientError
 from vidq.media import check_input, open_video
 from vidq.sampling import Sampling, plan_windows
 from vidq.settings import Settings
-from vidq.storage import BoundedReader, StorageConfig, check_object, spool
+from vidq.storage import (
+    READ_BLOCK_BYTES, BoundedReader, StorageConfig, check_object, content_hash, hash_object,
+    object_changed, open_object, spool,
+)
 from worker.video import VideoReader
 
 pytest.importorskip("s3fs")
@@ -189,3 +195,45 @@ def test_missing_objects_and_buckets_are_permanent_a_dead_endpoint_transient(
         with pytest.raises(InputError) as info:
             check_input(raw, storage_config=storage)
         assert info.value.kind == "not_found" and info.value.message == f"{raw}: no such object."
+
+
+def test_a_changed_object_is_caught_after_decode_and_while_it_is_read(
+    s3_server: S3Server,  # noqa: F811
+) -> None:
+    storage = StorageConfig(s3_endpoint_url=s3_server.endpoint)
+    bucket = s3_server.new_bucket()
+    small, other = b"a" * 4096, b"b" * 4096
+    s3_server.upload(bucket, "v.mp4", small)
+    uri = f"s3://{bucket}/v.mp4"
+    meta = check_object(uri, storage=storage)
+    md5 = content_hash(meta, storage=storage)
+    assert md5 == f"md5:{hashlib.md5(small).hexdigest()}"
+
+    def changed(digest: str, modified_ns: int | None = meta.modified_ns) -> str | None:
+        error = object_changed(uri, size_bytes=len(small), modified_ns=modified_ns,
+                               content_hash=digest, storage=storage)
+        assert error is None or error.kind == "changed_since_submit"
+        return None if error is None else error.message
+
+    sha = hash_object(meta, storage=storage)
+    assert sha == hashlib.sha256(small).hexdigest()
+    assert changed(md5) is None and changed(sha) is None
+    s3_server.upload(bucket, "v.mp4", small)  # the same bytes again: a new LastModified
+    assert changed(md5) is None and changed(sha, modified_ns=1) is None  # hashed again
+    s3_server.upload(bucket, "v.mp4", other)  # same size, other content
+    assert "its ETag differs" in (changed(md5) or "")
+    assert "its content hash differs" in (changed(sha, modified_ns=1) or "")
+    s3_server.client().delete_object(Bucket=bucket, Key="v.mp4")
+    assert "no longer readable since it was submitted" in (changed(md5) or "")
+
+    # Replaced while a worker streams it: the next range request is refused (If-Match).
+    big = os.urandom(READ_BLOCK_BYTES + 4096)
+    s3_server.upload(bucket, "big.mp4", big)
+    with open_object(f"s3://{bucket}/big.mp4", storage=storage) as fh:
+        assert fh.read(1000) == big[:1000]
+        s3_server.upload(bucket, "big.mp4", os.urandom(len(big)))
+        fh.seek(READ_BLOCK_BYTES)
+        with pytest.raises(InputError) as info:
+            fh.read(1000)
+    assert info.value.kind == "changed_since_submit"
+    assert "replaced while it was read" in info.value.message

@@ -245,8 +245,10 @@ def storage_errors(raw: str) -> Iterator[None]:
                 "set them the standard way (for S3: AWS_ACCESS_KEY_ID and "
                 "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or an instance role).",
                 kind="no_credentials") from None
-        if getattr(exc, "errno", None) == errno.EINVAL and "recondition" in str(exc):
-            # s3fs reads every range with If-Match on the ETag it opened.
+        if name == "FileExpired" or (getattr(exc, "errno", None) == errno.EINVAL
+                                     and "recondition" in str(exc)):
+            # s3fs reads every range with If-Match on the ETag it opened: fsspec's
+            # FileExpired (or a bare 412) says the object changed under the reader.
             raise InputError(f"{raw}: the object was replaced while it was read; results "
                              "were not written.", kind="changed_since_submit") from None
         raise TransientError(f"{raw}: object store unreachable or failing ({name}: "

@@ -241,7 +241,19 @@ def test_manifests_list_uris_and_other_schemes_are_one_line(
                        "--manifest", f"s3://{bucket}/lists/list.jsonl", "--batch", "m",
                        **s3_server.env)
     assert "2 jobs recorded" in out.stderr, out.stderr
-    assert sorted(p for (p,) in cluster.sql("select path from jobs")) == sorted(uris)
+    assert sorted(p for (p,) in cluster.sql("select path from jobs where batch_id = "
+                                            "(select id from batches where name = 'm')")
+                  ) == sorted(uris)
+    # botocore's own endpoint variable is honoured; VIDQ_S3_ENDPOINT_URL wins over it.
+    s3_server.upload(bucket, "e/one.mp4", b"one")
+    s3_server.upload(bucket, "e/two.mp4", b"two")
+    out = cluster.vidq("submit", f"s3://{bucket}/e/one.mp4", "--batch", "e",
+                       **{**s3_server.env, "VIDQ_S3_ENDPOINT_URL": "",
+                          "AWS_ENDPOINT_URL": s3_server.endpoint})
+    assert "1 jobs recorded" in out.stderr, out.stderr
+    out = cluster.vidq("submit", f"s3://{bucket}/e/two.mp4", "--batch", "e",
+                       **{**s3_server.env, "AWS_ENDPOINT_URL": "http://127.0.0.1:1"})
+    assert "1 jobs recorded" in out.stderr, out.stderr
     out = cluster.vidq("submit", "http://127.0.0.1:1/v.mp4", check=False)
     assert out.returncode == 1
     one_line_error(out.stderr, "'http://' is not an object store vidq reads")
