@@ -152,8 +152,8 @@ def discover(
         else:
             yield from emit(raw)
     for manifest in manifests:
-        for p in read_manifest(manifest, storage_config=storage_config):
-            yield from emit(p)
+        for listed_path in read_manifest(manifest, storage_config=storage_config):
+            yield from emit(listed_path)
 
 
 def _digest(path: str) -> str | InputError:
