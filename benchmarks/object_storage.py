@@ -71,7 +71,8 @@ def main() -> None:
         for strategy in ("sliding", "uniform"):
             sampling = Sampling(strategy=strategy, clips=3)
 
-            def decode(source: object) -> tuple[float, list[np.ndarray]]:
+            def decode(source: object, sampling: Sampling = sampling
+                       ) -> tuple[float, list[np.ndarray]]:
                 t0 = time.perf_counter()
                 with VideoReader(uri, source=source) as reader:  # type: ignore[arg-type]
                     windows = plan_windows(sampling, reader.info.duration_s, Fraction(8, 5))

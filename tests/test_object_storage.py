@@ -179,9 +179,9 @@ def test_the_size_limit_holds_on_metadata_and_on_bytes_read(
     assert info.value.kind == "over_limit" and f"{size} bytes is over" in info.value.message
     # Metadata that understated the size: the reader still stops at the limit.
     fs = storage.filesystem("s3")
-    with fs.open(f"{bucket}/v.mp4", "rb") as fh, pytest.raises(InputError) as info:
-        with VideoReader(uri, source=BoundedReader(fh, raw=uri, limit=size // 2)) as reader:
-            _clips(reader)
+    with fs.open(f"{bucket}/v.mp4", "rb") as fh, pytest.raises(InputError) as info, \
+            VideoReader(uri, source=BoundedReader(fh, raw=uri, limit=size // 2)) as reader:
+        _clips(reader)
     assert info.value.kind == "over_limit"
     assert "VIDQ_MAX_FILE_BYTES" in info.value.message
 
