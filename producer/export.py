@@ -15,32 +15,38 @@ Rows stream from the database in pages (``yield_per``: a server-side cursor on
 PostgreSQL, SQLite's own stepping) and leave as Parquet row groups
 (``pyarrow.parquet.ParquetWriter``), JSON lines or CSV rows, so memory stays flat
 however many rows a batch has. Each file is written under a temporary name and
-renamed when complete: an interrupted export leaves no half file behind.
-Local paths only for now; object storage is a later part of issue 12.
+renamed when complete: an interrupted export leaves no half file behind. An
+object-store ``--out`` (``s3://bucket/prefix``) is written the same way through
+fsspec, streamed in parts; the object appears only when its upload completes, and
+a failed one is aborted, so there too no half file is left.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
 import datetime as dt
+import io
 import itertools
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import IO, Any, Callable, Iterator, Sequence
 
 from sqlalchemy import Boolean, DateTime, Float, Integer, SmallInteger, func, select
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.sql import Select
 from sqlalchemy.sql.elements import ColumnElement
 
+from vidq import storage
 from vidq.db import (
-    Batch, ClipEmbedding, ClipPrediction, Job, LabelSegment, VideoEmbedding, VideoLabel,
+    Batch, ClipEmbedding, ClipPrediction, Job, LabelSegment, VideoEmbedding, VideoLabel, aware,
 )
 from vidq.embeddings import decode
-from vidq.errors import InputError
+from vidq.errors import InputError, VidqError
 
 FORMATS = ("parquet", "jsonl", "csv")
 PAGE_ROWS = 65_536
@@ -86,7 +92,8 @@ class TableExport:
 
 @dataclass
 class ExportReport:
-    files: dict[str, Path]
+    files: dict[str, Path | str]
+    """Local paths, or URIs for an object-store export."""
     rows: dict[str, int]
 
 
@@ -198,13 +205,25 @@ def _embedding_tables(conn: Connection, batch_jobs: Any) -> list[TableExport]:
     return tables
 
 
-def export_batch(conn: Connection, *, batch: str, fmt: str, out_dir: str) -> ExportReport:
-    """Write ``out_dir``/{videos,clips,segments}.{fmt} for ``batch``."""
+def export_batch(conn: Connection, *, batch: str, fmt: str, out_dir: str,
+                 storage_config: storage.StorageConfig | None = None) -> ExportReport:
+    """Write ``out_dir``/{videos,clips,segments}.{fmt} for ``batch``; ``out_dir`` may be
+    an object-store prefix (``s3://bucket/exports/b1``)."""
     if fmt not in FORMATS:
         raise InputError(f"unknown format {fmt!r}; choose {', '.join(FORMATS)}.", kind="config")
-    if "://" in out_dir:
-        raise InputError(f"{out_dir}: object storage is not supported yet; export to a local "
-                         "directory and copy it.", kind="config")
+    writer = {"parquet": _write_parquet, "jsonl": _write_jsonl, "csv": _write_csv}[fmt]
+    if storage.is_uri(out_dir):
+        prefix = storage.ObjectURI.parse(out_dir, prefix=True)  # refuses other schemes
+        fs = (storage_config or storage.StorageConfig()).filesystem(prefix.scheme)
+        tables = batch_tables(conn, batch)
+        report = ExportReport(files={}, rows={})
+        for table in tables:
+            uri = storage.ObjectURI(prefix.scheme, prefix.bucket,
+                                    "/".join(filter(None, (prefix.key, f"{table.name}.{fmt}"))))
+            with _upload(fs, uri) as fh:
+                report.rows[table.name] = writer(fh, table)
+            report.files[table.name] = str(uri)
+        return report
     tables = batch_tables(conn, batch)
     out = Path(out_dir)
     try:
@@ -215,9 +234,9 @@ def export_batch(conn: Connection, *, batch: str, fmt: str, out_dir: str) -> Exp
     for table in tables:
         path = out / f"{table.name}.{fmt}"
         tmp = out / f".{table.name}.{fmt}.partial"
-        writer = {"parquet": _write_parquet, "jsonl": _write_jsonl, "csv": _write_csv}[fmt]
         try:
-            report.rows[table.name] = writer(tmp, table)
+            with open(tmp, "wb") as fh:
+                report.rows[table.name] = writer(fh, table)
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
@@ -225,12 +244,34 @@ def export_batch(conn: Connection, *, batch: str, fmt: str, out_dir: str) -> Exp
     return report
 
 
+@contextlib.contextmanager
+def _upload(fs: Any, uri: storage.ObjectURI) -> Iterator[IO[bytes]]:
+    """An object opened for writing, committed only if the block ends without error:
+    fsspec's ``close`` would otherwise upload what was written so far. The store's
+    errors (on open, on each part sent, on completion) become vidq's."""
+    with storage.storage_errors(str(uri)):
+        fh = fs.open(uri.fs_path, "wb", block_size=storage.WRITE_PART_BYTES)
+    try:
+        yield fh
+    except BaseException as exc:
+        discard = getattr(fh, "discard", None)  # aborts an S3 multipart upload
+        if discard is not None:
+            with contextlib.suppress(Exception):
+                discard()
+        if isinstance(exc, Exception) and not isinstance(exc, (VidqError, SQLAlchemyError)):
+            with storage.storage_errors(str(uri)):
+                raise
+        raise
+    with storage.storage_errors(str(uri)):
+        fh.close()
+
+
 def _pages(rows: Iterator[Sequence[Any]]) -> Iterator[list[Sequence[Any]]]:
     while page := list(itertools.islice(rows, PAGE_ROWS)):
         yield page
 
 
-def _write_parquet(path: Path, table: TableExport) -> int:
+def _write_parquet(fh: IO[bytes], table: TableExport) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -251,7 +292,7 @@ def _write_parquet(path: Path, table: TableExport) -> int:
         return pa.FixedSizeListArray.from_arrays(flat, f.dim)
 
     n = 0
-    with pq.ParquetWriter(path, schema, compression="zstd") as writer:
+    with pq.ParquetWriter(fh, schema, compression="zstd") as writer:
         for page in _pages(table.rows()):
             columns = list(zip(*page))
             arrays = [array(col, i) for i, col in enumerate(columns)]
@@ -262,8 +303,7 @@ def _write_parquet(path: Path, table: TableExport) -> int:
 
 def _text(value: Any) -> Any:
     if isinstance(value, dt.datetime):
-        # SQLite hands back naive datetimes; vidq stores UTC.
-        return (value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)).isoformat()
+        return aware(value).isoformat()
     return value
 
 
@@ -278,19 +318,30 @@ def _csv_value(value: Any) -> Any:
     return base64.b64encode(value).decode("ascii") if isinstance(value, bytes) else _text(value)
 
 
-def _write_jsonl(path: Path, table: TableExport) -> int:
+@contextlib.contextmanager
+def _text_over(fh: IO[bytes]) -> Iterator[io.TextIOWrapper]:
+    """UTF-8 text written through ``fh``, which stays open for its owner to close."""
+    text = io.TextIOWrapper(fh, encoding="utf-8", newline="")  # type: ignore[arg-type]
+    try:
+        yield text
+        text.flush()
+    finally:
+        text.detach()
+
+
+def _write_jsonl(fh: IO[bytes], table: TableExport) -> int:
     names = [f.name for f in table.fields]
     n = 0
-    with open(path, "w", encoding="utf-8") as f:
+    with _text_over(fh) as f:
         for row in table.rows():
             f.write(json.dumps(dict(zip(names, map(_json_value, row)))) + "\n")
             n += 1
     return n
 
 
-def _write_csv(path: Path, table: TableExport) -> int:
+def _write_csv(fh: IO[bytes], table: TableExport) -> int:
     n = 0
-    with open(path, "w", encoding="utf-8", newline="") as f:
+    with _text_over(fh) as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow([fl.name for fl in table.fields])
         for row in table.rows():

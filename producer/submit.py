@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable, Iterator
 from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
+from vidq import storage
 from vidq.db import ACTIVE, BATCH_NAME_MAX, Batch, Job, JobStatus, db_now, sessions
 from vidq.errors import InputError, VidqError
 from vidq.media import VIDEO_EXTENSIONS, check_video_path, sha256_file
@@ -28,6 +29,9 @@ from vidq.sampling import Sampling
 from vidq.settings import Settings
 
 CHUNK = 1000
+OBJECT_THREADS = 32
+"""Object-store requests in flight at submit (metadata, or bytes to hash): waiting on
+the network, not the CPU."""
 
 
 @dataclass(frozen=True)
@@ -67,11 +71,22 @@ class SubmitReport:
     publish_error: str | None = None
 
 
-def read_manifest(path: str) -> Iterator[str]:
-    """Paths from a manifest: CSV/JSONL with a ``path`` column, else one path a line."""
+def _open_manifest(path: str, storage_config: storage.StorageConfig | None) -> Any:
+    if not storage.is_uri(path):
+        return open(path, newline="", encoding="utf-8")
+    uri = storage.ObjectURI.parse(path)
+    fs = (storage_config or storage.StorageConfig()).filesystem(uri.scheme)
+    with storage.storage_errors(path):
+        return fs.open(uri.fs_path, "rt", newline="", encoding="utf-8")
+
+
+def read_manifest(path: str, *, storage_config: storage.StorageConfig | None = None
+                  ) -> Iterator[str]:
+    """Paths and URIs from a manifest (a local file or an object): CSV/JSONL with a
+    ``path`` column, else one a line."""
     suffix = Path(path).suffix.lower()
     try:
-        with open(path, newline="", encoding="utf-8") as fh:
+        with _open_manifest(path, storage_config) as fh:
             if suffix == ".csv":
                 reader = csv.DictReader(fh)
                 if not reader.fieldnames or "path" not in reader.fieldnames:
@@ -102,8 +117,12 @@ def discover(
     recursive: bool = False,
     pattern: str | None = None,
     manifests: Iterable[str] = (),
+    media_roots: tuple[str, ...] = (),
+    storage_config: storage.StorageConfig | None = None,
 ) -> Iterator[str]:
-    """Expand files, directories and manifests into candidate paths, each once."""
+    """Expand files, directories, object-store prefixes and manifests into candidate
+    paths and URIs, each once. A prefix outside the media roots is not listed: it is
+    passed on as it is, for ``submit`` to refuse in one line."""
     seen: set[str] = set()
 
     def emit(p: str) -> Iterator[str]:
@@ -112,6 +131,18 @@ def discover(
             yield p
 
     for raw in inputs:
+        if storage.is_uri(raw):
+            try:
+                prefix = storage.ObjectURI.parse(raw, prefix=True)
+                storage.check_roots(prefix, raw, media_roots)
+            except InputError:
+                yield from emit(raw)
+                continue
+            listed = storage.list_objects(raw, recursive=recursive, pattern=pattern,
+                                          storage=storage_config or storage.StorageConfig())
+            for uri in [raw] if listed is None else listed:
+                yield from emit(uri)
+            continue
         base = Path(raw).expanduser()
         if base.is_dir():
             walker = base.rglob(pattern or "*") if recursive else base.glob(pattern or "*")
@@ -121,8 +152,8 @@ def discover(
         else:
             yield from emit(raw)
     for manifest in manifests:
-        for p in read_manifest(manifest):
-            yield from emit(p)
+        for listed_path in read_manifest(manifest, storage_config=storage_config):
+            yield from emit(listed_path)
 
 
 def _digest(path: str) -> str | InputError:
@@ -130,6 +161,23 @@ def _digest(path: str) -> str | InputError:
         return sha256_file(path)
     except OSError as exc:  # removed or made unreadable since it was checked
         return InputError(f"{path}: cannot read ({exc.strerror}).", kind="unreadable")
+
+
+def _object_fingerprint(
+    raw: str, *, settings: Settings, storage_config: storage.StorageConfig
+) -> tuple[str, int, int | None, str] | VidqError:
+    """(canonical URI, size, LastModified ns, content hash) of an object, or the error:
+    roots first (no request), then one HEAD; the bytes are read only when the metadata
+    holds no content hash (multipart uploads, SSE-KMS, stores other than S3)."""
+    try:
+        meta = storage.check_object(raw, media_roots=settings.media_roots,
+                                    max_file_bytes=settings.max_file_bytes,
+                                    storage=storage_config)
+        digest = storage.content_hash(meta, storage=storage_config,
+                                      max_file_bytes=settings.max_file_bytes)
+    except VidqError as exc:
+        return exc
+    return str(meta.uri), meta.size, meta.modified_ns, digest
 
 
 def check_batch_name(name: str) -> None:
@@ -200,8 +248,12 @@ def submit(
     report = SubmitReport(batch=batch or default_batch_name())
     check_batch_name(report.batch)
     candidates: list[tuple[str, int, int]] = []
+    uris: list[str] = []
     for raw in paths:
         report.found += 1
+        if storage.is_uri(raw):
+            uris.append(raw)
+            continue
         try:
             resolved = check_video_path(
                 raw, media_roots=settings.media_roots, max_file_bytes=settings.max_file_bytes
@@ -215,7 +267,7 @@ def submit(
 
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
         hashed = list(pool.map(_digest, [p for p, _, _ in candidates]))
-    accepted: list[tuple[str, int, int]] = []
+    accepted: list[tuple[str, int, int | None]] = []
     digests: list[str] = []
     for candidate, digest in zip(candidates, hashed):
         if isinstance(digest, InputError):
@@ -224,6 +276,22 @@ def submit(
         else:
             accepted.append(candidate)
             digests.append(digest)
+    if uris:
+        storage_config = storage.StorageConfig.from_settings(settings)
+        with ThreadPoolExecutor(max_workers=OBJECT_THREADS) as pool:
+            found = list(pool.map(lambda raw: _object_fingerprint(
+                raw, settings=settings, storage_config=storage_config), uris))
+        for fingerprint in found:
+            if isinstance(fingerprint, InputError):
+                report.rejected.append(fingerprint.message)
+                on_reject(fingerprint.message)
+            elif isinstance(fingerprint, VidqError):
+                # No credentials, a missing package, a store that does not answer: the
+                # same for every object, so the submission stops here in one line.
+                raise fingerprint
+            else:
+                accepted.append(fingerprint[:3])
+                digests.append(fingerprint[3])
 
     key = request.config_key()
     make_session = sessions(settings.database_url, auto_migrate=settings.auto_migrate)

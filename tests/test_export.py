@@ -6,7 +6,8 @@
   it flat (psycopg's default cursor holds the whole result).
 - pyarrow reads the files back: row counts, row groups, and values recomputed
   from the formula that generated the rows; JSON lines and CSV hold the same rows.
-- A missing batch and an object-storage URL are one line each.
+- A missing batch and an unsupported URL are one line each (exports to object
+  storage: tests/e2e/test_object_storage.py).
 """
 
 from __future__ import annotations
@@ -189,12 +190,14 @@ def test_jsonl_and_csv_hold_the_same_rows_as_parquet(database_url: str, tmp_path
     assert not list(tmp_path.glob("*/.*.partial"))  # temporary files renamed or removed
 
 
-def test_a_missing_batch_or_an_object_store_url_is_one_line(database_url: str, tmp_path: Path  # noqa: F811
-                                                            ) -> None:
+def test_a_missing_batch_or_an_unsupported_url_is_one_line(database_url: str, tmp_path: Path  # noqa: F811
+                                                           ) -> None:
     env = {**os.environ, "VIDQ_DATABASE_URL": database_url}
+    fill_batch(database_url, "b", 1)
     for args, needle in (
         (["--batch", "nope", "--out", str(tmp_path / "x")], "no batch named 'nope'"),
-        (["--batch", "nope", "--out", "s3://bucket/x"], "object storage is not supported yet"),
+        (["--batch", "nope", "--out", "s3://bucket/x"], "no batch named 'nope'"),
+        (["--batch", "b", "--out", "ftp://host/x"], "'ftp://' is not an object store"),
     ):
         proc = subprocess.run([sys.executable, "-m", "vidq.cli", "export", *args],
                               capture_output=True, text=True, timeout=120, check=False,

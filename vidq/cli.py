@@ -106,9 +106,10 @@ def classify(
     embeddings: str | None,
     as_json: bool,
 ) -> None:
-    """Classify video files in this process (no Redis, no database)."""
-    from vidq.media import check_video_path
+    """Classify video files or objects in this process (no Redis, no database)."""
+    from vidq.media import check_input
     from vidq.sampling import Sampling
+    from vidq.storage import StorageConfig
     from worker.inference import Classifier
 
     settings = Settings.from_env(
@@ -123,9 +124,9 @@ def classify(
     good: list[str] = []
     for raw in paths:
         try:
-            good.append(str(check_video_path(
-                raw, media_roots=settings.media_roots, max_file_bytes=settings.max_file_bytes
-            )))
+            good.append(check_input(
+                raw, media_roots=settings.media_roots, max_file_bytes=settings.max_file_bytes,
+                storage_config=StorageConfig.from_settings(settings)))
         except VidqError as exc:
             fail(exc.message)
             failures += 1
@@ -197,10 +198,13 @@ def _submit(settings: Settings, inputs: tuple[str, ...], *, recursive: bool, pat
     from tqdm import tqdm
 
     from producer.submit import discover, submit
+    from vidq.storage import StorageConfig
 
     if not inputs and not manifests:
         raise click.UsageError("give files, directories or --manifest.")
-    paths = list(discover(inputs, recursive=recursive, pattern=pattern, manifests=manifests))
+    paths = list(discover(inputs, recursive=recursive, pattern=pattern, manifests=manifests,
+                          media_roots=settings.media_roots,
+                          storage_config=StorageConfig.from_settings(settings)))
     with tqdm(total=len(paths), desc="recording", unit="job", disable=len(paths) < 200,
               file=sys.stderr) as bar:
         report = submit(paths, settings=settings, request=request, batch=batch, force=force,
@@ -492,7 +496,8 @@ def similar(job_id: int, top: int, fmt: str) -> None:
 @click.option("--format", "fmt", type=click.Choice(["parquet", "jsonl", "csv"]),
               default="parquet", show_default=True)
 @click.option("--out", "out_dir", required=True,
-              help="Local directory for videos.FMT, clips.FMT and segments.FMT.")
+              help="Directory for videos.FMT, clips.FMT and segments.FMT: a local path "
+                   "or an object-store prefix (s3://bucket/exports/b1).")
 @run_cli
 def export(batch: str, fmt: str, out_dir: str) -> None:
     """A batch's videos, clips and segments as files for data tools (streamed: flat
@@ -513,8 +518,11 @@ def export(batch: str, fmt: str, out_dir: str) -> None:
             raise ConfigError("Parquet needs pyarrow: pip install 'vidq[export]' (or use "
                               "--format jsonl or csv).") from None
     t0 = time.perf_counter()
+    from vidq.storage import StorageConfig
+
     with engine.connect() as conn:
-        report = export_batch(conn, batch=batch, fmt=fmt, out_dir=out_dir)
+        report = export_batch(conn, batch=batch, fmt=fmt, out_dir=out_dir,
+                              storage_config=StorageConfig.from_settings(settings))
     for name, path in report.files.items():
         click.echo(f"{path}: {report.rows[name]} rows")
     click.echo(f"vidq: batch {batch} exported in {time.perf_counter() - t0:.1f}s", err=True)

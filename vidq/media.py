@@ -2,7 +2,8 @@
 
 FFmpeg treats many strings as protocols (``concat:``, ``pipe:``, ``http:``...),
 so a path is only ever opened after it resolves to a regular file under one of
-the configured media roots.
+the configured media roots. Object-store URIs (``s3://...``) are not FFmpeg's to
+open: they go through vidq/storage.py, under the same roots and limits.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import os
 import re
 import stat
 from pathlib import Path
-from typing import Iterator
+from typing import IO, Iterator
 
+from vidq import storage
 from vidq.errors import InputError
 
 VIDEO_EXTENSIONS = frozenset(
@@ -22,6 +24,18 @@ VIDEO_EXTENSIONS = frozenset(
 )
 # "scheme:" at the start, as FFmpeg's protocol detection reads it (a Windows drive letter aside).
 _PROTOCOL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:")
+
+
+def _local_roots(raw: str, media_roots: tuple[str, ...]) -> list[Path] | None:
+    """The local media roots, resolved; None when nothing is restricted. Roots that are
+    all object-store prefixes refuse every local path (an empty list is no escape)."""
+    if not media_roots:
+        return None
+    local, _objects = storage.split_roots(media_roots)
+    if not local:
+        raise InputError(f"{raw}: refused: VIDQ_MEDIA_ROOTS lists only object-store "
+                         "prefixes, no local directory.", kind="refused_path")
+    return [Path(r).expanduser().resolve() for r in local]
 
 
 def check_video_path(
@@ -58,8 +72,8 @@ def check_video_path(
         raise InputError(f"{raw}: no such file.", kind="not_found") from None
     except (OSError, RuntimeError) as exc:  # symlink loops, permission on a parent
         raise InputError(f"{raw}: cannot resolve path ({exc}).", kind="refused_path") from None
-    if media_roots:
-        roots = [Path(r).expanduser().resolve() for r in media_roots]
+    roots = _local_roots(raw, media_roots)
+    if roots is not None:
         if not any(resolved == r or r in resolved.parents for r in roots):
             raise InputError(
                 f"{raw}: refused: resolves outside VIDQ_MEDIA_ROOTS ({os.pathsep.join(media_roots)}).",
@@ -87,14 +101,34 @@ def check_video_path(
     return resolved
 
 
+def check_input(
+    raw: str, *, media_roots: tuple[str, ...] = (), max_file_bytes: int = 0,
+    storage_config: storage.StorageConfig | None = None,
+) -> str:
+    """``check_video_path`` for a local path, ``storage.check_object`` for a URI: the
+    checked path, or the URI in its canonical form."""
+    if storage.is_uri(raw):
+        return str(storage.check_object(raw, media_roots=media_roots,
+                                        max_file_bytes=max_file_bytes,
+                                        storage=storage_config or storage.StorageConfig()).uri)
+    return str(check_video_path(raw, media_roots=media_roots, max_file_bytes=max_file_bytes))
+
+
 @contextlib.contextmanager
 def open_video(
-    raw: str, *, media_roots: tuple[str, ...] = (), max_file_bytes: int = 0
-) -> Iterator[str]:
-    """Check ``raw``, open it once, and yield the name FFmpeg must open: the descriptor's
-    ``/proc/self/fd/N``. The checks are then repeated on what was actually opened, so a
-    path swapped between the check and the open (a symlink, a FIFO, a directory moved
-    outside the media roots) is refused instead of escaping the roots or blocking."""
+    raw: str, *, media_roots: tuple[str, ...] = (), max_file_bytes: int = 0,
+    storage_config: storage.StorageConfig | None = None,
+) -> Iterator[str | IO[bytes]]:
+    """Check ``raw``, open it once, and yield what FFmpeg must open: for a local file
+    the descriptor's ``/proc/self/fd/N``, for an object-store URI a seekable file
+    object (vidq/storage.py). The checks are then repeated on what was actually opened,
+    so a path swapped between the check and the open (a symlink, a FIFO, a directory
+    moved outside the media roots) is refused instead of escaping the roots or blocking."""
+    if storage.is_uri(raw):
+        with storage.open_object(raw, media_roots=media_roots, max_file_bytes=max_file_bytes,
+                                 storage=storage_config or storage.StorageConfig()) as fh:
+            yield fh
+        return
     resolved = check_video_path(raw, media_roots=media_roots, max_file_bytes=max_file_bytes)
     try:
         fd = os.open(resolved, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -113,15 +147,17 @@ def open_video(
         if not os.path.exists(proc):  # no procfs: the checked path is the best we have
             yield str(resolved)
             return
-        if media_roots:
+        roots = _local_roots(raw, media_roots)
+        if roots is not None:
             real = Path(os.readlink(proc))
-            roots = [Path(r).expanduser().resolve() for r in media_roots]
             if not any(real == r or r in real.parents for r in roots):
                 raise InputError(f"{raw}: refused: the file opened is outside "
                                  "VIDQ_MEDIA_ROOTS.", kind="refused_path")
         yield proc
     finally:
         os.close(fd)
+
+
 def sha256_file(path: str | os.PathLike[str]) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -131,7 +167,8 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
 
 
 def changed_since_submit(
-    path: str, *, size_bytes: int, mtime_ns: int | None, content_sha256: str
+    path: str, *, size_bytes: int, mtime_ns: int | None, content_sha256: str,
+    storage_config: storage.StorageConfig | None = None,
 ) -> InputError | None:
     """Why the file at ``path`` is not the one submitted, or None if it is.
 
@@ -139,7 +176,12 @@ def changed_since_submit(
     the same file, as make and rsync assume. Only when either differs is the content
     hashed again (a full read of the file), so a file merely touched, or copied back
     unchanged, still passes, and the usual case costs one stat(). Rows recorded before
-    mtimes were (``mtime_ns`` NULL) are checked by size, then by hash."""
+    mtimes were (``mtime_ns`` NULL) are checked by size, then by hash. An object-store
+    URI is checked the same way on its metadata (``storage.object_changed``)."""
+    if storage.is_uri(path):
+        return storage.object_changed(path, size_bytes=size_bytes, modified_ns=mtime_ns,
+                                      content_hash=content_sha256,
+                                      storage=storage_config or storage.StorageConfig())
     try:
         st = os.stat(path)
     except OSError as exc:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field, fields
+import re
+from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
 from vidq.errors import ConfigError
@@ -102,8 +103,18 @@ class Settings:
     """Labels kept per clip and per video."""
 
     media_roots: tuple[str, ...] = ()
-    """Directories workers may open videos under (``os.pathsep``-separated).
-    Empty means no restriction (fine on a laptop, not on a shared worker)."""
+    """Directories and object-store prefixes (``s3://bucket/videos/``) workers may open
+    videos under (``os.pathsep``-separated; a URI's ``://`` does not split). Empty means
+    no restriction (fine on a laptop, not on a shared worker)."""
+
+    s3_endpoint_url: str = ""
+    """Endpoint of an S3-compatible store (MinIO, Ceph, R2...) for ``s3://`` URIs. Empty:
+    botocore's own choice, which honours ``AWS_ENDPOINT_URL_S3`` and ``AWS_ENDPOINT_URL``.
+    Credentials always come from the standard AWS environment, never from vidq."""
+
+    storage_options: str = ""
+    """Extra fsspec options per scheme, as JSON: ``{"s3": {"requester_pays": true}}``
+    (see the s3fs/gcsfs/adlfs docs). Empty: each filesystem's defaults."""
 
     max_file_bytes: int = 20 * 1024**3
     """Videos larger than this are refused (bytes)."""
@@ -228,11 +239,15 @@ class Settings:
         out["broker_url"] = mask_url(self.broker_url)
         out["database_url"] = mask_url(self.database_url)
         out["webhook_secret"] = "***" if self.webhook_secret else ""
+        out["storage_options"] = "***" if self.storage_options else ""
         return out
 
 
 def _split_roots(raw: str) -> tuple[str, ...]:
-    return tuple(p for p in raw.split(os.pathsep) if p)
+    # "/data:s3://bucket/videos/": the ":" of a URI's "://" is not a separator.
+    sep = re.escape(os.pathsep)
+    parts = re.split(f"{sep}(?!//)", raw) if os.pathsep == ":" else raw.split(os.pathsep)
+    return tuple(p for p in parts if p)
 
 
 def _parse(f: dataclasses.Field[Any], raw: str) -> Any:

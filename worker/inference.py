@@ -22,6 +22,7 @@ from vidq.embeddings import ClipVector, decode
 from vidq.errors import ConfigError, TransientError, VidqError
 from vidq.sampling import Sampling
 from vidq.settings import EMBEDDING_MODES, Settings
+from vidq.storage import StorageConfig
 from worker import quantize
 from worker.features import PooledFeatures, head_pool_name
 from worker.models import (
@@ -159,6 +160,7 @@ class Classifier:
         int8_calibration: str = "",
         weights_sha256: str = "",
         embeddings: str = "off",
+        storage: StorageConfig | None = None,
     ) -> None:
         if embeddings not in EMBEDDING_MODES:
             raise ConfigError(f"Unknown embeddings mode {embeddings!r}; use "
@@ -181,6 +183,8 @@ class Classifier:
         self.batch_wait_ms = batch_wait_ms
         self.media_roots = media_roots
         self.max_file_bytes = max_file_bytes
+        self.storage = storage or StorageConfig()
+        """How decoders reach object-store inputs (s3://...)."""
         self.labels = kinetics400_labels()
         loaded: LoadedModel = load_model(self.preset, weights, sha256=weights_sha256)
         self.weights_id = loaded.weights_id
@@ -240,6 +244,7 @@ class Classifier:
             int8_calibration=settings.int8_calibration,
             weights_sha256=settings.weights_sha256,
             embeddings=settings.embeddings,
+            storage=StorageConfig.from_settings(settings),
         )
 
     # -- one batch -----------------------------------------------------------------

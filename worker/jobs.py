@@ -30,10 +30,11 @@ from vidq.db import (
 from vidq.embeddings import write_embeddings
 from vidq.errors import Cancelled, InputError, PermanentError, TransientError, VidqError
 from vidq.faultpoints import pause_point
-from vidq.media import changed_since_submit, check_video_path
+from vidq.media import changed_since_submit, check_input
 from vidq.sampling import Sampling
 from vidq.segments import write_segments
 from vidq.settings import Settings
+from vidq.storage import StorageConfig
 
 if TYPE_CHECKING:
     from worker.pipeline import Pipeline
@@ -199,12 +200,14 @@ class JobStore:
 
         return self._run(op)
 
-    def fail_if_changed(self, job: Job, path: str, token: str) -> InputError | None:
-        """Fail the job (and return why) if the file at ``path`` is no longer the one
-        submitted; None if it is. Checked after decoding, just before results are
+    def fail_if_changed(self, job: Job, path: str, token: str, *,
+                        storage: StorageConfig | None = None) -> InputError | None:
+        """Fail the job (and return why) if the file or object at ``path`` is no longer
+        the one submitted; None if it is. Checked after decoding, just before results are
         written, so a file replaced at any point before the commit is caught."""
         changed = changed_since_submit(path, size_bytes=job.size_bytes, mtime_ns=job.mtime_ns,
-                                       content_sha256=job.content_sha256)
+                                       content_sha256=job.content_sha256,
+                                       storage_config=storage)
         if changed is not None:
             self.fail(job.id, token, changed)
         return changed
@@ -346,9 +349,11 @@ def execute_job(
                     f"send it to a queue of {job.model} workers.",
                     kind="wrong_model",
                 )
-            path = check_video_path(
-                job.path, media_roots=settings.media_roots, max_file_bytes=settings.max_file_bytes
-            )
+            # A URI is checked against the roots before any request, then sized by
+            # its metadata before a byte is read (vidq/storage.py).
+            storage = StorageConfig.from_settings(settings)
+            path = check_input(job.path, media_roots=settings.media_roots,
+                               max_file_bytes=settings.max_file_bytes, storage_config=storage)
             sampling = Sampling(
                 strategy=job.strategy, clips=job.clips_requested, stride_s=job.stride_s,
                 start_sec=job.start_sec, crops=job.crops,
@@ -367,7 +372,7 @@ def execute_job(
             except FutureTimeout:
                 raise over from None  # should_stop ends the video at its next clip
             pause_point("before_commit")
-            changed = store.fail_if_changed(job, str(path), token)
+            changed = store.fail_if_changed(job, path, token, storage=storage)
             if changed is not None:  # already failed in the table
                 raise changed
             committed = commit_result(store, job_id, token, result,

@@ -230,7 +230,8 @@ class Pipeline:
                 raise stop
             # Opened once, by descriptor, after the path checks (vidq/media.py).
             with open_video(video.path, media_roots=classifier.media_roots,
-                            max_file_bytes=classifier.max_file_bytes) as source, \
+                            max_file_bytes=classifier.max_file_bytes,
+                            storage_config=classifier.storage) as source, \
                     VideoReader(video.path, source=source, limits=classifier.limits,
                                 threads=self.decoder_threads,
                                 skip_unused_frames=classifier.skip_unused_frames) as reader:

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import IO, Iterable, Iterator
 
 import av
 import numpy as np
@@ -143,11 +143,12 @@ class VideoReader:
         limits: Limits = Limits(),
         threads: int = 0,
         skip_unused_frames: bool = True,
-        source: str | None = None,
+        source: str | IO[bytes] | None = None,
     ) -> None:
         self.path = str(path)
-        self.source = source or self.path
-        """What FFmpeg opens: the path, or an already opened descriptor's /proc name."""
+        self.source: str | IO[bytes] = source or self.path
+        """What FFmpeg opens: the path, an already opened descriptor's /proc name, or a
+        seekable file object (an object-store read, vidq/storage.py)."""
         self.limits = limits
         self.threads = threads
         self.skip_unused_frames = skip_unused_frames
@@ -156,6 +157,8 @@ class VideoReader:
         self._open()
 
     def _open(self) -> None:
+        if not isinstance(self.source, str):
+            self.source.seek(0)  # reopened for a second pass: from the start again
         try:
             self._container = av.open(self.source, metadata_errors="ignore", options=SAFE_OPEN)
         except av.error.InvalidDataError:
