@@ -62,7 +62,7 @@ class ClipVector:
 
 
 def write_embeddings(
-    session: Session,
+    session: Session | Connection,
     job_id: int,
     *,
     model: str,

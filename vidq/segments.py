@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable, Protocol, Sequence
 
-from sqlalchemy import delete, insert
+from sqlalchemy import Connection, delete, insert
 from sqlalchemy.orm import Session
 
 from vidq.db import LabelSegment
@@ -161,7 +161,7 @@ def clip_rows_from_predictions(rows: Iterable[Any]) -> list[ClipRow]:
             for i, (s, e, top) in sorted(by_index.items())]
 
 
-def write_segments(session: Session, job_id: int, clips: Iterable[Window],
+def write_segments(session: Session | Connection, job_id: int, clips: Iterable[Window],
                    rules: SegmentRules | None = None) -> int:
     """Replace the job's segments with those of ``clips``, inside the caller's transaction
     (the job's results transaction: segments commit, or roll back, with its clip rows).

@@ -221,7 +221,11 @@ class JobStore:
         top = result.top[0]
 
         def op(s: Session) -> bool:
-            res = s.execute(
+            # Core statements on the session's connection: the ORM's bulk-DML layer
+            # adds nothing here and costs Python time on every job (the GIL the
+            # decoder threads need).
+            conn = s.connection()
+            res = conn.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.lease_token == token,
                        Job.status == JobStatus.RUNNING.value)
@@ -256,8 +260,8 @@ class JobStore:
                 return False  # another delivery finished it, or it was cancelled
             # Leftovers of an interrupted attempt cannot exist (rows are only written
             # here, atomically), but a forced re-run must not collide with them either.
-            s.execute(delete(ClipPrediction).where(ClipPrediction.job_id == job_id))
-            s.execute(delete(VideoLabel).where(VideoLabel.job_id == job_id))
+            conn.execute(delete(ClipPrediction).where(ClipPrediction.job_id == job_id))
+            conn.execute(delete(VideoLabel).where(VideoLabel.job_id == job_id))
             clip_rows = [
                 {
                     "job_id": job_id, "clip_index": c.index, "rank": r,
@@ -268,8 +272,8 @@ class JobStore:
                 for r, t in enumerate(c.top, start=1)
             ]
             if clip_rows:
-                s.execute(insert(ClipPrediction), clip_rows)
-            s.execute(
+                conn.execute(insert(ClipPrediction), clip_rows)
+            conn.execute(
                 insert(VideoLabel),
                 [
                     {"job_id": job_id, "rank": r, "class_id": t.class_id,
@@ -277,10 +281,10 @@ class JobStore:
                     for r, t in enumerate(result.top, start=1)
                 ],
             )
-            write_segments(s, job_id, result.clips)
+            write_segments(conn, job_id, result.clips)
             # Replaced like the rest, also by nothing: a re-run with VIDQ_EMBEDDINGS=off
             # leaves no vectors of the earlier result behind.
-            write_embeddings(s, job_id, model=result.model, weights_id=result.weights_id,
+            write_embeddings(conn, job_id, model=result.model, weights_id=result.weights_id,
                              video=result.embedding, clips=result.clip_vectors())
             return True
 
