@@ -27,7 +27,7 @@ RUN mkdir vidq worker producer \
 
 
 FROM base AS producer
-RUN pip install ".[postgres]"
+RUN pip install ".[postgres,s3,export]"
 COPY . .
 # Flower imports the Celery app, so it must import without torch.
 RUN pip install --no-deps --force-reinstall . \
@@ -49,7 +49,7 @@ CMD ["-A", "worker.tasks", "flower", "--address=0.0.0.0", "--port=5555"]
 
 
 FROM base AS worker
-RUN pip install ".[worker,postgres]"
+RUN pip install ".[worker,postgres,s3]"
 COPY . .
 RUN pip install --no-deps --force-reinstall .
 # The torch hub cache (pretrained checkpoints) lives on a volume mounted here; the
