@@ -111,6 +111,9 @@ def main() -> None:
                 return torch.softmax(seed_module(views.contiguous()), dim=1)
 
         seed.forward = seed_forward  # type: ignore[method-assign]
+        # The pipeline's model loop calls forward_with_features: the seed's call there too.
+        seed.forward_with_features = (  # type: ignore[method-assign]
+            lambda views: (seed_forward(views), None))
         classifiers = {"seed": seed, "fp32": fp32, "int8": int8}
         # The bare forward runs on a real clip's views (random noise input can drive
         # the random-weight float models into slow denormal arithmetic).
