@@ -103,11 +103,16 @@ def check_video_path(
 
 def check_input(
     raw: str, *, media_roots: tuple[str, ...] = (), max_file_bytes: int = 0,
-    storage_config: storage.StorageConfig | None = None,
+    storage_config: storage.StorageConfig | None = None, read_metadata: bool = True,
 ) -> str:
     """``check_video_path`` for a local path, ``storage.check_object`` for a URI: the
-    checked path, or the URI in its canonical form."""
+    checked path, or the URI in its canonical form. ``read_metadata=False`` checks a
+    URI against the roots only, with no request: for a caller that opens it next with
+    ``open_video``, which reads the metadata (and refuses by it) anyway."""
     if storage.is_uri(raw):
+        if not read_metadata:
+            storage.check_roots(storage.ObjectURI.parse(raw, prefix=True), raw, media_roots)
+            return str(storage.ObjectURI.parse(raw))
         return str(storage.check_object(raw, media_roots=media_roots,
                                         max_file_bytes=max_file_bytes,
                                         storage=storage_config or storage.StorageConfig()).uri)

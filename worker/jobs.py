@@ -353,11 +353,12 @@ def execute_job(
                     f"send it to a queue of {job.model} workers.",
                     kind="wrong_model",
                 )
-            # A URI is checked against the roots before any request, then sized by
-            # its metadata before a byte is read (vidq/storage.py).
+            # Refused here before any work; a URI against the roots only, as the
+            # decoder's open_video reads its metadata (and sizes it) before a byte.
             storage = StorageConfig.from_settings(settings)
             path = check_input(job.path, media_roots=settings.media_roots,
-                               max_file_bytes=settings.max_file_bytes, storage_config=storage)
+                               max_file_bytes=settings.max_file_bytes, storage_config=storage,
+                               read_metadata=False)
             sampling = Sampling(
                 strategy=job.strategy, clips=job.clips_requested, stride_s=job.stride_s,
                 start_sec=job.start_sec, crops=job.crops,
