@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterable, Sequence
 import click
 
 from vidq.errors import VidqError
-from vidq.settings import Settings
+from vidq.settings import EMBEDDING_MODES, Settings
 
 
 def fail(message: str) -> None:
@@ -63,7 +63,7 @@ def sampling_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 embeddings_option = click.option(
-    "--embeddings", type=click.Choice(["off", "video", "clip"]), default=None,
+    "--embeddings", type=click.Choice(EMBEDDING_MODES), default=None,
     help="Keep the model's pooled features: per video, per video and clip, or not "
          "(VIDQ_EMBEDDINGS; default off).")
 
