@@ -212,36 +212,55 @@ def export_batch(conn: Connection, *, batch: str, fmt: str, out_dir: str,
     if fmt not in FORMATS:
         raise InputError(f"unknown format {fmt!r}; choose {', '.join(FORMATS)}.", kind="config")
     writer = {"parquet": _write_parquet, "jsonl": _write_jsonl, "csv": _write_csv}[fmt]
-    if storage.is_uri(out_dir):
-        prefix = storage.ObjectURI.parse(out_dir, prefix=True)  # refuses other schemes
-        fs = (storage_config or storage.StorageConfig()).filesystem(prefix.scheme)
-        tables = batch_tables(conn, batch)
-        report = ExportReport(files={}, rows={})
-        for table in tables:
-            uri = storage.ObjectURI(prefix.scheme, prefix.bucket,
-                                    "/".join(filter(None, (prefix.key, f"{table.name}.{fmt}"))))
-            with _upload(fs, uri) as fh:
-                report.rows[table.name] = writer(fh, table)
-            report.files[table.name] = str(uri)
-        return report
-    tables = batch_tables(conn, batch)
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"cannot create {out}: {exc.strerror}.", kind="config") from None
+    destination = (_object_destination(out_dir, storage_config) if storage.is_uri(out_dir)
+                   else _local_destination(out_dir))
+    tables = batch_tables(conn, batch)  # an unknown batch is refused before a file is made
     report = ExportReport(files={}, rows={})
     for table in tables:
-        path = out / f"{table.name}.{fmt}"
-        tmp = out / f".{table.name}.{fmt}.partial"
+        with destination(f"{table.name}.{fmt}") as (fh, where):
+            report.rows[table.name] = writer(fh, table)
+        report.files[table.name] = where
+    return report
+
+
+Destination = Callable[[str], contextlib.AbstractContextManager[tuple[IO[bytes], "Path | str"]]]
+"""A file name -> a context giving (binary file, where it lands); the file appears
+there only when the context ends without error."""
+
+
+def _local_destination(out_dir: str) -> Destination:
+    out = Path(out_dir)
+
+    @contextlib.contextmanager
+    def open_file(name: str) -> Iterator[tuple[IO[bytes], Path | str]]:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"cannot create {out}: {exc.strerror}.", kind="config") from None
+        path, tmp = out / name, out / f".{name}.partial"
         try:
             with open(tmp, "wb") as fh:
-                report.rows[table.name] = writer(fh, table)
+                yield fh, path
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
-        report.files[table.name] = path
-    return report
+
+    return open_file
+
+
+def _object_destination(out_dir: str, storage_config: storage.StorageConfig | None
+                        ) -> Destination:
+    prefix = storage.ObjectURI.parse(out_dir, prefix=True)  # refuses other schemes
+    fs = (storage_config or storage.StorageConfig()).filesystem(prefix.scheme)
+
+    @contextlib.contextmanager
+    def open_object(name: str) -> Iterator[tuple[IO[bytes], Path | str]]:
+        uri = storage.ObjectURI(prefix.scheme, prefix.bucket,
+                                "/".join(filter(None, (prefix.key, name))))
+        with _upload(fs, uri) as fh:
+            yield fh, str(uri)
+
+    return open_object
 
 
 @contextlib.contextmanager
