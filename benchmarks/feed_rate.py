@@ -83,13 +83,19 @@ def bare_decode_rate(classifier: Classifier, videos: list[Path], sampling: Sampl
                     with lock:
                         done[0] += 1
 
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     workers = [threading.Thread(target=run) for _ in range(decoders)]
     for th in workers:
         th.start()
     for th in workers:
         th.join()
+    CPU_PER_CLIP["bare"] = (time.process_time() - cpu) / max(1, done[0])
     return done[0] / (time.perf_counter() - t)
+
+
+CPU_PER_CLIP: dict[str, float] = {}
+"""The process's CPU seconds per clip in the last bare run and the last worker run:
+the difference is what each job costs beyond decoding it."""
 
 
 def worker_rate(classifier: Classifier, videos: list[Path], sampling: Sampling,
@@ -124,12 +130,16 @@ def worker_rate(classifier: Classifier, videos: list[Path], sampling: Sampling,
         make = sessions(settings.database_url)
         with start_worker(tasks.app, pool="threads", concurrency=classifier.inflight,
                           perform_ping_check=False, loglevel="WARNING", shutdown_timeout=60):
+            cpu0 = None
             while True:
                 with make() as s:
-                    left = s.execute(tasks_sql_active()).scalar_one()
+                    left, running = s.execute(tasks_sql_active()).one()
+                if cpu0 is None and (running or left < len(videos)):
+                    cpu0 = time.process_time()  # the first claim, within a poll
                 if left == 0:
                     break
                 time.sleep(0.05)
+            cpu1 = time.process_time()
         with make() as s:
             clips, failed, first_claim, last_commit = s.execute(tasks_sql_clips()).one()
         assert failed == 0, f"{failed} jobs failed"
@@ -137,6 +147,7 @@ def worker_rate(classifier: Classifier, videos: list[Path], sampling: Sampling,
         # The worker's own window, on the database's clock: first claim to last commit
         # (Celery's start-up before the first claim is not feeding anything yet).
         elapsed = (aware(last_commit) - aware(first_claim)).total_seconds()
+        CPU_PER_CLIP["worker"] = (cpu1 - (cpu0 or cpu1)) / max(1, clips)
         return clips / elapsed, pipeline.stats.summary(pipeline.batch_size)
     finally:
         pipeline.close()
@@ -145,10 +156,12 @@ def worker_rate(classifier: Classifier, videos: list[Path], sampling: Sampling,
 
 
 def tasks_sql_active() -> Any:
-    from sqlalchemy import func, select
+    from sqlalchemy import case, func, select
 
     from vidq.db import Job
-    return select(func.count()).select_from(Job).where(Job.status.in_(("queued", "running")))
+    return select(func.count(), func.coalesce(func.sum(case((Job.status == "running", 1),
+                                                           else_=0)), 0)
+                  ).select_from(Job).where(Job.status.in_(("queued", "running")))
 
 
 def tasks_sql_clips() -> Any:
@@ -175,7 +188,7 @@ def simulated(args: argparse.Namespace, videos: dict[str, list[Path]], work: Pat
     print(f"SIMULATED ACCELERATOR: {args.batch_ms:.0f} ms per batch of {args.batch_size} "
           "views, no CPU; everything else is the real worker pipeline.")
     print(f"{'corpus':9} {'D':>2} {'round':>5} {'bare decode':>12} {'pipeline':>9} "
-          f"{'of bare':>8} {'fill':>5} {'fill*':>6} {'wait ms':>8}")
+          f"{'of bare':>8} {'fill':>5} {'fill*':>6} {'wait ms':>8} {'CPU ms/clip bare, worker':>25}")
     results: dict[tuple[str, int], list[tuple[float, float]]] = {}
     for rnd in range(args.rounds):
         for name, files in videos.items():
@@ -191,7 +204,8 @@ def simulated(args: argparse.Namespace, videos: dict[str, list[Path]], work: Pat
                 results.setdefault((name, decoders), []).append((rate, bare))
                 print(f"{name:9} {decoders:>2} {rnd:>5} {bare:9.1f}/s {rate:7.1f}/s "
                       f"{rate / bare:7.0%} {stats['mean_fill']:5.0%} "
-                      f"{stats['backlogged_fill']:6.0%} {stats['mean_wait_ms']:8.1f}",
+                      f"{stats['backlogged_fill']:6.0%} {stats['mean_wait_ms']:8.1f} "
+                      f"{1000 * CPU_PER_CLIP['bare']:12.1f}, {1000 * CPU_PER_CLIP['worker']:.1f}",
                       flush=True)
     print("\nmedians over rounds (fill* = batch fill when a full batch was waiting)")
     for (name, decoders), rows in results.items():

@@ -69,13 +69,15 @@ def write_embeddings(
     weights_id: str,
     video: bytes | None,
     clips: Iterable[ClipVector] = (),
+    replace: bool = True,
 ) -> int:
     """Replace the job's embeddings with these, inside the caller's transaction (the
     job's results transaction). ``video`` None (``VIDQ_EMBEDDINGS=off``) leaves none:
     a re-run without embeddings must not keep vectors of an earlier result.
-    Returns the number of rows written."""
-    session.execute(delete(ClipEmbedding).where(ClipEmbedding.job_id == job_id))
-    session.execute(delete(VideoEmbedding).where(VideoEmbedding.job_id == job_id))
+    ``replace=False``: the job has none yet (worker/jobs.py). Returns the rows written."""
+    if replace:
+        session.execute(delete(ClipEmbedding).where(ClipEmbedding.job_id == job_id))
+        session.execute(delete(VideoEmbedding).where(VideoEmbedding.job_id == job_id))
     if video is None:
         return 0
     session.execute(insert(VideoEmbedding), [{

@@ -71,6 +71,14 @@ def _iso(t: dt.datetime | None) -> str | None:
     return aware(t).isoformat()
 
 
+_SILENT_BATCHES: dict[tuple[str, int], None] = {}
+"""(database, batch) seen to have no webhook, newest last. A batch's URL is set when it
+is created and never later, so after one look its jobs cost no thread and no query
+(most batches notify nobody, and this runs after every job)."""
+_SILENT_MAX = 4096
+_SILENT_LOCK = threading.Lock()
+
+
 def notify_if_done(settings: Settings, batch_id: int | None, *, retries: int = 5,
                    backoff_s: float = 2.0) -> str | None:
     """Send the batch's completion webhook if it is due and nobody else is sending it.
@@ -80,10 +88,14 @@ def notify_if_done(settings: Settings, batch_id: int | None, *, retries: int = 5
     make_session = sessions(settings.database_url, auto_migrate=settings.auto_migrate)
     with make_session() as session:
         # A read first: most batches notify nobody, and this runs after every job.
-        due = session.scalar(select(Batch.id).where(
-            Batch.id == batch_id, Batch.notify_url.is_not(None),
-            Batch.notify_status.in_(("pending", "sending"))))
-    if due is None:
+        row = session.execute(select(Batch.notify_url, Batch.notify_status).where(
+            Batch.id == batch_id)).one_or_none()
+    if row is not None and row.notify_url is None:
+        with _SILENT_LOCK:
+            _SILENT_BATCHES[(settings.database_url, batch_id)] = None
+            while len(_SILENT_BATCHES) > _SILENT_MAX:
+                del _SILENT_BATCHES[next(iter(_SILENT_BATCHES))]
+    if row is None or row.notify_url is None or row.notify_status not in ("pending", "sending"):
         return None
     with make_session() as session, session.begin():
         claimed = session.execute(
@@ -144,7 +156,7 @@ def _post(url: str, body: bytes, headers: dict[str, str]) -> int | None:
 
 def notify_soon(settings: Settings, batch_id: int | None) -> None:
     """From a worker's job thread: deliver in the background, never delaying the job."""
-    if batch_id is None:
+    if batch_id is None or (settings.database_url, batch_id) in _SILENT_BATCHES:
         return
 
     def run() -> None:

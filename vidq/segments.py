@@ -162,12 +162,14 @@ def clip_rows_from_predictions(rows: Iterable[Any]) -> list[ClipRow]:
 
 
 def write_segments(session: Session | Connection, job_id: int, clips: Iterable[Window],
-                   rules: SegmentRules | None = None) -> int:
+                   rules: SegmentRules | None = None, *, replace: bool = True) -> int:
     """Replace the job's segments with those of ``clips``, inside the caller's transaction
     (the job's results transaction: segments commit, or roll back, with its clip rows).
-    ``rules`` default to this process's VIDQ_SEGMENT_* settings. Returns the count."""
+    ``rules`` default to this process's VIDQ_SEGMENT_* settings. ``replace=False``: the
+    job has no segments yet (worker/jobs.py). Returns the count."""
     rules = rules or SegmentRules.from_settings(Settings.from_env())
-    session.execute(delete(LabelSegment).where(LabelSegment.job_id == job_id))
+    if replace:
+        session.execute(delete(LabelSegment).where(LabelSegment.job_id == job_id))
     segments = derive_segments(clips, rules)
     if segments:
         session.execute(insert(LabelSegment), [

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from sqlalchemy import String, case, cast, delete, func, insert, literal, or_, select, update
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from vidq import metrics
@@ -32,7 +32,7 @@ from vidq.errors import Cancelled, InputError, PermanentError, TransientError, V
 from vidq.faultpoints import pause_point
 from vidq.media import changed_since_submit, check_input
 from vidq.sampling import Sampling
-from vidq.segments import write_segments
+from vidq.segments import SegmentRules, write_segments
 from vidq.settings import Settings
 from vidq.storage import StorageConfig
 
@@ -63,16 +63,19 @@ class JobStore:
 
     def __init__(
         self, database_url: str, *, stale_after_s: float, auto_migrate: bool | None = None,
-        max_attempts: int = 0,
+        max_attempts: int = 0, segment_rules: SegmentRules | None = None,
     ) -> None:
         self._sessions = sessions(database_url, auto_migrate=auto_migrate)
         self.stale_after_s = stale_after_s
         self.max_attempts = max_attempts
+        # Read once: the environment is not parsed again for every job's commit.
+        self.segment_rules = segment_rules or SegmentRules.from_settings(Settings.from_env())
 
     @classmethod
     def from_settings(cls, settings: Settings) -> JobStore:
         return cls(settings.database_url, stale_after_s=settings.stale_after_s,
-                   auto_migrate=settings.auto_migrate, max_attempts=settings.max_attempts)
+                   auto_migrate=settings.auto_migrate, max_attempts=settings.max_attempts,
+                   segment_rules=SegmentRules.from_settings(settings))
 
     def _run(self, fn: Callable[[Session], T]) -> T:
         try:
@@ -213,14 +216,20 @@ class JobStore:
         return changed
 
     def succeed(self, job_id: int, token: str, result: object) -> bool:
-        """Write the job's results in one transaction, only while our lease holds."""
+        """Write the job's results in one transaction, only while our lease holds.
+
+        Rows of an earlier result of the same job are replaced. They exist only when a
+        finished job was put back in the queue by hand (a forced re-run is a new job),
+        and then the insert of its labels collides with them. So the results are first
+        written without the five deletes, and again with them after such a collision:
+        the common case saves five statements of Python per job."""
         from worker.inference import VideoResult
 
         assert isinstance(result, VideoResult)
         info = result.info
         top = result.top[0]
 
-        def op(s: Session) -> bool:
+        def op(s: Session, replace: bool) -> bool:
             # Core statements on the session's connection: the ORM's bulk-DML layer
             # adds nothing here and costs Python time on every job (the GIL the
             # decoder threads need).
@@ -258,10 +267,9 @@ class JobStore:
             )
             if res.rowcount != 1:
                 return False  # another delivery finished it, or it was cancelled
-            # Leftovers of an interrupted attempt cannot exist (rows are only written
-            # here, atomically), but a forced re-run must not collide with them either.
-            conn.execute(delete(ClipPrediction).where(ClipPrediction.job_id == job_id))
-            conn.execute(delete(VideoLabel).where(VideoLabel.job_id == job_id))
+            if replace:
+                conn.execute(delete(ClipPrediction).where(ClipPrediction.job_id == job_id))
+                conn.execute(delete(VideoLabel).where(VideoLabel.job_id == job_id))
             clip_rows = [
                 {
                     "job_id": job_id, "clip_index": c.index, "rank": r,
@@ -281,14 +289,18 @@ class JobStore:
                     for r, t in enumerate(result.top, start=1)
                 ],
             )
-            write_segments(conn, job_id, result.clips)
+            write_segments(conn, job_id, result.clips, self.segment_rules, replace=replace)
             # Replaced like the rest, also by nothing: a re-run with VIDQ_EMBEDDINGS=off
             # leaves no vectors of the earlier result behind.
             write_embeddings(conn, job_id, model=result.model, weights_id=result.weights_id,
-                             video=result.embedding, clips=result.clip_vectors())
+                             video=result.embedding, clips=result.clip_vectors(),
+                             replace=replace)
             return True
 
-        return self._run(op)
+        try:
+            return self._run(lambda s: op(s, False))
+        except IntegrityError:  # an earlier result's rows: replaced in a new transaction
+            return self._run(lambda s: op(s, True))
 
 
 class Heartbeat:
