@@ -116,3 +116,17 @@ def seed_modules() -> None:
     import torchvision.transforms._functional_tensor as functional_tensor
 
     sys.modules.setdefault("torchvision.transforms.functional_tensor", functional_tensor)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``heavy_on_postgresql``: the test runs on both databases, and its PostgreSQL run
+    is among the slowest of the suite (real worker processes killed and restarted). That
+    run is marked ``heavy``: the default run keeps the SQLite one, so the whole suite
+    stays well inside CI's time on a slow host; ``pytest -m heavy`` runs them, and
+    ``pytest -m ""`` everything."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if (item.get_closest_marker("heavy_on_postgresql") is not None and callspec is not None
+                and "postgresql" in callspec.params.values()):
+            item.add_marker(pytest.mark.heavy)
+

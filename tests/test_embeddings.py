@@ -226,6 +226,7 @@ def rows(url: str, query: str, **params: object) -> list[tuple[Any, ...]]:
 
 
 @pytest.mark.timeout(900)
+@pytest.mark.heavy_on_postgresql
 def test_vidq_run_writes_them_similar_finds_the_copy_export_carries_them_purge_drops_them(
     database_url: str, videos: dict[str, Path], tmp_path: Path,  # noqa: F811
 ) -> None:

@@ -206,6 +206,7 @@ def test_a_finished_result_survives_a_failing_commit(
     assert (r["status"], r["attempts"], r["clip_rows"]) == ("succeeded", 1, 5)
 
 
+@pytest.mark.heavy_on_postgresql
 def test_an_interrupted_vidq_run_is_finished_by_the_next_one(
     database_url: str, tmp_path: Path  # noqa: F811
 ) -> None:

@@ -71,10 +71,12 @@ def _iso(t: dt.datetime | None) -> str | None:
     return aware(t).isoformat()
 
 
-_SILENT_BATCHES: dict[tuple[str, int], None] = {}
-"""(database, batch) seen to have no webhook, newest last. A batch's URL is set when it
-is created and never later, so after one look its jobs cost no thread and no query
-(most batches notify nobody, and this runs after every job)."""
+_SILENT_BATCHES: dict[tuple[str, int], float] = {}
+"""(database, batch) seen without a webhook, with when to look again, oldest first.
+Most batches notify nobody and this runs after every job: for a few seconds their
+jobs cost no thread and no query. A later ``vidq submit --batch NAME --notify URL``
+can still add a URL to the batch: seen at the next look, or sent by reconcile."""
+_SILENT_FOR_S = 10.0
 _SILENT_MAX = 4096
 _SILENT_LOCK = threading.Lock()
 
@@ -92,7 +94,8 @@ def notify_if_done(settings: Settings, batch_id: int | None, *, retries: int = 5
             Batch.id == batch_id)).one_or_none()
     if row is not None and row.notify_url is None:
         with _SILENT_LOCK:
-            _SILENT_BATCHES[(settings.database_url, batch_id)] = None
+            _SILENT_BATCHES.pop((settings.database_url, batch_id), None)
+            _SILENT_BATCHES[(settings.database_url, batch_id)] = time.monotonic() + _SILENT_FOR_S
             while len(_SILENT_BATCHES) > _SILENT_MAX:
                 del _SILENT_BATCHES[next(iter(_SILENT_BATCHES))]
     if row is None or row.notify_url is None or row.notify_status not in ("pending", "sending"):
@@ -156,7 +159,9 @@ def _post(url: str, body: bytes, headers: dict[str, str]) -> int | None:
 
 def notify_soon(settings: Settings, batch_id: int | None) -> None:
     """From a worker's job thread: deliver in the background, never delaying the job."""
-    if batch_id is None or (settings.database_url, batch_id) in _SILENT_BATCHES:
+    if batch_id is None:
+        return
+    if _SILENT_BATCHES.get((settings.database_url, batch_id), 0.0) > time.monotonic():
         return
 
     def run() -> None:

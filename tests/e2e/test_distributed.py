@@ -109,6 +109,7 @@ def test_bad_inputs_fail_with_their_kind_and_the_worker_goes_on(
     assert all(a == 1 for (a,) in cluster.sql("select attempts from jobs"))  # no retry
 
 
+@pytest.mark.heavy_on_postgresql
 def test_retry_reruns_failed_jobs(cluster: Cluster, corpus: Path) -> None:
     cluster.start_worker(VIDQ_MAX_DURATION_S="1")
     cluster.vidq("submit", str(corpus / "v0.mp4"), str(corpus / "v1.mp4"), "--batch", "r", "--wait")

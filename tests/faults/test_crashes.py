@@ -21,6 +21,7 @@ def submit_long_job(cluster: FaultCluster, media: FaultMedia, batch: str) -> int
     return int(cluster.sql("select max(id) from jobs")[0][0])
 
 
+@pytest.mark.heavy_on_postgresql
 def test_sigkill_of_the_worker_process_mid_job_restarts_it_and_runs_once(
     cluster: FaultCluster, media: FaultMedia
 ) -> None:
@@ -45,6 +46,7 @@ def test_sigkill_of_the_worker_process_mid_job_restarts_it_and_runs_once(
     assert cluster.sql("select count(*) from jobs") == [(1,)]
 
 
+@pytest.mark.heavy_on_postgresql
 def test_sigkill_of_the_whole_worker_mid_job_is_finished_by_a_new_worker(
     cluster: FaultCluster, media: FaultMedia
 ) -> None:

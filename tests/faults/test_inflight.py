@@ -56,6 +56,7 @@ def test_jobs_in_flight_in_one_process_with_a_bad_video_among_them(
     assert len({entry.split("@", 1)[1] for entry in busiest}) == 1
 
 
+@pytest.mark.heavy_on_postgresql
 def test_sigkill_of_a_process_holding_several_jobs_finishes_each_once(
     cluster: FaultCluster, media: FaultMedia
 ) -> None:
@@ -107,6 +108,7 @@ def test_sigterm_finishes_every_job_in_flight(cluster: FaultCluster, media: Faul
     assert all(j["attempts"] <= 1 for j in rows.values()), rows
 
 
+@pytest.mark.heavy_on_postgresql
 def test_a_video_that_kills_its_worker_every_time_ends_failed_crashed(
     cluster: FaultCluster, media: FaultMedia, tmp_path: os.PathLike[str]
 ) -> None:
