@@ -93,9 +93,12 @@ def end_to_end_rate(clf: object, paths: list[Path], *, skip: bool) -> tuple[floa
 
 
 def alternate(label: str, rounds: int, measure) -> str:  # type: ignore[no-untyped-def]
-    """Rounds of on/off (order swapped each round); the median ratios as text."""
+    """Rounds of on/off (order swapped each round); the median ratios as text. One
+    discarded pass of each first: whichever ran first would otherwise pay for the cold
+    file and allocator (a first round of 0.65-0.95x seen for that reason)."""
     names = ["wall", "CPU", "decode-only wall", "decode-only CPU"]
     ratios: list[list[float]] = [[] for _ in names]
+    measure(True), measure(False)
     for i in range(rounds):
         if i % 2 == 0:
             on, off = measure(True), measure(False)
