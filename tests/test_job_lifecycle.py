@@ -172,6 +172,41 @@ def test_cancelling_a_running_job_gives_it_up_without_results(job: tuple[Setting
     assert (r["status"], r["clip_rows"]) == ("cancelled", 0)
 
 
+def test_one_heartbeat_statement_refreshes_every_job_held_and_finds_the_lost_one(
+    database_url: str, tmp_path: Path,  # noqa: F811
+) -> None:
+    """The process's heartbeat thread refreshes all its jobs in one statement; a job
+    cancelled or taken over is marked lost, the others are refreshed and kept."""
+    from worker.jobs import Lease
+
+    settings = Settings.from_env({}, database_url=database_url, model="x3d_xs",
+                                 weights="random", heartbeat_s=60)
+    videos = []
+    for i in range(3):
+        videos.append(tmp_path / f"v{i}.mp4")
+        make_video(videos[-1], seconds=1, seed=i)
+    ids = submit([str(v) for v in videos], settings=settings, batch="beats", publish=False,
+                 request=JobRequest(model="x3d_xs", weights="random")).job_ids
+    store = JobStore.from_settings(settings)
+    for job_id in ids:
+        assert not isinstance(store.claim(job_id, f"token-{job_id}", "h"), Outcome)
+    engine = create_engine(database_url)
+    with engine.begin() as conn:
+        conn.execute(text("update jobs set heartbeat_at = '2000-01-01 00:00:00'"))
+        # The second job was taken over by another worker; the third was cancelled.
+        conn.execute(text("update jobs set lease_token = 'thief' where id = :id"), {"id": ids[1]})
+        conn.execute(text("update jobs set status = 'cancelled' where id = :id"), {"id": ids[2]})
+    beats = store.heartbeats(60)
+    leases = [Lease(job_id, f"token-{job_id}") for job_id in ids]
+    beats.beat(leases)
+    assert [lease.lost is None for lease in leases] == [True, False, False]
+    with engine.connect() as conn:
+        fresh = dict(conn.execute(text(
+            "select id, heartbeat_at > '2000-01-02' from jobs")).all())
+    engine.dispose()
+    assert {k: bool(v) for k, v in fresh.items()} == {ids[0]: True, ids[1]: False, ids[2]: False}
+
+
 def test_a_finished_result_survives_a_failing_commit(
     job: tuple[Settings, int], tmp_path: Path
 ) -> None:

@@ -16,8 +16,9 @@ import threading
 import time
 import uuid
 from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
 from sqlalchemy import String, case, cast, delete, func, insert, literal, or_, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
@@ -70,6 +71,8 @@ class JobStore:
         self.max_attempts = max_attempts
         # Read once: the environment is not parsed again for every job's commit.
         self.segment_rules = segment_rules or SegmentRules.from_settings(Settings.from_env())
+        self._beats: Heartbeats | None = None
+        self._beats_lock = threading.Lock()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> JobStore:
@@ -167,6 +170,32 @@ class JobStore:
             ).rowcount
             == 1
         )
+
+    def heartbeat_many(self, leases: dict[int, str]) -> set[int]:
+        """Refresh many leases (job id -> token) at once; returns the ids still ours.
+        Tokens are unique to a claim, so a row matches only under its own token."""
+        ours: set[int] = set()
+        items = list(leases.items())
+        for i in range(0, len(items), 500):
+            chunk = dict(items[i : i + 500])
+            ours |= self._run(
+                lambda s, chunk=chunk: set(s.scalars(
+                    update(Job)
+                    .where(Job.id.in_(list(chunk)), Job.lease_token.in_(list(chunk.values())),
+                           Job.status == JobStatus.RUNNING.value)
+                    .values(heartbeat_at=db_now())
+                    .returning(Job.id)
+                    .execution_options(synchronize_session=False)
+                ))
+            )
+        return ours
+
+    def heartbeats(self, every_s: float) -> Heartbeats:
+        """This store's heartbeat thread (one per process: the store is)."""
+        with self._beats_lock:
+            if self._beats is None:
+                self._beats = Heartbeats(self, every_s)
+            return self._beats
 
     def release(self, job_id: int, token: str, error: VidqError | None = None) -> None:
         """Give the job back to the queue (graceful shutdown, transient failure), with
@@ -303,34 +332,63 @@ class JobStore:
             return self._run(lambda s: op(s, True))
 
 
-class Heartbeat:
-    """Refreshes a running job's heartbeat from a daemon thread, and notices when the
-    job stops being ours (``vidq cancel``, or another worker took it over)."""
+@dataclass(eq=False)
+class Lease:
+    """A running job this process holds: ``lost`` says why it stopped being ours."""
 
-    def __init__(self, store: JobStore, job_id: int, token: str, every_s: float) -> None:
-        self._stop = threading.Event()
-        self.lost: str | None = None
-        self._thread = threading.Thread(
-            target=self._loop, args=(store, job_id, token, every_s), daemon=True,
-            name=f"vidq-heartbeat-{job_id}",
-        )
+    job_id: int
+    token: str
+    lost: str | None = None
 
-    def _loop(self, store: JobStore, job_id: int, token: str, every_s: float) -> None:
-        while not self._stop.wait(every_s):
-            try:
-                if not store.heartbeat(job_id, token):
-                    self.lost = "the job was cancelled or taken over by another worker"
-                    return
-            except VidqError as exc:
-                log.warning("job %s: heartbeat not written (%s)", job_id, exc.message)
 
-    def __enter__(self) -> Heartbeat:
-        self._thread.start()
-        return self
+class Heartbeats:
+    """One thread refreshes the heartbeats of every job the process holds, in one
+    statement per period, and notices a job that stopped being ours (``vidq cancel``,
+    or another worker took it over). A GPU worker holds a hundred jobs at once: one
+    thread and one UPDATE a period, not a thread and an UPDATE per job."""
 
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
+    def __init__(self, store: JobStore, every_s: float) -> None:
+        self._store = store
+        self.every_s = every_s
+        self._leases: dict[int, Lease] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    @contextmanager
+    def hold(self, job_id: int, token: str) -> Iterator[Lease]:
+        """Beat for the claimed job while the block runs."""
+        lease = Lease(job_id, token)
+        with self._lock:
+            self._leases[job_id] = lease
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, daemon=True,
+                                                name="vidq-heartbeats")
+                self._thread.start()
+        try:
+            yield lease
+        finally:
+            with self._lock:
+                if self._leases.get(job_id) is lease:
+                    del self._leases[job_id]
+
+    def _loop(self) -> None:
+        while True:
+            time.sleep(self.every_s)
+            with self._lock:
+                held = list(self._leases.values())
+            if held:
+                self.beat(held)
+
+    def beat(self, held: list[Lease]) -> None:
+        """One refresh of these leases; the ones no longer ours are marked lost."""
+        try:
+            ours = self._store.heartbeat_many({lease.job_id: lease.token for lease in held})
+        except VidqError as exc:
+            log.warning("heartbeats of %d jobs not written (%s)", len(held), exc.message)
+            return
+        for lease in held:
+            if lease.job_id not in ours and lease.lost is None:
+                lease.lost = "the job was cancelled or taken over by another worker"
 
 
 class TimeLimit(PermanentError):
@@ -357,7 +415,7 @@ def execute_job(
     limit_s = max(1.0, settings.task_time_limit_s - 60.0)
     deadline = time.monotonic() + limit_s
     try:
-        with Heartbeat(store, job_id, token, settings.heartbeat_s) as beat:
+        with store.heartbeats(settings.heartbeat_s).hold(job_id, token) as beat:
             pause_point("after_claim")
             if job.model != preset:
                 raise PermanentError(
