@@ -188,7 +188,8 @@ def simulated(args: argparse.Namespace, videos: dict[str, list[Path]], work: Pat
     print(f"SIMULATED ACCELERATOR: {args.batch_ms:.0f} ms per batch of {args.batch_size} "
           "views, no CPU; everything else is the real worker pipeline.")
     print(f"{'corpus':9} {'D':>2} {'round':>5} {'bare decode':>12} {'pipeline':>9} "
-          f"{'of bare':>8} {'fill':>5} {'fill*':>6} {'wait ms':>8} {'CPU ms/clip bare, worker':>25}")
+          f"{'of bare':>8} {'fill':>5} {'fill*':>6} {'wait ms':>8} "
+          f"{'CPU ms/clip bare, worker':>25}")
     results: dict[tuple[str, int], list[tuple[float, float]]] = {}
     for rnd in range(args.rounds):
         for name, files in videos.items():

@@ -58,13 +58,16 @@ def _scaled(frames: torch.Tensor, size: int) -> torch.Tensor:
     at once cost fresh zeroed pages on every window and took 6x longer at 720p
     (benchmarks/decode.py); the peak memory of a window drops by the same factor.
     """
-    first = short_side_scale(frames[:1].permute(3, 0, 1, 2).to(torch.float32), size)
+    def one(t: int) -> torch.Tensor:
+        return short_side_scale(frames[t : t + 1].permute(3, 0, 1, 2).to(torch.float32), size)
+
+    first = one(0)
     out = torch.empty(
         (3, frames.shape[0], *first.shape[-2:]), dtype=torch.float32, device=frames.device
     )
     out[:, :1] = first
     for t in range(1, frames.shape[0]):
-        out[:, t : t + 1] = short_side_scale(frames[t : t + 1].permute(3, 0, 1, 2).to(torch.float32), size)
+        out[:, t : t + 1] = one(t)
     return out
 
 
