@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+from sqlalchemy import text
 
-from tests.e2e.conftest import Cluster
+from tests.e2e.conftest import Cluster, database_url  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 SECRET = "s3cret-for-tests"
@@ -120,3 +121,41 @@ def test_cancelling_the_last_jobs_completes_the_batch(cluster: Cluster, corpus: 
     payload = json.loads(receiver.posts[0][1])
     assert payload["counts"]["cancelled"] == 6
     assert "X-Vidq-Signature" not in receiver.posts[0][0]  # no secret set: unsigned
+
+
+def test_a_webhook_added_to_a_batch_seen_without_one_is_still_sent(
+    database_url: str, tmp_path: Path, receiver: Receiver,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker remembers for a few seconds that a batch has no webhook (so its jobs
+    cost no query); a later `submit --batch NAME --notify URL` adds one all the same,
+    and the batch's completion is sent once the worker looks again."""
+    from producer.submit import JobRequest, submit
+    from tests.media import make_video
+    from vidq import notify
+    from vidq.db import sessions
+    from vidq.settings import Settings
+
+    settings = Settings.from_env({}, database_url=database_url)
+    request = JobRequest(model="x3d_xs", weights="random")
+    first, second = tmp_path / "a.mp4", tmp_path / "b.mp4"
+    make_video(first, seconds=1)
+    make_video(second, seconds=1, seed=1)
+    report = submit([str(first)], settings=settings, request=request, batch="late",
+                    publish=False)
+    bid = report.batch_id
+    with sessions(database_url)() as session, session.begin():
+        session.execute(text("update jobs set status = 'succeeded'"))
+    assert notify.notify_if_done(settings, bid) is None  # no webhook: nothing to send
+    assert notify._SILENT_BATCHES[(database_url, bid)] > time.monotonic()
+    submit([str(second)], settings=settings, request=request, batch="late", publish=False,
+           notify=receiver.url)
+    with sessions(database_url)() as session, session.begin():
+        session.execute(text("update jobs set status = 'succeeded'"))
+    notify.notify_soon(settings, bid)  # within the memory: no look, no thread
+    time.sleep(0.3)
+    assert receiver.posts == []
+    monkeypatch.setitem(notify._SILENT_BATCHES, (database_url, bid), 0.0)  # memory expired
+    notify.notify_soon(settings, bid)
+    receiver.wait(1, timeout=30)
+    assert json.loads(receiver.posts[0][1])["counts"]["succeeded"] == 2
