@@ -64,6 +64,12 @@ class SimulatedAccelerator(Classifier):
 def bare_decode_rate(classifier: Classifier, videos: list[Path], sampling: Sampling,
                      decoders: int, threads: int = 0) -> float:
     """Windows/s of ``decoders`` threads that only decode and transform (no queue, no DB)."""
+    return bare_decode(classifier, videos, sampling, decoders, threads)[0]
+
+
+def bare_decode(classifier: Classifier, videos: list[Path], sampling: Sampling,
+                decoders: int, threads: int = 0) -> tuple[float, float]:
+    """(windows/s, the process's CPU seconds per window) of ``bare_decode_rate``."""
     todo = list(videos)
     lock = threading.Lock()
     done = [0]
@@ -89,13 +95,8 @@ def bare_decode_rate(classifier: Classifier, videos: list[Path], sampling: Sampl
         th.start()
     for th in workers:
         th.join()
-    CPU_PER_CLIP["bare"] = (time.process_time() - cpu) / max(1, done[0])
-    return done[0] / (time.perf_counter() - t)
-
-
-CPU_PER_CLIP: dict[str, float] = {}
-"""The process's CPU seconds per clip in the last bare run and the last worker run:
-the difference is what each job costs beyond decoding it."""
+    cpu_per_clip = (time.process_time() - cpu) / max(1, done[0])
+    return done[0] / (time.perf_counter() - t), cpu_per_clip
 
 
 def worker_rate(classifier: Classifier, videos: list[Path], sampling: Sampling,
@@ -147,8 +148,10 @@ def worker_rate(classifier: Classifier, videos: list[Path], sampling: Sampling,
         # The worker's own window, on the database's clock: first claim to last commit
         # (Celery's start-up before the first claim is not feeding anything yet).
         elapsed = (aware(last_commit) - aware(first_claim)).total_seconds()
-        CPU_PER_CLIP["worker"] = (cpu1 - (cpu0 or cpu1)) / max(1, clips)
-        return clips / elapsed, pipeline.stats.summary(pipeline.batch_size)
+        stats = pipeline.stats.summary(pipeline.batch_size)
+        # The process's CPU per clip: against the bare decode's, what each job costs.
+        stats["cpu_per_clip"] = (cpu1 - (cpu0 or cpu1)) / max(1, clips)
+        return clips / elapsed, stats
     finally:
         pipeline.close()
         tasks._state = None
@@ -199,14 +202,15 @@ def simulated(args: argparse.Namespace, videos: dict[str, list[Path]], work: Pat
                                            batch_size=args.batch_size,
                                            decode_workers=decoders, inflight=args.inflight)
                 clf.decoder_threads = args.decoder_threads
-                bare = bare_decode_rate(clf, files, sampling, decoders, args.decoder_threads)
+                bare, bare_cpu = bare_decode(clf, files, sampling, decoders,
+                                             args.decoder_threads)
                 rate, stats = worker_rate(clf, files, sampling, work,
                                           f"sim-{name}-{decoders}-{rnd}")
                 results.setdefault((name, decoders), []).append((rate, bare))
                 print(f"{name:9} {decoders:>2} {rnd:>5} {bare:9.1f}/s {rate:7.1f}/s "
                       f"{rate / bare:7.0%} {stats['mean_fill']:5.0%} "
                       f"{stats['backlogged_fill']:6.0%} {stats['mean_wait_ms']:8.1f} "
-                      f"{1000 * CPU_PER_CLIP['bare']:12.1f}, {1000 * CPU_PER_CLIP['worker']:.1f}",
+                      f"{1000 * bare_cpu:12.1f}, {1000 * stats['cpu_per_clip']:.1f}",
                       flush=True)
     print("\nmedians over rounds (fill* = batch fill when a full batch was waiting)")
     for (name, decoders), rows in results.items():

@@ -161,15 +161,7 @@ class JobStore:
     def heartbeat(self, job_id: int, token: str) -> bool:
         """Refresh the lease; False once the job is no longer ours to run (cancelled, or
         taken over after this worker stalled)."""
-        return self._run(
-            lambda s: s.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.lease_token == token,
-                       Job.status == JobStatus.RUNNING.value)
-                .values(heartbeat_at=db_now())
-            ).rowcount
-            == 1
-        )
+        return job_id in self.heartbeat_many({job_id: token})
 
     def heartbeat_many(self, leases: dict[int, str]) -> set[int]:
         """Refresh many leases (job id -> token) at once; returns the ids still ours.
