@@ -106,6 +106,7 @@ def make_video(
     gop: int = 0,
     seed: int = 0,
     options: dict[str, str] | None = None,
+    pix_fmt: str = "yuv420p",
 ) -> list[Fraction]:
     """Write a video whose frame i shows ``draw_frame(i)``; return its frame times (s).
 
@@ -124,7 +125,7 @@ def make_video(
     container_options = {"movflags": "+faststart"} if faststart else {}
     with av.open(path, "w", options=container_options) as out:
         stream = out.add_stream(codec, rate=rate)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
         if vfr:
             stream.codec_context.time_base = Fraction(1, 1000)
             stream.time_base = Fraction(1, 1000)

@@ -288,6 +288,37 @@ def test_portrait_frames_keep_their_orientation(media_files: Media) -> None:
     assert clips[0].frames.dtype == np.uint8
 
 
+
+@pytest.mark.parametrize(
+    ("pix_fmt", "codec", "size"),
+    [
+        ("yuv420p", "libx264", (162, 98)),  # odd chroma edges after the 4:2:0 halving
+        ("yuvj420p", "libx264", (160, 96)),  # full range
+        ("yuv422p", "libx264", (160, 96)),
+        ("yuv444p", "libx264", (160, 96)),
+        ("yuv420p10le", "libx264", (160, 96)),
+        ("yuv420p", "libvpx-vp9", (160, 96)),
+    ],
+)
+def test_rgb_frames_are_the_seeds_conversion_byte_for_byte(
+    tmp_path: Path, pix_fmt: str, codec: str, size: tuple[int, int]
+) -> None:
+    """The reader converts frames to RGB with one converter of its own (single-threaded,
+    reused across frames); every pixel must equal the seed's ``frame.to_rgb()``."""
+    import av
+
+    path = tmp_path / ("v.webm" if codec == "libvpx-vp9" else "v.mp4")
+    media.make_video(path, seconds=0.5, width=size[0], height=size[1], codec=codec,
+                     pix_fmt=pix_fmt)
+    with av.open(str(path)) as container:
+        frames = list(container.decode(video=0))
+        assert frames[0].format.name == pix_fmt
+        seed = np.stack([f.to_rgb().to_ndarray() for f in frames])
+    with VideoReader(path, skip_unused_frames=False) as reader:
+        (clip,) = reader.clips([Window(0, 0.0, 1.0)], num_frames=len(frames))
+    assert clip.frames.shape == seed.shape
+    assert np.array_equal(clip.frames, seed)
+
 @pytest.mark.parametrize(
     ("limits", "named"),
     [

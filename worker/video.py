@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import IO, Iterable, Iterator
 
 import av
+from av.video.reformatter import VideoReformatter
 import numpy as np
 import torch
 
@@ -154,6 +155,12 @@ class VideoReader:
         self.skip_unused_frames = skip_unused_frames
         self.stats = DecodeStats()
         self._used = False
+        # One converter to RGB for the reader's frames, on the decoder's own thread:
+        # a frame's own (``to_ndarray(format=...)``) is a new scaler per frame, whose
+        # automatic threads each release and retake the GIL; in a worker where other
+        # threads want it, that made the conversion of a 360p frame 6-7 ms instead of
+        # 0.1 (benchmarks/feed_rate.py). The pixels are the same (tests/test_video.py).
+        self._rgb = VideoReformatter()
         self._open()
 
     def _open(self) -> None:
@@ -379,7 +386,8 @@ class VideoReader:
         rgb: dict[int, np.ndarray] = {}
         for frame in picked:
             if id(frame) not in rgb:
-                rgb[id(frame)] = frame.to_ndarray(format="rgb24")
+                rgb[id(frame)] = self._rgb.reformat(frame, format="rgb24",
+                                                    threads=1).to_ndarray()
         sizes = sorted({(a.shape[1], a.shape[0]) for a in rgb.values()})
         if len(sizes) > 1:
             (w0, h0), (w1, h1) = sizes[0], sizes[-1]
