@@ -20,7 +20,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
-from sqlalchemy import String, case, cast, delete, func, insert, literal, or_, select, update
+from sqlalchemy import (
+    String, bindparam, case, cast, delete, func, insert, literal, or_, select, update,
+)
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -73,6 +75,47 @@ class JobStore:
         self.segment_rules = segment_rules or SegmentRules.from_settings(Settings.from_env())
         self._beats: Heartbeats | None = None
         self._beats_lock = threading.Lock()
+        self._take = self._take_statement()
+
+    def _claim_terms(self) -> tuple[Any, Any, Any, Any]:
+        """(now, a stale running attempt, claimable, what a crashed attempt's record says)."""
+        # The database's clock, never this host's: a host whose clock runs ahead
+        # would otherwise see every live heartbeat as stale and steal its job.
+        now, stale = db_now(), db_now(ago_s=self.stale_after_s)
+        stale_running = (Job.status == JobStatus.RUNNING.value) & or_(
+            Job.heartbeat_at.is_(None), Job.heartbeat_at < stale)
+        claimable = or_(Job.status == JobStatus.QUEUED.value, stale_running)
+        # An attempt that stopped heartbeating died with its process (SIGKILL, the
+        # OOM killer, a segfault): that is what its record says from now on.
+        crashed_message = (literal("the worker running attempt ")
+                           + cast(Job.attempts, String)
+                           + literal(" stopped (killed, out of memory or crashed) on ")
+                           + func.coalesce(Job.worker_host, literal("?")))
+        return now, stale_running, claimable, crashed_message
+
+    def _take_statement(self) -> Any:
+        """The common case of a claim in one statement: take a claimable job with
+        attempts left (SET reads the row as it was, so a taken-over attempt is recorded
+        too). Built once: constructing it cost more Python than running it, on the
+        GIL the decoders need (benchmarks/feed_rate.py)."""
+        now, stale_running, claimable, crashed_message = self._claim_terms()
+        return (
+            update(Job)
+            .where(Job.id == bindparam("take_id"), claimable,
+                   *([Job.attempts < self.max_attempts] if self.max_attempts else []))
+            .values(
+                status=JobStatus.RUNNING.value,
+                lease_token=bindparam("take_token"),
+                attempts=Job.attempts + 1,
+                worker_host=bindparam("take_host"),
+                started_at=now,
+                heartbeat_at=now,
+                error_kind=case((stale_running, literal("crashed")), else_=Job.error_kind),
+                error_message=case((stale_running, crashed_message), else_=Job.error_message),
+            )
+            .returning(Job)
+            .execution_options(synchronize_session=False)
+        )
 
     @classmethod
     def from_settings(cls, settings: Settings) -> JobStore:
@@ -95,42 +138,13 @@ class JobStore:
         happened to its last attempt."""
 
         def op(s: Session) -> Job | Outcome:
-            # The database's clock, never this host's: a host whose clock runs ahead
-            # would otherwise see every live heartbeat as stale and steal its job.
-            now, stale = db_now(), db_now(ago_s=self.stale_after_s)
-            stale_running = (Job.status == JobStatus.RUNNING.value) & or_(
-                Job.heartbeat_at.is_(None), Job.heartbeat_at < stale)
-            claimable = or_(Job.status == JobStatus.QUEUED.value, stale_running)
-            # An attempt that stopped heartbeating died with its process (SIGKILL, the
-            # OOM killer, a segfault): that is what its record says from now on.
-            crashed_message = (literal("the worker running attempt ")
-                               + cast(Job.attempts, String)
-                               + literal(" stopped (killed, out of memory or crashed) on ")
-                               + func.coalesce(Job.worker_host, literal("?")))
-            # The common case in one statement: take a claimable job with attempts left
-            # (SET reads the row as it was, so a taken-over attempt is recorded too).
-            taken = s.scalars(
-                update(Job)
-                .where(Job.id == job_id, claimable,
-                       *([Job.attempts < self.max_attempts] if self.max_attempts else []))
-                .values(
-                    status=JobStatus.RUNNING.value,
-                    lease_token=token,
-                    attempts=Job.attempts + 1,
-                    worker_host=host,
-                    started_at=now,
-                    heartbeat_at=now,
-                    error_kind=case((stale_running, literal("crashed")), else_=Job.error_kind),
-                    error_message=case((stale_running, crashed_message),
-                                       else_=Job.error_message),
-                )
-                .returning(Job)
-                .execution_options(synchronize_session=False)
-            ).one_or_none()
+            taken = s.scalars(self._take, {"take_id": job_id, "take_token": token,
+                                           "take_host": host}).one_or_none()
             if taken is not None:
                 s.expunge(taken)
                 return taken
             if self.max_attempts:
+                now, stale_running, claimable, crashed_message = self._claim_terms()
                 s.execute(
                     update(Job)
                     .where(Job.id == job_id, stale_running)
@@ -255,37 +269,30 @@ class JobStore:
             # adds nothing here and costs Python time on every job (the GIL the
             # decoder threads need).
             conn = s.connection()
-            res = conn.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.lease_token == token,
-                       Job.status == JobStatus.RUNNING.value)
-                .values(
-                    status=JobStatus.SUCCEEDED.value,
-                    lease_token=None,
-                    finished_at=db_now(),
-                    error_kind=None,
-                    error_message=None,
-                    weights_id=result.weights_id,
-                    precision=result.precision,
-                    calibration_id=result.calibration_id,
-                    device=result.device,
-                    duration_s=info.duration_s,
-                    fps=info.fps,
-                    width=info.width,
-                    height=info.height,
-                    frames=info.frames,
-                    codec=info.codec,
-                    has_audio=info.has_audio,
-                    clips_done=len(result.clips),
-                    decode_s=result.timing.get("decode_s"),
-                    model_s=result.timing.get("model_s"),
-                    decode_ratio=(round(result.decode_stats.decoded / result.decode_stats.packets,
-                                        4) if result.decode_stats.packets else None),
-                    top_class_id=top.class_id,
-                    top_label=top.label,
-                    top_score=top.score,
-                )
-            )
+            res = conn.execute(_SUCCEED, {
+                "done_id": job_id,
+                "done_token": token,
+                "r_weights_id": result.weights_id,
+                "r_precision": result.precision,
+                "r_calibration_id": result.calibration_id,
+                "r_device": result.device,
+                "r_duration_s": info.duration_s,
+                "r_fps": info.fps,
+                "r_width": info.width,
+                "r_height": info.height,
+                "r_frames": info.frames,
+                "r_codec": info.codec,
+                "r_has_audio": info.has_audio,
+                "r_clips_done": len(result.clips),
+                "r_decode_s": result.timing.get("decode_s"),
+                "r_model_s": result.timing.get("model_s"),
+                "r_decode_ratio": (round(result.decode_stats.decoded
+                                         / result.decode_stats.packets, 4)
+                                   if result.decode_stats.packets else None),
+                "r_top_class_id": top.class_id,
+                "r_top_label": top.label,
+                "r_top_score": top.score,
+            })
             if res.rowcount != 1:
                 return False  # another delivery finished it, or it was cancelled
             if replace:
@@ -301,9 +308,9 @@ class JobStore:
                 for r, t in enumerate(c.top, start=1)
             ]
             if clip_rows:
-                conn.execute(insert(ClipPrediction), clip_rows)
+                conn.execute(_INSERT_CLIPS, clip_rows)
             conn.execute(
-                insert(VideoLabel),
+                _INSERT_LABELS,
                 [
                     {"job_id": job_id, "rank": r, "class_id": t.class_id,
                      "label": t.label, "score": t.score}
@@ -322,6 +329,25 @@ class JobStore:
             return self._run(lambda s: op(s, False))
         except IntegrityError:  # an earlier result's rows: replaced in a new transaction
             return self._run(lambda s: op(s, True))
+
+
+# A job's results, built once (see JobStore._take_statement): the row's own values
+# are ``r_<column>`` parameters.
+_RESULT_COLUMNS = (
+    "weights_id", "precision", "calibration_id", "device", "duration_s", "fps", "width",
+    "height", "frames", "codec", "has_audio", "clips_done", "decode_s", "model_s",
+    "decode_ratio", "top_class_id", "top_label", "top_score",
+)
+_SUCCEED = (
+    update(Job)
+    .where(Job.id == bindparam("done_id"), Job.lease_token == bindparam("done_token"),
+           Job.status == JobStatus.RUNNING.value)
+    .values(status=JobStatus.SUCCEEDED.value, lease_token=None, finished_at=db_now(),
+            error_kind=None, error_message=None,
+            **{c: bindparam(f"r_{c}") for c in _RESULT_COLUMNS})
+)
+_INSERT_CLIPS = insert(ClipPrediction)
+_INSERT_LABELS = insert(VideoLabel)
 
 
 @dataclass(eq=False)
