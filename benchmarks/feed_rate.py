@@ -139,7 +139,7 @@ def worker_rate(classifier: Classifier, videos: list[Path], sampling: Sampling,
                     cpu0 = time.process_time()  # the first claim, within a poll
                 if left == 0:
                     break
-                time.sleep(0.05)
+                time.sleep(0.1)  # this poll's Python shares the worker's GIL: not too often
             cpu1 = time.process_time()
         with make() as s:
             clips, failed, first_claim, last_commit = s.execute(tasks_sql_clips()).one()
@@ -251,15 +251,17 @@ def real(args: argparse.Namespace, videos: dict[str, list[Path]], work: Path) ->
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--short", type=int, default=48, help="one-clip videos")
-    ap.add_argument("--long", type=int, default=4, help="long videos")
-    ap.add_argument("--long-seconds", type=float, default=20.0)
+    ap.add_argument("--short", type=int, default=160, help="one-clip videos")
+    # Enough long videos that the decoders share them evenly and a round lasts seconds:
+    # 3 of 16 s (24 clips, one second) measured mostly start-up and the last video.
+    ap.add_argument("--long", type=int, default=8, help="long videos")
+    ap.add_argument("--long-seconds", type=float, default=30.0)
     ap.add_argument("--decoders", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--batch-ms", type=float, default=20.0,
                     help="simulated accelerator time per batch")
     ap.add_argument("--inflight", type=int, default=0, help="0 = the default rule")
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--decoder-threads", type=int, default=1,
                     help="FFmpeg threads per decoder, in the pipeline and the baseline alike "
                          "(1: one core per decoder, as on a GPU host with many decoders; "

@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import IO, Iterable, Iterator
 
 import av
-from av.video.reformatter import VideoReformatter
 import numpy as np
 import torch
+from av.video.reformatter import VideoReformatter
 
 from vidq.errors import InputError
 from vidq.sampling import Sampling, Window, plan_windows
@@ -155,11 +155,12 @@ class VideoReader:
         self.skip_unused_frames = skip_unused_frames
         self.stats = DecodeStats()
         self._used = False
-        # One converter to RGB for the reader's frames, on the decoder's own thread:
-        # a frame's own (``to_ndarray(format=...)``) is a new scaler per frame, whose
-        # automatic threads each release and retake the GIL; in a worker where other
-        # threads want it, that made the conversion of a 360p frame 6-7 ms instead of
-        # 0.1 (benchmarks/feed_rate.py). The pixels are the same (tests/test_video.py).
+        # One converter to RGB for the reader's frames, single-threaded, on the
+        # decoder's own thread. A frame's own (``to_ndarray(format=...)``) is a new
+        # scaler per frame with automatic threads, which hand the GIL back and forth:
+        # beside a busy Python thread a 360p frame took 6-7 ms to convert instead of
+        # 0.3-1 ms, and two bare decoder threads went from 42 to 52 clips/s. The pixels
+        # are the same (tests/test_video.py).
         self._rgb = VideoReformatter()
         self._open()
 
