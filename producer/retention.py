@@ -2,9 +2,9 @@
 
 Only finished jobs go (succeeded, failed, cancelled); a queued or running job is
 kept and counted, so a purge never races a worker. Each chunk of jobs is deleted,
-with its clip and label rows, in a short transaction of its own, so the tables
-are never locked for long and pollers keep answering. A batch left with no jobs
-is deleted too.
+with every row of its results (clips, labels, segments, embeddings), in a short
+transaction of its own, so the tables are never locked for long and pollers keep
+answering. A batch left with no jobs is deleted too.
 """
 
 from __future__ import annotations
@@ -16,10 +16,24 @@ from typing import Callable
 from sqlalchemy import delete, exists, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from vidq.db import ACTIVE, Batch, ClipPrediction, Job, VideoLabel, utcnow
+from vidq.db import (
+    ACTIVE, Batch, ClipEmbedding, ClipPrediction, Job, LabelSegment, VideoEmbedding,
+    VideoLabel, utcnow,
+)
 from vidq.errors import InputError
 
 FINISHED = ("succeeded", "failed", "cancelled")
+
+
+# A job's result rows, by the report field that counts them. Deleted explicitly, not
+# left to ON DELETE CASCADE, so the report says what went.
+RESULT_TABLES = (
+    ("clip_rows", ClipPrediction),
+    ("label_rows", VideoLabel),
+    ("segment_rows", LabelSegment),
+    ("embedding_rows", VideoEmbedding),
+    ("embedding_rows", ClipEmbedding),
+)
 
 
 @dataclass
@@ -27,6 +41,9 @@ class PurgeReport:
     jobs: int = 0
     clip_rows: int = 0
     label_rows: int = 0
+    segment_rows: int = 0
+    embedding_rows: int = 0
+    """Video and clip embedding rows together."""
     batches: list[str] = field(default_factory=list)
     """Batches deleted (or that would be) because no job is left in them."""
     kept_active: int = 0
@@ -68,10 +85,9 @@ def purge(
         doomed = select(Job.id).where(*scope, Job.status.in_(FINISHED))
         if dry_run:
             report.jobs = _count(session, select(func.count()).select_from(doomed.subquery()))
-            report.clip_rows = _count(session, select(func.count()).where(
-                ClipPrediction.job_id.in_(doomed)))
-            report.label_rows = _count(session, select(func.count()).where(
-                VideoLabel.job_id.in_(doomed)))
+            for name, table in RESULT_TABLES:
+                setattr(report, name, getattr(report, name) + _count(
+                    session, select(func.count()).where(table.job_id.in_(doomed))))
             report.batches = _emptied(session, batch_id=batch_id, cutoff=cutoff, doomed=doomed)
             return report
     while True:
@@ -79,11 +95,9 @@ def purge(
             ids = list(session.scalars(doomed.order_by(Job.id).limit(chunk)))
             if not ids:
                 break
-            report.clip_rows += session.execute(
-                delete(ClipPrediction).where(ClipPrediction.job_id.in_(ids))).rowcount
-            report.label_rows += session.execute(
-                delete(VideoLabel).where(VideoLabel.job_id.in_(ids))).rowcount
-            # Any other per-job table (segments...) goes by its ON DELETE CASCADE.
+            for name, table in RESULT_TABLES:
+                setattr(report, name, getattr(report, name) + session.execute(
+                    delete(table).where(table.job_id.in_(ids))).rowcount)
             report.jobs += session.execute(delete(Job).where(Job.id.in_(ids))).rowcount
         progress(len(ids))
     with make_session() as session, session.begin():

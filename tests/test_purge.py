@@ -35,6 +35,19 @@ def fill(url: str) -> None:
                     {"id": jid, "b": bid, "p": f"/v{jid}.mp4", "h": f"{jid:064x}", "s": status,
                      "t": finished - dt.timedelta(hours=1), "f": finished if status in ("succeeded", "failed") else None})
                 if status == "succeeded":
+                    conn.execute(text(
+                        "insert into label_segments (job_id, segment_index, class_id, label, "
+                        "start_sec, end_sec, duration_s, mean_score, peak_score, clips) "
+                        "values (:j, 0, 1, 'a', 0, 2, 2, .5, .5, 2)"), {"j": jid})
+                    conn.execute(text(
+                        "insert into video_embeddings (job_id, model, weights_id, dim, norm, "
+                        "vector) values (:j, 'x3d_xs', 'random-init', 2, 1, :v)"),
+                        {"j": jid, "v": b"\0\0\0\0"})
+                    for clip in range(2):
+                        conn.execute(text(
+                            "insert into clip_embeddings (job_id, clip_index, start_sec, "
+                            "end_sec, vector) values (:j, :c, 0, 1, :v)"),
+                            {"j": jid, "c": clip, "v": b"\0\0\0\0"})
                     for rank in range(1, 6):
                         conn.execute(text("insert into video_labels values (:j, :r, 1, 'a', .5)"),
                                      {"j": jid, "r": rank})
@@ -50,13 +63,17 @@ def vidq(url: str, *args: str) -> subprocess.CompletedProcess[str]:
                           text=True, env={**os.environ, "VIDQ_DATABASE_URL": url}, timeout=120)
 
 
-def counts(url: str) -> tuple[int, int, int, int]:
+TABLES = ("jobs", "clip_predictions", "video_labels", "batches", "label_segments",
+          "video_embeddings", "clip_embeddings")
+
+
+def counts(url: str) -> tuple[int, ...]:
+    """Rows in each of TABLES."""
     engine = create_engine(url)
     with engine.connect() as conn:
-        out = tuple(conn.execute(text(f"select count(*) from {t}")).scalar_one()
-                    for t in ("jobs", "clip_predictions", "video_labels", "batches"))
+        out = tuple(conn.execute(text(f"select count(*) from {t}")).scalar_one() for t in TABLES)
     engine.dispose()
-    return out  # type: ignore[return-value]
+    return out
 
 
 def test_purge_older_than_keeps_active_and_recent_jobs(database_url: str) -> None:  # noqa: F811
@@ -64,13 +81,17 @@ def test_purge_older_than_keeps_active_and_recent_jobs(database_url: str) -> Non
     before = counts(database_url)
     dry = vidq(database_url, "purge", "--older-than", "30", "--dry-run")
     assert dry.returncode == 0, dry.stderr
-    assert "would delete 6 jobs, 50 clip rows, 25 label rows and 0 empty batches" in dry.stdout
+    # 5 succeeded jobs, each with 1 segment, 1 video and 2 clip embeddings; 1 failed.
+    assert ("would delete 6 jobs, 50 clip rows, 25 label rows and 0 empty batches; "
+            "with the jobs 5 segment rows and 15 embedding rows") in dry.stdout
     assert counts(database_url) == before
     done = vidq(database_url, "purge", "--older-than", "30", "--chunk", "2")
     assert done.returncode == 0, done.stderr
-    assert "deleted 6 jobs, 50 clip rows, 25 label rows" in done.stdout
+    assert ("deleted 6 jobs, 50 clip rows, 25 label rows and 0 empty batches; "
+            "with the jobs 5 segment rows and 15 embedding rows") in done.stdout
     assert "kept 1 queued or running jobs" in done.stderr
-    assert counts(database_url) == (before[0] - 6, before[1] - 50, before[2] - 25, 2)
+    assert counts(database_url) == (before[0] - 6, before[1] - 50, before[2] - 25, 2,
+                                    before[4] - 5, before[5] - 5, before[6] - 10)
 
 
 def test_purge_a_batch_removes_it_once_empty(database_url: str) -> None:  # noqa: F811

@@ -679,7 +679,9 @@ def purge(batch: str | None, older_than: float | None, dry_run: bool, chunk: int
     verb = "would delete" if dry_run else "deleted"
     click.echo(f"{verb} {report.jobs} jobs, {report.clip_rows} clip rows, {report.label_rows} "
                f"label rows and {len(report.batches)} empty batches"
-               + (f" ({', '.join(report.batches[:10])})" if report.batches else ""))
+               + (f" ({', '.join(report.batches[:10])})" if report.batches else "")
+               + f"; with the jobs {report.segment_rows} segment rows and "
+               f"{report.embedding_rows} embedding rows")
     if report.kept_active:
         click.echo(f"kept {report.kept_active} queued or running jobs (cancel them first to "
                    "purge them)", err=True)
