@@ -21,6 +21,7 @@ in the same run, plus the batch fill and the wait for a fuller batch.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import sys
@@ -49,10 +50,10 @@ class SimulatedAccelerator(Classifier):
     """slow_r50's input pipeline; the forward pass is a sleep of ``batch_s`` per batch."""
 
     def __init__(self, *, batch_s: float, batch_size: int, decode_workers: int,
-                 inflight: int) -> None:
+                 inflight: int, decoders: str = "threads") -> None:
         super().__init__(model="slow_r50", weights="random", device="cpu", precision="fp32",
                          batch_size=batch_size, decode_workers=decode_workers,
-                         inflight=inflight)
+                         inflight=inflight, decoders=decoders)
         self.batch_s = batch_s
 
     def predict(self, prepared: list[torch.Tensor], *, crops: list[int]
@@ -68,8 +69,12 @@ def bare_decode_rate(classifier: Classifier, videos: list[Path], sampling: Sampl
 
 
 def bare_decode(classifier: Classifier, videos: list[Path], sampling: Sampling,
-                decoders: int, threads: int = 0) -> tuple[float, float]:
-    """(windows/s, the process's CPU seconds per window) of ``bare_decode_rate``."""
+                decoders: int, threads: int = 0, kind: str = "threads") -> tuple[float, float]:
+    """(windows/s, the process's CPU seconds per window) of ``bare_decode_rate``; with
+    ``kind="processes"`` the decoders are the pipeline's decoder processes, each clip's
+    slot freed as soon as it arrives (and the CPU includes theirs)."""
+    if kind == "processes":
+        return bare_decode_processes(classifier, videos, sampling, decoders, threads)
     todo = list(videos)
     lock = threading.Lock()
     done = [0]
@@ -97,6 +102,52 @@ def bare_decode(classifier: Classifier, videos: list[Path], sampling: Sampling,
         th.join()
     cpu_per_clip = (time.process_time() - cpu) / max(1, done[0])
     return done[0] / (time.perf_counter() - t), cpu_per_clip
+
+
+def bare_decode_processes(classifier: Classifier, videos: list[Path], sampling: Sampling,
+                          decoders: int, threads: int) -> tuple[float, float]:
+    from worker.decoders import DecodeConfig, DecoderProcess
+
+    config = DecodeConfig.of(classifier, threads)
+    procs = [DecoderProcess(config, 4, f"bare-{i}") for i in range(decoders)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:  # started: each answers a video of nothing with an error
+        proc.send(("video", 0, "/nonexistent.mp4", sampling))
+        proc.recv()
+    todo = list(videos)
+    lock = threading.Lock()
+    done = [0]
+
+    def run(proc: DecoderProcess) -> None:
+        while True:
+            with lock:
+                if not todo:
+                    return
+                path = todo.pop()
+            proc.seq += 1
+            proc.send(("video", proc.seq, str(path), sampling))
+            while True:
+                message = proc.recv()
+                if message[0] == "clip":
+                    proc.release(message[4], proc.generation)
+                    with lock:
+                        done[0] += 1
+                elif message[0] in ("end", "error"):
+                    break
+
+    cpu0 = time.process_time() + sum(proc.cpu_seconds() for proc in procs)
+    t = time.perf_counter()
+    workers = [threading.Thread(target=run, args=(proc,)) for proc in procs]
+    for th in workers:
+        th.start()
+    for th in workers:
+        th.join()
+    elapsed = time.perf_counter() - t
+    cpu = time.process_time() + sum(proc.cpu_seconds() for proc in procs) - cpu0
+    for proc in procs:
+        proc.stop()
+    return done[0] / elapsed, cpu / max(1, done[0])
 
 
 def worker_rate(classifier: Classifier, videos: list[Path], sampling: Sampling,
@@ -136,11 +187,11 @@ def worker_rate(classifier: Classifier, videos: list[Path], sampling: Sampling,
                 with make() as s:
                     left, running = s.execute(tasks_sql_active()).one()
                 if cpu0 is None and (running or left < len(videos)):
-                    cpu0 = time.process_time()  # the first claim, within a poll
+                    cpu0 = process_cpu(pipeline)  # the first claim, within a poll
                 if left == 0:
                     break
                 time.sleep(0.1)  # this poll's Python shares the worker's GIL: not too often
-            cpu1 = time.process_time()
+            cpu1 = process_cpu(pipeline)
         with make() as s:
             clips, failed, first_claim, last_commit = s.execute(tasks_sql_clips()).one()
         assert failed == 0, f"{failed} jobs failed"
@@ -156,6 +207,11 @@ def worker_rate(classifier: Classifier, videos: list[Path], sampling: Sampling,
         pipeline.close()
         tasks._state = None
         dispose_engines()
+
+
+def process_cpu(pipeline: Any) -> float:
+    """CPU seconds of this process and its decoder processes."""
+    return time.process_time() + sum(proc.cpu_seconds() for proc in pipeline._procs if proc)
 
 
 def tasks_sql_active() -> Any:
@@ -190,36 +246,42 @@ def corpus(root: Path, *, short: int, long: int, long_s: float) -> dict[str, lis
 def simulated(args: argparse.Namespace, videos: dict[str, list[Path]], work: Path) -> None:
     print(f"SIMULATED ACCELERATOR: {args.batch_ms:.0f} ms per batch of {args.batch_size} "
           "views, no CPU; everything else is the real worker pipeline.")
-    print(f"{'corpus':9} {'D':>2} {'round':>5} {'bare decode':>12} {'pipeline':>9} "
+    print(f"{'corpus':9} {'decoders':9} {'D':>2} {'round':>5} {'bare decode':>12} {'pipeline':>9} "
           f"{'of bare':>8} {'fill':>5} {'fill*':>6} {'wait ms':>8} "
           f"{'CPU ms/clip bare, worker':>25}")
-    results: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    results: dict[tuple[str, str, int], list[tuple[float, float]]] = {}
     for rnd in range(args.rounds):
         for name, files in videos.items():
             sampling = SHORT if name == "one-clip" else LONG
-            for decoders in args.decoders:
+            for kind, decoders in itertools.product(args.kinds, args.decoders):
                 clf = SimulatedAccelerator(batch_s=args.batch_ms / 1000,
                                            batch_size=args.batch_size,
-                                           decode_workers=decoders, inflight=args.inflight)
+                                           decode_workers=decoders, inflight=args.inflight,
+                                           decoders=kind)
                 clf.decoder_threads = args.decoder_threads
                 bare, bare_cpu = bare_decode(clf, files, sampling, decoders,
-                                             args.decoder_threads)
+                                             args.decoder_threads, kind)
                 rate, stats = worker_rate(clf, files, sampling, work,
-                                          f"sim-{name}-{decoders}-{rnd}")
-                results.setdefault((name, decoders), []).append((rate, bare))
-                print(f"{name:9} {decoders:>2} {rnd:>5} {bare:9.1f}/s {rate:7.1f}/s "
+                                          f"sim-{name}-{kind}-{decoders}-{rnd}")
+                results.setdefault((name, kind, decoders), []).append((rate, bare))
+                print(f"{name:9} {kind:9} {decoders:>2} {rnd:>5} {bare:9.1f}/s {rate:7.1f}/s "
                       f"{rate / bare:7.0%} {stats['mean_fill']:5.0%} "
                       f"{stats['backlogged_fill']:6.0%} {stats['mean_wait_ms']:8.1f} "
                       f"{1000 * bare_cpu:12.1f}, {1000 * stats['cpu_per_clip']:.1f}",
                       flush=True)
     print("\nmedians over rounds (fill* = batch fill when a full batch was waiting)")
-    for (name, decoders), rows in results.items():
+    for (name, kind, decoders), rows in results.items():
         rate = statistics.median(r for r, _ in rows)
         bare = statistics.median(b for _, b in rows)
-        line = f"{name:9} D={decoders}: pipeline {rate:.1f} clips/s = {rate / bare:.0%} of bare"
-        if decoders != args.decoders[0] and (name, args.decoders[0]) in results:
-            base = statistics.median(r for r, _ in results[(name, args.decoders[0])])
+        line = (f"{name:9} {kind:9} D={decoders}: pipeline {rate:.1f} clips/s = "
+                f"{rate / bare:.0%} of bare ({bare:.1f}/s)")
+        first = (name, kind, args.decoders[0])
+        if decoders != args.decoders[0] and first in results:
+            base = statistics.median(r for r, _ in results[first])
             line += f"; {rate / base:.2f}x of D={args.decoders[0]}"
+        if kind != args.kinds[0] and (name, args.kinds[0], decoders) in results:
+            other = statistics.median(r for r, _ in results[(name, args.kinds[0], decoders)])
+            line += f"; {rate / other:.2f}x of {args.kinds[0]}"
         print(line)
 
 
@@ -257,6 +319,8 @@ def main() -> None:
     ap.add_argument("--long", type=int, default=8, help="long videos")
     ap.add_argument("--long-seconds", type=float, default=30.0)
     ap.add_argument("--decoders", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--kinds", nargs="+", default=["threads", "processes"],
+                    choices=["threads", "processes"], help="VIDQ_DECODERS values to measure")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--batch-ms", type=float, default=20.0,
                     help="simulated accelerator time per batch")

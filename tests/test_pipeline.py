@@ -1,6 +1,8 @@
 """The worker pipeline in one process: batches across videos go back to the right
 video, a slow model holds the decoders back (bounded memory), a bad video fails
-alone, and the model thread keeps the intra-op threads its creator chose."""
+alone, and the model thread keeps the intra-op threads its creator chose; decoder
+threads and decoder processes (VIDQ_DECODERS) give the same results, and a decoder
+process that dies fails only the video in its hands."""
 
 from __future__ import annotations
 
@@ -32,10 +34,15 @@ def classifier(**kw: Any) -> Classifier:
     return Classifier(model="x3d_xs", weights="random", device="cpu", precision="fp32", **kw)
 
 
-def test_batches_across_videos_route_each_clip_to_its_video(clips: list[Path]) -> None:
+KINDS = ["threads", "processes"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_batches_across_videos_route_each_clip_to_its_video(clips: list[Path], kind: str) -> None:
     sampling = Sampling(strategy="uniform", clips=2)
     one = classifier(batch_size=1, inflight=1, decode_workers=1)
-    many = classifier(batch_size=4, inflight=6, decode_workers=2, batch_wait_ms=200)
+    many = classifier(batch_size=4, inflight=6, decode_workers=2, batch_wait_ms=200,
+                      decoders=kind)
     alone = list(one.classify_many(clips, sampling))
     with many.pipeline() as pipeline:
         futures = [pipeline.submit(str(p), sampling) for p in clips]
@@ -51,7 +58,7 @@ def test_batches_across_videos_route_each_clip_to_its_video(clips: list[Path]) -
 
 
 def test_a_slow_model_holds_the_decoders_back(clips: list[Path]) -> None:
-    clf = classifier(batch_size=1, inflight=6, decode_workers=2)
+    clf = classifier(batch_size=1, inflight=6, decode_workers=2, decoders="threads")
     live: list[int] = []
     created = [0]
     lock = threading.Lock()
@@ -80,10 +87,41 @@ def test_a_slow_model_holds_the_decoders_back(clips: list[Path]) -> None:
     assert len(live) > bound + 3  # there was enough work to overflow an unbounded queue
 
 
-def test_a_bad_video_fails_alone(clips: list[Path], tmp_path: Path) -> None:
+def test_a_slow_model_holds_decoder_processes_back(clips: list[Path]) -> None:
+    clf = classifier(batch_size=1, inflight=6, decode_workers=2, decoders="processes")
+    live: list[int] = []
+    made = [0]
+    real_predict = clf.predict
+
+    def predict(prepared: list[torch.Tensor], *, crops: list[int]) -> Any:
+        live.append(made[0] - len(live))  # clips out of the decoders, not yet scored
+        time.sleep(0.3)
+        return real_predict(prepared, crops=crops)
+
+    clf.predict = predict  # type: ignore[method-assign]
+    with clf.pipeline() as pipeline:
+        real_put = pipeline._put_clip
+
+        def put_clip(*args: Any) -> None:
+            made[0] += 1
+            real_put(*args)
+
+        pipeline._put_clip = put_clip  # type: ignore[method-assign]
+        bound = pipeline.decode_workers * pipeline.process_slots
+        futures = [pipeline.submit(str(p), Sampling(strategy="sliding", stride_s=0.25))
+                   for p in clips]
+        for f in futures:
+            f.result(timeout=300)
+    # A decoder process writes a clip only into a free slot of its own.
+    assert max(live) <= bound, (max(live), bound)
+    assert len(live) > bound + 3
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_bad_video_fails_alone(clips: list[Path], tmp_path: Path, kind: str) -> None:
     bad = tmp_path / "bad.mp4"
     bad.write_bytes(b"\x00" * 4096)
-    clf = classifier(batch_size=2, inflight=4)
+    clf = classifier(batch_size=2, inflight=4, decode_workers=2, decoders=kind)
     results = list(clf.classify_many([clips[0], bad, clips[1]], Sampling()))
     assert not isinstance(results[0], VidqError) and not isinstance(results[2], VidqError)
     assert isinstance(results[1], VidqError) and results[1].kind == "not_a_video"
@@ -102,3 +140,64 @@ def test_the_model_thread_keeps_its_creators_threads(clips: list[Path]) -> None:
     clf.forward_with_features = forward  # type: ignore[method-assign]
     list(clf.classify_many(clips[:3], Sampling()))
     assert seen and set(seen) == {torch.get_num_threads()}
+
+
+@pytest.mark.parametrize("crops", [1, 3])
+def test_threads_and_processes_give_identical_results(clips: list[Path], crops: int) -> None:
+    sampling = Sampling(strategy="uniform", clips=3, crops=crops)
+    threads = classifier(batch_size=3, decode_workers=2, decoders="threads")
+    processes = classifier(batch_size=3, decode_workers=2, decoders="processes")
+    a = list(threads.classify_many(clips[:4], sampling))
+    b = list(processes.classify_many(clips[:4], sampling))
+    for x, y in zip(a, b):
+        assert not isinstance(x, VidqError) and not isinstance(y, VidqError)
+        assert x.clips == y.clips  # windows, frames used, labels and scores, exactly
+        assert x.top == y.top and x.decode_stats == y.decode_stats
+
+
+def test_a_decoder_process_that_dies_fails_only_its_video(clips: list[Path]) -> None:
+    clf = classifier(batch_size=1, decode_workers=1, decoders="processes")
+    killed: list[int] = []
+    real_predict = clf.predict
+
+    def predict(prepared: list[torch.Tensor], *, crops: list[int]) -> Any:
+        if not killed:  # the first clip of the long video: its decoder is still at work
+            proc = pipeline._procs[0]
+            killed.append(proc._proc.pid)
+            proc._proc.kill()
+            proc._proc.wait()
+        return real_predict(prepared, crops=crops)
+
+    clf.predict = predict  # type: ignore[method-assign]
+    with clf.pipeline() as pipeline:
+        long = pipeline.submit(str(clips[0]), Sampling(strategy="sliding", stride_s=0.1))
+        after = pipeline.submit(str(clips[1]), Sampling())
+        with pytest.raises(VidqError) as died:
+            long.result(timeout=120)
+        result = after.result(timeout=120)
+        assert pipeline._procs[0]._proc.pid != killed[0]  # a new decoder took over
+    assert died.value.kind == "undecodable"
+    assert "decoder process died (killed by SIGKILL)" in died.value.message
+    assert len(result.clips) == 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_stopped_video_ends_and_the_next_one_runs(clips: list[Path], kind: str) -> None:
+    """``should_stop`` (a cancel, a lost claim) ends a video between clips; a decoder
+    process drops the rest of it and takes the next."""
+    clf = classifier(batch_size=1, decode_workers=2, decoders=kind)
+    seen = [0]
+
+    def stop_after_two() -> VidqError | None:
+        seen[0] += 1
+        return VidqError("cancelled", kind="cancelled") if seen[0] > 2 else None
+
+    with clf.pipeline() as pipeline:
+        stopped = pipeline.submit(str(clips[0]), Sampling(strategy="sliding", stride_s=0.1),
+                                  should_stop=stop_after_two)
+        with pytest.raises(VidqError) as cancelled:
+            stopped.result(timeout=120)
+        following = [pipeline.submit(str(p), Sampling()) for p in clips[1:5]]
+        results = [f.result(timeout=120) for f in following]
+    assert cancelled.value.kind == "cancelled"
+    assert all(len(r.clips) == 1 for r in results)

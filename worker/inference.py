@@ -153,6 +153,7 @@ class Classifier:
         compile: bool = False,
         decode_workers: int = 0,
         inflight: int = 0,
+        decoders: str = "auto",
         batch_wait_ms: float = 5.0,
         skip_unused_frames: bool = True,
         media_roots: tuple[str, ...] = (),
@@ -181,6 +182,7 @@ class Classifier:
         self.decode_workers = decode_workers or default_decode_workers()
         self.inflight = inflight or default_inflight(self.decode_workers, self.batch_size)
         self.batch_wait_ms = batch_wait_ms
+        self.decoders = decoders
         self.media_roots = media_roots
         self.max_file_bytes = max_file_bytes
         self.storage = storage or StorageConfig()
@@ -237,6 +239,7 @@ class Classifier:
             compile=settings.compile,
             decode_workers=settings.decode_workers,
             inflight=settings.inflight,
+            decoders=settings.decoders,
             batch_wait_ms=settings.batch_wait_ms,
             media_roots=settings.media_roots,
             max_file_bytes=settings.max_file_bytes,
@@ -312,7 +315,8 @@ class Classifier:
 
         return Pipeline(self, decode_workers=self.decode_workers,
                         batch_wait_ms=self.batch_wait_ms,
-                        decoder_threads=getattr(self, "decoder_threads", 0))
+                        decoder_threads=getattr(self, "decoder_threads", 0),
+                        decoders=self.decoders)
 
     def classify_many(
         self, paths: Iterable[str | Path], sampling: Sampling = Sampling()

@@ -2,14 +2,17 @@
 that batches clips across videos.
 
     submit ─▶ [todo] ─▶ decode xD ─▶ [clips, bounded] ─▶ batch ─▶ predict ─▶ route
-    a future          threads: decode,  backpressure       <= batch_size   each clip's
-    per video         sample, transform                    views, waits    probabilities
-                                                           <= batch_wait   go to its video
+    a future          threads or        backpressure       <= batch_size   each clip's
+    per video         processes: decode,                   views, waits    probabilities
+                      sample, transform                    <= batch_wait   go to its video
 
-- **Decoders are threads.** PyAV releases the GIL while FFmpeg decodes and converts
-  frames, and torch while it transforms, so D decoders run in parallel
-  (``benchmarks/feed_rate.py`` measures it against one), and a clip reaches the
-  model with no copy and no pickling.
+- **Decoders are threads or processes** (``VIDQ_DECODERS``). PyAV releases the GIL
+  while FFmpeg decodes and converts frames, and torch while it transforms, so D
+  decoder threads run in parallel and a clip reaches the model with no copy. But each
+  takes the GIL back for every packet and frame, and shares it with the Celery
+  consumer, the job threads and this model loop: with several decoders, processes
+  (worker/decoders.py; clips in shared memory, still no copy) keep them apart.
+  ``benchmarks/feed_rate.py`` measures both against bare decoders.
 - **Backpressure.** The clip queue holds at most ``queue_clips`` prepared clips. A
   slow model blocks the decoders' ``put``; memory does not grow with the jobs in
   flight.
@@ -26,6 +29,7 @@ a video and wait on its future; claims and commits stay with them (worker/jobs.p
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
@@ -37,12 +41,19 @@ import torch
 
 from vidq import metrics
 from vidq.errors import InputError, TransientError, VidqError
-from vidq.media import open_video
-from vidq.sampling import Sampling, plan_windows
+from vidq.sampling import Sampling
+from vidq.settings import decoder_kind
+from worker.decoders import (DECODER_KINDS, DecodeConfig, DecoderDied, DecoderProcess,
+                             decode_video, rebuild_error)
 from worker.supervisor import cpu_cores
-from worker.video import ClipFrames, DecodeStats, VideoInfo, VideoReader
+from worker.video import ClipFrames, DecodeStats, VideoInfo
 
 _FINISH = threading.Lock()  # a video can be ended by a decoder, the model loop or close()
+
+
+_Entry = tuple["_Video", ClipFrames, torch.Tensor, Callable[[], None] | None]
+"""A clip in a batch: its video, its window, its model input, and what frees its slot
+in a decoder process (None for a decoder thread)."""
 
 
 class _Closed(Exception):
@@ -122,11 +133,15 @@ class Pipeline:
         batch_wait_ms: float = 5.0,
         queue_clips: int = 0,
         decoder_threads: int = 0,
+        decoders: str = "auto",
     ) -> None:
+        if decoders not in DECODER_KINDS:
+            raise ValueError(f"decoders must be one of {DECODER_KINDS}, not {decoders!r}")
         self.classifier = classifier
         self.batch_size: int = classifier.batch_size
         self.batch_wait_s = max(0.0, batch_wait_ms) / 1000
         self.decode_workers = max(1, decode_workers)
+        self.decoders = decoder_kind(decoders, self.decode_workers)
         # FFmpeg's own threads per decoder: the cores shared out among the decoders, so
         # one decoder on a small CPU host still uses every core (as one decode thread
         # did before), and fifteen on a GPU host do not start fifteen threads each.
@@ -156,9 +171,24 @@ class Pipeline:
         self.stats = BatchStats()
         self._waiting_views = 0  # clip views in the queue (the queue also holds control items)
         self._views_lock = threading.Lock()
+        self._config = DecodeConfig.of(classifier, self.decoder_threads)
+        # A decoder process has slots for its share of the queue, and one more, so that
+        # a slot in a running batch does not stop it.
+        self.process_slots = max(3, math.ceil(self.clip_slots / self.decode_workers) + 1)
+        self._procs = [
+            DecoderProcess(self._config, self.process_slots, f"vidq-decoder-{i}")
+            if self.decoders == "processes" else None for i in range(self.decode_workers)
+        ]
+        for proc in self._procs:  # all start at once, then each is waited for
+            if proc is not None:
+                proc.launch()
+        for proc in self._procs:
+            if proc is not None:
+                proc.wait_ready()
         self._threads = [
-            threading.Thread(target=self._decode_loop, name=f"vidq-decode-{i}", daemon=True)
-            for i in range(self.decode_workers)
+            threading.Thread(target=self._decode_loop, args=(proc,), name=f"vidq-decode-{i}",
+                             daemon=True)
+            for i, proc in enumerate(self._procs)
         ]
         self._threads.append(
             threading.Thread(target=self._model_loop, name="vidq-model", daemon=True))
@@ -185,6 +215,9 @@ class Pipeline:
     def close(self, *, wait: bool = True) -> None:
         """Stop the threads; videos still in flight end with a ``shutdown`` error."""
         self._closing.set()
+        for proc in self._procs:  # a video in a decoder process ends like one in a thread
+            if proc is not None:
+                proc.kill()
         for _ in range(self.decode_workers):
             self._todo.put(None)
         if wait:
@@ -208,60 +241,51 @@ class Pipeline:
                     raise _Closed
         self._clips.put(item)
 
-    def _decode_loop(self) -> None:
+    def _decode_loop(self, proc: DecoderProcess | None) -> None:
         # The transforms of this thread stay on one core; the model keeps its threads.
         # (torch's intra-op setting is per thread under OpenMP.)
         torch.set_num_threads(1)
-        while True:
-            video = self._todo.get()
-            if video is None:
-                return
-            if self._closing.is_set():
-                video.finish(error=_shutdown())
-                continue
-            try:
-                self._decode(video)
-            except _Closed:
-                video.finish(error=_shutdown())
+        try:
+            while True:
+                video = self._todo.get()
+                if video is None:
+                    return
+                if self._closing.is_set():
+                    video.finish(error=_shutdown())
+                    continue
+                try:
+                    if proc is None:
+                        self._decode(video)
+                    else:
+                        self._decode_remote(video, proc)
+                except _Closed:
+                    video.finish(error=_shutdown())
+        finally:
+            if proc is not None:
+                proc.stop()
 
     def _decode(self, video: _Video) -> None:
-        t0 = time.perf_counter()
-        classifier = self.classifier
+        """Decode a video in this thread."""
         crops = video.sampling.crops
-        try:
+
+        def check() -> None:
+            if self._closing.is_set():
+                raise _Closed
             stop = video.should_stop()
             if stop is not None:
                 raise stop
-            # Opened once, by descriptor, after the path checks (vidq/media.py).
-            with open_video(video.path, media_roots=classifier.media_roots,
-                            max_file_bytes=classifier.max_file_bytes,
-                            storage_config=classifier.storage) as source, \
-                    VideoReader(video.path, source=source, limits=classifier.limits,
-                                threads=self.decoder_threads,
-                                skip_unused_frames=classifier.skip_unused_frames) as reader:
-                self._put(("start", video, reader.info))
-                windows = plan_windows(video.sampling, reader.info.duration_s,
-                                       classifier.preset.clip_duration)
-                n = 0
-                for clip in reader.clips(windows, num_frames=classifier.preset.num_frames):
-                    if self._closing.is_set():
-                        raise _Closed
-                    stop = video.should_stop()
-                    if stop is not None:
-                        raise stop
-                    prepared = classifier.prepare(clip.frames, crops=crops)
-                    clip.frames = clip.frames[:0]  # the RGB frames are no longer needed
-                    self._put(("clip", video, clip, prepared))
-                    with self._views_lock:
-                        self._waiting_views += crops
-                    n += 1
-                if n == 0:
-                    raise InputError(
-                        f"{video.path}: no frames inside the requested window(s) "
-                        f"(video is {reader.info.duration_s:.2f}s long).",
-                        kind="no_frames",
-                    )
-            self._put(("end", video, n, time.perf_counter() - t0, reader.stats))
+
+        def emit(kind: str, *payload: Any) -> None:
+            if kind == "clip":
+                clip, prepared = payload
+                self._put_clip(video, clip, prepared, None)
+            else:
+                self._put((kind, video, *payload))
+
+        try:
+            decode_video(video.path, video.sampling, self._config,
+                         prepare=lambda clip: self.classifier.prepare(clip.frames, crops=crops),
+                         emit=emit, check=check)
         except _Closed:
             raise
         except VidqError as exc:
@@ -269,6 +293,77 @@ class Pipeline:
         except Exception as exc:  # a decoder crash fails one video, not the worker
             self._put(("error", video,
                        InputError(f"{video.path}: {exc}", kind="undecodable")))
+
+    def _put_clip(self, video: _Video, clip: ClipFrames, prepared: torch.Tensor,
+                  release: Callable[[], None] | None) -> None:
+        try:
+            self._put(("clip", video, clip, prepared, release))
+        except _Closed:
+            if release is not None:
+                release()
+            raise
+        with self._views_lock:
+            self._waiting_views += video.sampling.crops
+
+    def _decode_remote(self, video: _Video, proc: DecoderProcess) -> None:
+        """Decode a video in this thread's decoder process; its messages become the same
+        queue items a thread's decode puts."""
+        stop = video.should_stop()
+        if stop is not None:
+            self._put(("error", video, stop))
+            return
+        proc.seq += 1
+        seq = proc.seq
+        try:
+            proc.send(("video", seq, video.path, video.sampling))
+        except OSError:  # it died while idle: a new one takes the video
+            proc.stop(wait=0)
+            proc.start()
+            proc.send(("video", seq, video.path, video.sampling))
+        ended = False  # the video has its outcome; the rest of its messages are drained
+        while True:
+            try:
+                message = proc.recv()
+            except DecoderDied as exc:
+                proc.stop(wait=0)
+                if self._closing.is_set():
+                    raise _Closed from None
+                proc.start()
+                if not ended:
+                    self._put(("error", video, InputError(
+                        f"{video.path}: the decoder process died ({exc}).",
+                        kind="undecodable")))
+                return
+            kind = message[0]
+            if message[1] != seq:  # a cancelled video's late clip
+                if kind == "clip":
+                    proc.release(message[4], proc.generation)
+                continue
+            if kind == "clip":
+                _, _, clip, tensor, k = message
+                generation = proc.generation
+                if ended or video.done:  # failed elsewhere (the model loop, a cancel)
+                    proc.release(k, generation)
+                    if not ended:
+                        proc.send(("cancel", seq))
+                        ended = True
+                    continue
+                stop = video.should_stop() or (_shutdown() if self._closing.is_set() else None)
+                if stop is not None:
+                    proc.release(k, generation)
+                    proc.send(("cancel", seq))
+                    self._put(("error", video, stop))
+                    ended = True
+                    continue
+                self._put_clip(video, clip, tensor,
+                               lambda k=k, g=generation: proc.release(k, g))
+            elif kind in ("end", "error"):
+                if not ended:
+                    self._put(("end", video, *message[2:]) if kind == "end" else
+                              ("error", video, rebuild_error(*message[2:])))
+                return
+            elif not ended:  # "start"
+                self._put((kind, video, *message[2:]))
 
     # -- batch, predict, route -----------------------------------------------------
     def _get(self, timeout: float) -> tuple[Any, ...] | None:
@@ -279,7 +374,7 @@ class Pipeline:
 
     def _model_loop(self) -> None:
         torch.set_num_threads(1)
-        batch: list[tuple[_Video, ClipFrames, torch.Tensor]] = []
+        batch: list[_Entry] = []
         while not self._closing.is_set():
             item = self._get(0.2)
             if item is None:
@@ -296,32 +391,38 @@ class Pipeline:
                 if item is None:
                     break
                 self._take(item, batch)
-            self._run(batch, wait_s=time.perf_counter() - first,
-                      backlogged=backlog >= self.batch_size)
-            batch.clear()
+            try:
+                self._run(batch, wait_s=time.perf_counter() - first,
+                          backlogged=backlog >= self.batch_size)
+            finally:
+                for entry in batch:  # a decoder process may write its slot again
+                    if entry[3] is not None:
+                        entry[3]()
+                batch.clear()
         self._abandon()
 
     @staticmethod
-    def _views(batch: list[tuple[_Video, ClipFrames, torch.Tensor]]) -> int:
-        return sum(video.sampling.crops for video, _, _ in batch)
+    def _views(batch: list[_Entry]) -> int:
+        return sum(entry[0].sampling.crops for entry in batch)
 
-    def _take(self, item: tuple[Any, ...], batch: list[tuple[_Video, ClipFrames, torch.Tensor]]
-              ) -> None:
+    def _take(self, item: tuple[Any, ...], batch: list[_Entry]) -> None:
         kind, video = item[0], item[1]
         if kind == "clip":  # its slot is free again, whatever becomes of the clip
             self._slots.release()
             with self._views_lock:
                 self._waiting_views -= video.sampling.crops
+            stop = None if video.done else video.should_stop()
+            if video.done or stop is not None:
+                if item[4] is not None:  # nor will it be read: its process may write it
+                    item[4]()
+                video.finish(error=stop)  # (no-op if done)
+            else:
+                batch.append((video, item[2], item[3], item[4]))
+            return
         if video.done:
             return
         if kind == "start":
             video.info = item[2]
-        elif kind == "clip":
-            stop = video.should_stop()
-            if stop is not None:
-                video.finish(error=stop)
-            else:
-                batch.append((video, item[2], item[3]))
         elif kind == "end":
             video.expected, video.decode_s, video.decode_stats = item[2], item[3], item[4]
             metrics.DECODE_SECONDS.observe(video.decode_s)
@@ -329,8 +430,7 @@ class Pipeline:
         else:
             video.finish(error=item[2])
 
-    def _run(self, batch: list[tuple[_Video, ClipFrames, torch.Tensor]], *, wait_s: float,
-             backlogged: bool) -> None:
+    def _run(self, batch: list[_Entry], *, wait_s: float, backlogged: bool) -> None:
         batch = [entry for entry in batch if not entry[0].done]
         if not batch:
             return
@@ -339,16 +439,16 @@ class Pipeline:
         torch.set_num_threads(self.model_threads)
         try:
             probs, features = self.classifier.predict(
-                [p for _, _, p in batch], crops=[v.sampling.crops for v, _, _ in batch])
+                [entry[2] for entry in batch], crops=[entry[0].sampling.crops for entry in batch])
         except VidqError as exc:
-            for video, _, _ in batch:
-                video.finish(error=exc)
+            for entry in batch:
+                entry[0].finish(error=exc)
             return
         except Exception as exc:  # noqa: BLE001  a failed forward fails its videos, not the loop
             error = TransientError(f"model forward failed ({type(exc).__name__}: {exc})",
                                    kind="model_error")
-            for video, _, _ in batch:
-                video.finish(error=error)
+            for entry in batch:
+                entry[0].finish(error=error)
             return
         finally:
             torch.set_num_threads(1)
@@ -367,7 +467,7 @@ class Pipeline:
             metrics.DEVICE_MEMORY.set(torch.cuda.memory_allocated(self.classifier.device))
         offset = 0
         touched: dict[int, _Video] = {}
-        for video, clip, _ in batch:
+        for video, clip, _, _ in batch:
             n = video.sampling.crops
             video.scored.append((clip, probs[offset : offset + n],
                                  None if features is None else features[offset : offset + n]))
@@ -377,11 +477,10 @@ class Pipeline:
         for video in touched.values():
             self._complete_if_scored(video, [])
 
-    def _complete_if_scored(self, video: _Video,
-                            batch: list[tuple[_Video, ClipFrames, torch.Tensor]]) -> None:
+    def _complete_if_scored(self, video: _Video, batch: list[_Entry]) -> None:
         if video.done or video.expected is None or len(video.scored) < video.expected:
             return
-        if any(v is video for v, _, _ in batch):
+        if any(entry[0] is video for entry in batch):
             return  # its last clips are in the batch being formed
         assert video.info is not None
         try:
@@ -404,6 +503,8 @@ class Pipeline:
                 break
             if item[0] == "clip":
                 self._slots.release()
+                if item[4] is not None:
+                    item[4]()
             item[1].finish(error=_shutdown())
 
 

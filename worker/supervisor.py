@@ -115,6 +115,7 @@ def run_workers(settings: Settings, plan: WorkerPlan, *, queues: str, loglevel: 
             "VIDQ_DEVICE": plan.device_for(index, settings),
             "VIDQ_WORKER_PROCESSES": str(plan.processes),
             "VIDQ_DECODE_WORKERS": str(plan.decode_workers),
+            "VIDQ_DECODERS": settings.decoders,
             "VIDQ_INFLIGHT": str(plan.inflight),
             "VIDQ_BATCH_SIZE": str(plan.batch_size),
             **metrics_env,

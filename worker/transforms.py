@@ -74,19 +74,22 @@ def _scaled(frames: torch.Tensor, size: int) -> torch.Tensor:
     return out
 
 
-def clip_views(frames: np.ndarray, preset: ModelPreset, *, crops: int = 1) -> torch.Tensor:
-    """uint8 (T, H, W, 3) frames -> normalized float views (crops, 3, T, S, S)."""
-    return frames_to_views(torch.from_numpy(frames), preset, crops=crops)
+def clip_views(frames: np.ndarray, preset: ModelPreset, *, crops: int = 1,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 (T, H, W, 3) frames -> normalized float views (crops, 3, T, S, S), written
+    into ``out`` when given (a decoder process's shared memory)."""
+    return frames_to_views(torch.from_numpy(frames), preset, crops=crops, out=out)
 
 
-def frames_to_views(frames: torch.Tensor, preset: ModelPreset, *, crops: int = 1) -> torch.Tensor:
+def frames_to_views(frames: torch.Tensor, preset: ModelPreset, *, crops: int = 1,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
     """The same on a uint8 (T, H, W, 3) tensor on any device: on CUDA the decoders hand
     over uint8 frames and this runs on the GPU, so the CPU only decodes."""
     x = _scaled(frames, preset.side_size)  # C, T, H, W
     if crops == 1:
-        views = torch.stack([center_crop(x, preset.crop_size)])
+        views = torch.stack([center_crop(x, preset.crop_size)], out=out)
     else:
-        views = torch.stack([uniform_crop(x, preset.crop_size, i) for i in range(3)])
+        views = torch.stack([uniform_crop(x, preset.crop_size, i) for i in range(3)], out=out)
     # (v / 255 - mean) / std as one in-place pass over a contiguous tensor: an
     # elementwise op on the strided crop view costs more than the resize.
     mean = torch.tensor(preset.mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1, 1)

@@ -86,8 +86,39 @@ def test_sigkill_of_a_process_holding_several_jobs_finishes_each_once(
     assert duplicates == []
 
 
-def test_sigterm_finishes_every_job_in_flight(cluster: FaultCluster, media: FaultMedia) -> None:
-    worker = cluster.start_worker("--concurrency", "1", "--inflight", "3")
+@pytest.mark.heavy_on_postgresql
+def test_sigkill_leaves_no_decoder_process_behind(
+    cluster: FaultCluster, media: FaultMedia
+) -> None:
+    """Decoder processes (VIDQ_DECODERS=processes) die with their worker process, and
+    its jobs finish once on the next one."""
+    worker = cluster.start_worker("--concurrency", "1", "--inflight", str(INFLIGHT),
+                                  "--decode-workers", "2", "--decoders", "processes",
+                                  VIDQ_RECONCILE_EVERY_S="2")
+    cluster.vidq("submit", str(media.long), *LONG_JOB, "--batch", "kill")
+    cluster.vidq("submit", *map(str, media.good[:3]), "--batch", "kill-short",
+                 "--strategy", "sliding", "--stride", "0.2")
+    cluster.wait_for(
+        lambda: cluster.sql("select count(*) from jobs where status = 'running'")[0][0] >= 2,
+        what="two jobs in flight at once")
+    (process,) = children_of(worker.pid)
+    decoders = children_of(process)
+    assert len(decoders) == 2, decoders
+    os.kill(process, signal.SIGKILL)
+    cluster.wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in decoders),
+                     what="the decoder processes gone with their worker", timeout=30)
+    cluster.wait_done(4, timeout=240)
+    for job in cluster.jobs():
+        cluster.assert_succeeded_once(job["id"])
+    assert len(children_of(children_of(worker.pid)[0])) == 2  # the new process's decoders
+
+
+@pytest.mark.parametrize("decoders", ["threads", "processes"])
+def test_sigterm_finishes_every_job_in_flight(
+    cluster: FaultCluster, media: FaultMedia, decoders: str
+) -> None:
+    worker = cluster.start_worker("--concurrency", "1", "--inflight", "3",
+                                  "--decode-workers", "2", "--decoders", decoders)
     cluster.vidq("submit", str(media.long), *LONG_JOB, "--batch", "term")
     cluster.vidq("submit", *map(str, media.good[:2]), "--batch", "term-short",
                  "--strategy", "sliding", "--stride", "0.3")
