@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from benchmarks.corpus import make_video  # noqa: E402
-from benchmarks.feed_rate import bare_decode_rate  # noqa: E402
+from benchmarks.feed_rate import bare_decode, bare_decode_rate  # noqa: E402
 from vidq.sampling import Sampling  # noqa: E402
 from worker.inference import Classifier  # noqa: E402
 from worker.supervisor import cpu_cores, default_decode_workers  # noqa: E402
@@ -83,10 +83,16 @@ def main() -> None:
         one = bare_decode_rate(clf, videos, sampling, 1)
         d = default_decode_workers()
         many = bare_decode_rate(clf, videos, sampling, d)
-        print(f"   1 decoder: {one:.1f} windows/s; {d} decoders: {many:.1f} windows/s "
-              f"({many / one:.1f}x)", flush=True)
+        procs = bare_decode(clf, videos, sampling, d, kind="processes")[0]
+        print(f"   1 decoder: {one:.1f} windows/s; {d} decoder threads: {many:.1f} windows/s "
+              f"({many / one:.1f}x); {d} decoder processes: {procs:.1f} windows/s "
+              f"({procs / one:.1f}x)", flush=True)
+        many = max(many, procs)
 
-        print("\n3. end to end: vidq run's path (embedded: submit, claim, pipeline, commit)")
+        from vidq.settings import decoder_kind
+
+        print("\n3. end to end: vidq run's path (embedded: submit, claim, pipeline, commit), "
+              f"{clf.decode_workers} decoder {decoder_kind(clf.decoders, clf.decode_workers)}")
         from producer.submit import JobRequest, submit
         from vidq.settings import Settings
         from worker.embedded import run_jobs

@@ -201,3 +201,14 @@ def test_a_stopped_video_ends_and_the_next_one_runs(clips: list[Path], kind: str
         results = [f.result(timeout=120) for f in following]
     assert cancelled.value.kind == "cancelled"
     assert all(len(r.clips) == 1 for r in results)
+
+
+def test_a_decoder_process_that_died_idle_is_replaced(clips: list[Path]) -> None:
+    clf = classifier(batch_size=1, decode_workers=1, decoders="processes")
+    with clf.pipeline() as pipeline:
+        first = pipeline._procs[0]._proc
+        first.kill()
+        first.wait()
+        result = pipeline.submit(str(clips[2]), Sampling()).result(timeout=120)
+        assert pipeline._procs[0]._proc.pid != first.pid
+    assert len(result.clips) == 1  # the video never reached the dead one: not failed

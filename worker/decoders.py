@@ -7,12 +7,16 @@ threads (``VIDQ_DECODERS=threads``) or in one child process per decoder
 its own. Decoder threads spend their time inside FFmpeg and torch with the GIL
 released, but take it back a hundred or more times per video (every packet and frame
 passes through Python), and in a worker they share it with the Celery consumer,
-the job threads and the model loop: ``benchmarks/feed_rate.py`` shows what that costs.
+the job threads and the model loop. Measured (``benchmarks/feed_rate.py``, one-clip
+videos, 2 decoders, simulated accelerator): threads 76% of bare decoding, processes
+86%.
 
 A decoder process and its pipeline thread talk over one pipe::
 
     pipeline thread "vidq-decode-i"                 decoder process
       ("video", seq, path, sampling)        ───▶     open, plan, decode, transform
+      (the next one sent ahead: it starts
+      it without waiting for this thread)
                                             ◀───     ("start", seq, info)
                                             ◀───     ("slot", k, bytes) + its descriptor
       slot k as a tensor, no copy           ◀───     ("clip", seq, clip, k, shape, dtype)
@@ -41,11 +45,12 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from math import prod
-from pathlib import Path
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import recv_handle, send_handle
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -55,13 +60,10 @@ from vidq import errors
 from vidq.errors import InputError, VidqError
 from vidq.media import open_video
 from vidq.sampling import Sampling, plan_windows
-from vidq.settings import DECODER_KINDS
 from vidq.storage import StorageConfig
 from worker.models import ModelPreset
 from worker.transforms import clip_views
 from worker.video import ClipFrames, Limits, VideoReader
-
-__all__ = ["DECODER_KINDS", "DecodeConfig", "DecoderProcess", "decode_video"]
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ class DecodeConfig:
     """What a decoder needs of its classifier: picklable, for a decoder process."""
 
     preset: ModelPreset
-    limits: Limits = Limits()
+    limits: Limits = field(default_factory=Limits)
     media_roots: tuple[str, ...] = ()
     max_file_bytes: int = 0
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -182,7 +184,8 @@ class DecoderProcess:
         self.generation += 1
 
     def send(self, message: tuple[Any, ...]) -> None:
-        assert self._conn is not None
+        if self._conn is None:
+            raise OSError(f"decoder process {self.name} is not running")
         with self._send_lock:
             self._conn.send(message)
 
@@ -195,10 +198,18 @@ class DecoderProcess:
         except OSError:
             pass  # it died; its pipeline thread sees that on its next receive
 
+    def cancel(self, seq: int) -> None:
+        """Stop video ``seq`` between clips (its remaining messages still come)."""
+        try:
+            self.send(("cancel", seq))
+        except OSError:
+            pass  # it died; its pipeline thread sees that on its next receive
+
     def recv(self) -> tuple[Any, ...]:
         """The next message about a video (slot descriptors are taken on the way); a
         clip's slot comes back as a tensor over the shared memory. Raises DecoderDied."""
-        assert self._conn is not None
+        if self._conn is None:
+            raise DecoderDied("not running")
         try:
             while True:
                 message = self._conn.recv()
@@ -218,6 +229,10 @@ class DecoderProcess:
             tensor = torch.frombuffer(self._maps[k], dtype=getattr(torch, dtype), count=count)
             message = ("clip", seq, clip, tensor.view(shape), k)
         return message
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
 
     def cpu_seconds(self) -> float:
         """CPU time the process has used so far (Linux /proc; 0 if it has ended)."""
@@ -294,24 +309,28 @@ class _Child:
         self.free = list(range(slots))
         self.current = -1
         self.cancelled = False
+        self.pending: deque[tuple[Any, ...]] = deque()
+        """Videos sent ahead of the one in hand, in order."""
 
-    def handle(self, message: tuple[Any, ...]) -> tuple[Any, ...] | None:
-        """Act on a control message; a video request is returned to the caller."""
+    def handle(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
-        if kind == "free":
+        if kind == "video":
+            self.pending.append(message)
+        elif kind == "free":
             self.free.append(message[1])
         elif kind == "cancel":
-            if message[1] == self.current:
+            seq = message[1]
+            if seq == self.current:
                 self.cancelled = True
+            elif any(request[1] == seq for request in self.pending):
+                self.pending = deque(r for r in self.pending if r[1] != seq)
+                self.conn.send(("error", seq, "Cancelled", "cancelled", "cancelled"))
         elif kind == "stop":
             raise _Stop
-        else:
-            return message
-        return None
 
-    def receive(self) -> tuple[Any, ...] | None:
+    def receive(self) -> None:
         try:
-            return self.handle(self.conn.recv())
+            self.handle(self.conn.recv())
         except (EOFError, OSError):
             raise _Stop from None
 
@@ -406,9 +425,10 @@ def child_main() -> None:
     conn.send(("ready",))
     try:
         while True:
-            request = child.receive()
-            if request is not None and request[0] == "video":
-                child.run(*request[1:])
+            if child.pending:
+                child.run(*child.pending.popleft()[1:])
+            else:
+                child.receive()
     except _Stop:
         pass
     finally:

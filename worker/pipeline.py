@@ -29,6 +29,7 @@ a video and wait on its future; claims and commits stay with them (worker/jobs.p
 
 from __future__ import annotations
 
+import logging
 import math
 import queue
 import threading
@@ -42,14 +43,21 @@ import torch
 from vidq import metrics
 from vidq.errors import InputError, TransientError, VidqError
 from vidq.sampling import Sampling
-from vidq.settings import decoder_kind
-from worker.decoders import (DECODER_KINDS, DecodeConfig, DecoderDied, DecoderProcess,
-                             decode_video, rebuild_error)
+from vidq.settings import DECODER_KINDS, decoder_kind
+from worker.decoders import (
+    DecodeConfig,
+    DecoderDied,
+    DecoderProcess,
+    decode_video,
+    rebuild_error,
+)
 from worker.supervisor import cpu_cores
 from worker.video import ClipFrames, DecodeStats, VideoInfo
 
 _FINISH = threading.Lock()  # a video can be ended by a decoder, the model loop or close()
 
+
+log = logging.getLogger(__name__)
 
 _Entry = tuple["_Video", ClipFrames, torch.Tensor, Callable[[], None] | None]
 """A clip in a batch: its video, its window, its model input, and what frees its slot
@@ -172,9 +180,13 @@ class Pipeline:
         self._waiting_views = 0  # clip views in the queue (the queue also holds control items)
         self._views_lock = threading.Lock()
         self._config = DecodeConfig.of(classifier, self.decoder_threads)
-        # A decoder process has slots for its share of the queue, and one more, so that
-        # a slot in a running batch does not stop it.
-        self.process_slots = max(3, math.ceil(self.clip_slots / self.decode_workers) + 1)
+        # A decoder process writes clips into slots of its own, and a slot is free again
+        # only once the batch that read it has run: the slots hold the queue's clips and
+        # the running batch's (as the memory of threads' clips does). With slots for
+        # the queue alone, a slow model's next batch held only what fitted beside the
+        # running one (62% full against threads' 83%, 1.5 s batches of 16).
+        self.process_slots = max(3, math.ceil((self.clip_slots + self.batch_size)
+                                              / self.decode_workers) + 1)
         self._procs = [
             DecoderProcess(self._config, self.process_slots, f"vidq-decoder-{i}")
             if self.decoders == "processes" else None for i in range(self.decode_workers)
@@ -225,6 +237,10 @@ class Pipeline:
                 thread.join(timeout=30)
             self._abandon()  # anything a decoder put after the model loop left
 
+    def decoder_pids(self) -> list[int]:
+        """The decoder processes' pids (none with decoder threads)."""
+        return [pid for proc in self._procs if proc is not None and (pid := proc.pid)]
+
     def __enter__(self) -> Pipeline:
         return self
 
@@ -246,6 +262,9 @@ class Pipeline:
         # (torch's intra-op setting is per thread under OpenMP.)
         torch.set_num_threads(1)
         try:
+            if proc is not None:
+                self._feed_process(proc)
+                return
             while True:
                 video = self._todo.get()
                 if video is None:
@@ -254,12 +273,13 @@ class Pipeline:
                     video.finish(error=_shutdown())
                     continue
                 try:
-                    if proc is None:
-                        self._decode(video)
-                    else:
-                        self._decode_remote(video, proc)
+                    self._decode(video)
                 except _Closed:
                     video.finish(error=_shutdown())
+                except Exception as exc:  # noqa: BLE001  a bug here must not stop decoding
+                    log.exception("decoder %s failed on %s", threading.current_thread().name,
+                                  video.path)
+                    video.finish(error=InputError(f"{video.path}: {exc}", kind="undecodable"))
         finally:
             if proc is not None:
                 proc.stop()
@@ -305,65 +325,107 @@ class Pipeline:
         with self._views_lock:
             self._waiting_views += video.sampling.crops
 
-    def _decode_remote(self, video: _Video, proc: DecoderProcess) -> None:
-        """Decode a video in this thread's decoder process; its messages become the same
-        queue items a thread's decode puts."""
-        stop = video.should_stop()
-        if stop is not None:
-            self._put(("error", video, stop))
-            return
-        proc.seq += 1
-        seq = proc.seq
-        try:
-            proc.send(("video", seq, video.path, video.sampling))
-        except OSError:  # it died while idle: a new one takes the video
-            proc.stop(wait=0)
-            proc.start()
-            proc.send(("video", seq, video.path, video.sampling))
-        ended = False  # the video has its outcome; the rest of its messages are drained
-        while True:
+    def _feed_process(self, proc: DecoderProcess) -> None:
+        """Drive this thread's decoder process: videos from the queue go to it, up to
+        ``SENT_AHEAD`` at a time, so that it starts the next one without waiting for
+        this thread (which shares the GIL with the whole worker); its messages become
+        the queue items a decoder thread would put."""
+        sent: dict[int, _Sent] = {}  # by sequence number, in the order sent
+        more = True  # until the queue's end marker
+        while more or sent:
             try:
-                message = proc.recv()
-            except DecoderDied as exc:
-                proc.stop(wait=0)
-                if self._closing.is_set():
-                    raise _Closed from None
-                proc.start()
-                if not ended:
-                    self._put(("error", video, InputError(
-                        f"{video.path}: the decoder process died ({exc}).",
-                        kind="undecodable")))
+                while more and len(sent) < SENT_AHEAD:
+                    try:
+                        video = self._todo.get(block=not sent)
+                    except queue.Empty:
+                        break
+                    if video is None:
+                        more = False
+                    elif self._closing.is_set():
+                        video.finish(error=_shutdown())
+                    elif (stop := video.should_stop()) is not None:
+                        self._put(("error", video, stop))
+                    else:
+                        try:
+                            proc.send(("video", proc.seq + 1, video.path, video.sampling))
+                        except OSError:
+                            self._todo.put(video)  # it never reached the process
+                            raise
+                        proc.seq += 1
+                        sent[proc.seq] = _Sent(video)
+                if sent:
+                    self._route(proc, sent, proc.recv())
+            except (DecoderDied, OSError) as exc:
+                self._decoder_died(proc, sent, exc)
+            except _Closed:
+                for entry in sent.values():
+                    entry.video.finish(error=_shutdown())
+                sent.clear()
+            except Exception as exc:  # noqa: BLE001  a bug here must not stop decoding
+                log.exception("decoder %s failed", proc.name)
+                for entry in sent.values():
+                    entry.video.finish(error=InputError(f"{entry.video.path}: {exc}",
+                                                        kind="undecodable"))
+                sent.clear()
+                self._restart(proc)
+
+    def _route(self, proc: DecoderProcess, sent: dict[int, _Sent],
+               message: tuple[Any, ...]) -> None:
+        kind, seq = message[0], message[1]
+        entry = sent.get(seq)
+        if entry is None:
+            return
+        video = entry.video
+        if kind == "clip":
+            _, _, clip, tensor, k = message
+            generation = proc.generation
+            if not entry.ended:
+                stop = None if video.done else (
+                    video.should_stop() or (_shutdown() if self._closing.is_set() else None))
+                if video.done or stop is not None:  # the rest of the video is dropped
+                    entry.ended = True
+                    proc.cancel(seq)
+                    if stop is not None:
+                        self._put(("error", video, stop))
+            if entry.ended:
+                proc.release(k, generation)
                 return
-            kind = message[0]
-            if message[1] != seq:  # a cancelled video's late clip
-                if kind == "clip":
-                    proc.release(message[4], proc.generation)
-                continue
-            if kind == "clip":
-                _, _, clip, tensor, k = message
-                generation = proc.generation
-                if ended or video.done:  # failed elsewhere (the model loop, a cancel)
-                    proc.release(k, generation)
-                    if not ended:
-                        proc.send(("cancel", seq))
-                        ended = True
-                    continue
-                stop = video.should_stop() or (_shutdown() if self._closing.is_set() else None)
-                if stop is not None:
-                    proc.release(k, generation)
-                    proc.send(("cancel", seq))
-                    self._put(("error", video, stop))
-                    ended = True
-                    continue
-                self._put_clip(video, clip, tensor,
-                               lambda k=k, g=generation: proc.release(k, g))
-            elif kind in ("end", "error"):
-                if not ended:
-                    self._put(("end", video, *message[2:]) if kind == "end" else
-                              ("error", video, rebuild_error(*message[2:])))
-                return
-            elif not ended:  # "start"
-                self._put((kind, video, *message[2:]))
+            self._put_clip(video, clip, tensor, lambda: proc.release(k, generation))
+        elif kind in ("end", "error"):
+            del sent[seq]
+            if not entry.ended:
+                self._put(("end", video, *message[2:]) if kind == "end" else
+                          ("error", video, rebuild_error(*message[2:])))
+        elif not entry.ended:  # "start"
+            self._put((kind, video, *message[2:]))
+
+    def _decoder_died(self, proc: DecoderProcess, sent: dict[int, _Sent],
+                      exc: BaseException) -> None:
+        """The video in its hands fails; those sent after it go back to the queue."""
+        entries = list(sent.values())
+        sent.clear()
+        if self._closing.is_set():
+            proc.stop(wait=0)
+            for entry in entries:
+                entry.video.finish(error=_shutdown())
+            return
+        reason = exc if isinstance(exc, DecoderDied) else DecoderDied(proc.exit_reason())
+        self._restart(proc)
+        if entries and not entries[0].ended:  # it decodes in order: the first is the one
+            self._put(("error", entries[0].video, InputError(
+                f"{entries[0].video.path}: the decoder process died ({reason}).",
+                kind="undecodable")))
+        for entry in entries[1:]:
+            if not entry.ended:
+                self._todo.put(entry.video)
+
+    @staticmethod
+    def _restart(proc: DecoderProcess) -> None:
+        proc.stop(wait=0)
+        try:
+            proc.start()
+        except Exception:  # noqa: BLE001  the next video sent finds it dead and tries again
+            log.exception("decoder process %s did not restart", proc.name)
 
     # -- batch, predict, route -----------------------------------------------------
     def _get(self, timeout: float) -> tuple[Any, ...] | None:
@@ -506,6 +568,19 @@ class Pipeline:
                 if item[4] is not None:
                     item[4]()
             item[1].finish(error=_shutdown())
+
+
+SENT_AHEAD = 2
+"""Videos a decoder process holds at once: the one it decodes and the next."""
+
+
+@dataclass(eq=False)
+class _Sent:
+    """A video sent to a decoder process."""
+
+    video: _Video
+    ended: bool = False
+    """Its outcome is decided (a stop, a cancel): its remaining messages are dropped."""
 
 
 def _shutdown() -> TransientError:

@@ -242,6 +242,9 @@ def _recycle_if_over_memory() -> None:
     if not limit or _recycling.is_set() or current_process().name != "MainProcess":
         return
     rss = resident_mb()
+    if rss is not None and _state is not None:  # and its decoder processes', if any
+        rss += sum(resident_mb(pid, shared=False) or 0.0
+                   for pid in _state.pipeline.decoder_pids())
     if rss is not None and rss > limit:
         _recycling.set()
         log.warning("worker process %s uses %.0f MiB > VIDQ_WORKER_MAX_MEMORY_MB=%d: "
@@ -249,11 +252,16 @@ def _recycle_if_over_memory() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def resident_mb() -> float | None:
+def resident_mb(pid: int | str = "self", *, shared: bool = True) -> float | None:
+    """Resident memory of a process in MiB; ``shared=False`` leaves out its shared
+    memory (a decoder process's clip slots, which its worker process maps too)."""
     try:
-        with open("/proc/self/statm") as fh:
-            pages = int(fh.read().split()[1])
+        with open(f"/proc/{pid}/status") as fh:
+            kb = {k: int(v.split()[0]) for k, _, v in (line.partition(":") for line in fh)
+                  if k in ("VmRSS", "RssShmem")}
     except (OSError, ValueError, IndexError):
         return None
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    if "VmRSS" not in kb:
+        return None
+    return (kb["VmRSS"] - (0 if shared else kb.get("RssShmem", 0))) / 1024
 
