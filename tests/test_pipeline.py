@@ -212,3 +212,20 @@ def test_a_decoder_process_that_died_idle_is_replaced(clips: list[Path]) -> None
         result = pipeline.submit(str(clips[2]), Sampling()).result(timeout=120)
         assert pipeline._procs[0]._proc.pid != first.pid
     assert len(result.clips) == 1  # the video never reached the dead one: not failed
+
+
+def test_decoder_processes_outlive_the_thread_that_built_the_pipeline(clips: list[Path]) -> None:
+    clf = classifier(batch_size=1, decode_workers=1, decoders="processes")
+    built: list[Any] = []
+    builder = threading.Thread(target=lambda: built.append(clf.pipeline()))
+    builder.start()
+    builder.join()
+    (pipeline,) = built
+    try:
+        pids = pipeline.decoder_pids()
+        time.sleep(1)  # a decoder tied to the builder thread would be gone by now
+        result = pipeline.submit(str(clips[3]), Sampling()).result(timeout=120)
+        assert pipeline.decoder_pids() == pids
+        assert len(result.clips) == 1
+    finally:
+        pipeline.close()

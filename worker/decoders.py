@@ -31,12 +31,11 @@ transform in place and read by the model loop in place. A decoder has a fixed nu
 of slots and waits for a free one before it transforms the next clip, so a slow model
 slows the decoders down (backpressure) and memory is bounded: slots x the largest clip.
 Nothing has a name on a filesystem, so a SIGKILL leaves nothing behind; a decoder dies
-with its worker (``PR_SET_PDEATHSIG``, and end-of-file on the pipe).
+with its worker (it watches its parent, and sees end-of-file on the pipe).
 """
 
 from __future__ import annotations
 
-import ctypes
 import mmap
 import os
 import signal
@@ -401,12 +400,18 @@ class _Child:
 
 
 def _die_with_parent() -> None:
-    """SIGKILL this process when its parent dies (Linux), so no decoder outlives a
-    SIGKILLed worker."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    """End this process within half a second of its parent's death, whatever it is
+    doing (deep in FFmpeg, or waiting for a slot), so no decoder outlives a SIGKILLed
+    worker. (Not ``PR_SET_PDEATHSIG``: that follows the thread that started the
+    process, and a pipeline may be built in a thread that ends.)"""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="vidq-parent-watch", daemon=True).start()
 
 
 def child_main() -> None:
