@@ -433,11 +433,13 @@ def test_gpu_transform_matches_the_cpu_transform(videos: dict[str, Path]) -> Non
 @needs_cuda
 @pytest.mark.parametrize("precision,bound", [("fp32", GPU_FP32_PROB_TOLERANCE),
                                              ("bf16", GPU_BF16_PROB_TOLERANCE)])
+@pytest.mark.parametrize("decoders", ["threads", "processes"])
 def test_gpu_pipeline_matches_the_cpu_fp32_pipeline(
-    checkpoint: Path, fp32: Classifier, videos: dict[str, Path], precision: str, bound: float
+    checkpoint: Path, fp32: Classifier, videos: dict[str, Path], precision: str, bound: float,
+    decoders: str
 ) -> None:
     gpu = Classifier(model="slow_r50", weights=str(checkpoint), device="cuda",
-                     precision=precision)
+                     precision=precision, decode_workers=2, decoders=decoders)
     sampling = Sampling(strategy="sliding")
     paths = list(videos.values())
     cpu_results = list(fp32.classify_many(paths, sampling))

@@ -27,7 +27,9 @@ A decoder process and its pipeline thread talk over one pipe::
 
 A clip crosses in a **slot**: shared memory (a memfd, mapped by both sides; its
 descriptor crosses once, when the child creates or grows the slot), written by the
-transform in place and read by the model loop in place. A decoder has a fixed number
+transform in place and read by the model loop in place (for an accelerator: uint8
+frames, copied into pinned memory by the pipeline thread as a decoder thread copies
+them, and the slot is free at once). A decoder has a fixed number
 of slots and waits for a free one before it transforms the next clip, so a slow model
 slows the decoders down (backpressure) and memory is bounded: slots x the largest clip.
 Nothing has a name on a filesystem, so a SIGKILL leaves nothing behind; a decoder dies

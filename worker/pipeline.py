@@ -390,6 +390,14 @@ class Pipeline:
             if entry.ended:
                 proc.release(k, generation)
                 return
+            if self._config.frames_only:
+                # uint8 frames for the accelerator: into pinned memory here (the copy a
+                # decoder thread makes too), so the model loop's upload does not block;
+                # the slot is free at once.
+                tensor = tensor.pin_memory()
+                proc.release(k, generation)
+                self._put_clip(video, clip, tensor, None)
+                return
             self._put_clip(video, clip, tensor, lambda: proc.release(k, generation))
         elif kind in ("end", "error"):
             del sent[seq]
