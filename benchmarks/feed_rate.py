@@ -112,9 +112,11 @@ def bare_decode_processes(classifier: Classifier, videos: list[Path], sampling: 
     procs = [DecoderProcess(config, 4, f"bare-{i}") for i in range(decoders)]
     for proc in procs:
         proc.start()
-    for proc in procs:  # started: each answers a video of nothing with an error
-        proc.send(("video", 0, "/nonexistent.mp4", sampling))
-        proc.recv()
+    for proc in procs:  # warm: each decodes the first video once, untimed
+        proc.send(("video", 0, str(videos[0]), sampling))
+        while (message := proc.recv())[0] not in ("end", "error"):
+            if message[0] == "clip":
+                proc.release(message[4], proc.generation)
     todo = list(videos)
     lock = threading.Lock()
     done = [0]
