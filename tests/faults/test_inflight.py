@@ -57,10 +57,12 @@ def test_jobs_in_flight_in_one_process_with_a_bad_video_among_them(
 
 
 @pytest.mark.heavy_on_postgresql
+@pytest.mark.parametrize("decoders", ["threads", "processes"])
 def test_sigkill_of_a_process_holding_several_jobs_finishes_each_once(
-    cluster: FaultCluster, media: FaultMedia
+    cluster: FaultCluster, media: FaultMedia, decoders: str
 ) -> None:
     worker = cluster.start_worker("--concurrency", "1", "--inflight", str(INFLIGHT),
+                                  "--decode-workers", "2", "--decoders", decoders,
                                   VIDQ_RECONCILE_EVERY_S="2")
     cluster.vidq("submit", str(media.long), *LONG_JOB, "--batch", "kill")
     cluster.vidq("submit", *map(str, media.good[:3]), "--batch", "kill-short",
@@ -69,8 +71,13 @@ def test_sigkill_of_a_process_holding_several_jobs_finishes_each_once(
         lambda: cluster.sql("select count(*) from jobs where status = 'running'")[0][0] >= 2,
         what="two jobs in flight at once")
     (process,) = children_of(worker.pid)
+    decoder_processes = children_of(process)
+    assert len(decoder_processes) == (2 if decoders == "processes" else 0), decoder_processes
     running = {job_id for (job_id,) in cluster.sql("select id from jobs where status = 'running'")}
     os.kill(process, signal.SIGKILL)  # the worker process: every job in flight dies with it
+    # Its decoder processes die with it, whatever they were doing.
+    cluster.wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in decoder_processes),
+                     what="the decoder processes gone with their worker", timeout=30)
 
     # The supervisor starts a new process; its periodic reconcile re-enqueues the jobs
     # whose heartbeat went stale (Redis would hold their messages back for hours).
@@ -84,33 +91,6 @@ def test_sigkill_of_a_process_holding_several_jobs_finishes_each_once(
         "select job_id, clip_index, rank, count(*) from clip_predictions "
         "group by job_id, clip_index, rank having count(*) > 1")
     assert duplicates == []
-
-
-@pytest.mark.heavy_on_postgresql
-def test_sigkill_leaves_no_decoder_process_behind(
-    cluster: FaultCluster, media: FaultMedia
-) -> None:
-    """Decoder processes (VIDQ_DECODERS=processes) die with their worker process, and
-    its jobs finish once on the next one."""
-    worker = cluster.start_worker("--concurrency", "1", "--inflight", str(INFLIGHT),
-                                  "--decode-workers", "2", "--decoders", "processes",
-                                  VIDQ_RECONCILE_EVERY_S="2")
-    cluster.vidq("submit", str(media.long), *LONG_JOB, "--batch", "kill")
-    cluster.vidq("submit", *map(str, media.good[:3]), "--batch", "kill-short",
-                 "--strategy", "sliding", "--stride", "0.2")
-    cluster.wait_for(
-        lambda: cluster.sql("select count(*) from jobs where status = 'running'")[0][0] >= 2,
-        what="two jobs in flight at once")
-    (process,) = children_of(worker.pid)
-    decoders = children_of(process)
-    assert len(decoders) == 2, decoders
-    os.kill(process, signal.SIGKILL)
-    cluster.wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in decoders),
-                     what="the decoder processes gone with their worker", timeout=30)
-    cluster.wait_done(4, timeout=240)
-    for job in cluster.jobs():
-        cluster.assert_succeeded_once(job["id"])
-    assert len(children_of(children_of(worker.pid)[0])) == 2  # the new process's decoders
 
 
 @pytest.mark.parametrize("decoders", ["threads", "processes"])
