@@ -54,10 +54,9 @@ from worker.decoders import (
 from worker.supervisor import cpu_cores
 from worker.video import ClipFrames, DecodeStats, VideoInfo
 
-_FINISH = threading.Lock()  # a video can be ended by a decoder, the model loop or close()
-
-
 log = logging.getLogger(__name__)
+
+_FINISH = threading.Lock()  # a video can be ended by a decoder, the model loop or close()
 
 _Entry = tuple["_Video", ClipFrames, torch.Tensor, Callable[[], None] | None]
 """A clip in a batch: its video, its window, its model input, and what frees its slot
