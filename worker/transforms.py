@@ -49,8 +49,11 @@ def uniform_crop(x: torch.Tensor, size: int, spatial_idx: int) -> torch.Tensor:
     return x[..., y : y + size, xo : xo + size]
 
 
-def _scaled(frames: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 (T, H, W, 3) -> float (3, T, h, w) short-side scaled, one frame at a time.
+def _scaled(frames: torch.Tensor, size: int, *, crop: int = 0,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 (T, H, W, 3) -> float (3, T, h, w) short-side scaled, one frame at a time;
+    with ``crop``, only each frame's centre crop is kept (3, T, crop, crop), written
+    into ``out`` when given.
 
     Each output value is the one a single resize of all frames gives (the kernel works
     plane by plane), but the float copy of the full-resolution frames is one frame,
@@ -59,15 +62,18 @@ def _scaled(frames: torch.Tensor, size: int) -> torch.Tensor:
     (benchmarks/decode.py); the peak memory of a window drops by the same factor.
     Each frame's result goes straight into one output tensor: a ``torch.cat`` of the
     eight results measured 1.7-4x slower in fresh processes (more live memory, and
-    the frame-sized float buffer is no longer reused).
+    the frame-sized float buffer is no longer reused). Cropping each frame as it is
+    copied there spares a copy of the whole resized clip.
     """
     def one(t: int) -> torch.Tensor:
-        return short_side_scale(frames[t : t + 1].permute(3, 0, 1, 2).to(torch.float32), size)
+        x = short_side_scale(frames[t : t + 1].permute(3, 0, 1, 2).to(torch.float32), size)
+        return center_crop(x, crop) if crop else x
 
     first = one(0)
-    out = torch.empty(
-        (3, frames.shape[0], *first.shape[-2:]), dtype=torch.float32, device=frames.device
-    )
+    if out is None:
+        out = torch.empty(
+            (3, frames.shape[0], *first.shape[-2:]), dtype=torch.float32, device=frames.device
+        )
     out[:, :1] = first
     for t in range(1, frames.shape[0]):
         out[:, t : t + 1] = one(t)
@@ -85,13 +91,18 @@ def frames_to_views(frames: torch.Tensor, preset: ModelPreset, *, crops: int = 1
                     out: torch.Tensor | None = None) -> torch.Tensor:
     """The same on a uint8 (T, H, W, 3) tensor on any device: on CUDA the decoders hand
     over uint8 frames and this runs on the GPU, so the CPU only decodes."""
-    x = _scaled(frames, preset.side_size)  # C, T, H, W
-    if crops == 1:
-        views = torch.stack([center_crop(x, preset.crop_size)], out=out)
+    size = preset.crop_size
+    if crops == 1:  # each frame's crop straight into the one view
+        if out is None:
+            out = torch.empty((1, 3, frames.shape[0], size, size), dtype=torch.float32,
+                              device=frames.device)
+        _scaled(frames, preset.side_size, crop=size, out=out[0])
+        views = out
     else:
-        views = torch.stack([uniform_crop(x, preset.crop_size, i) for i in range(3)], out=out)
+        x = _scaled(frames, preset.side_size)  # C, T, H, W
+        views = torch.stack([uniform_crop(x, size, i) for i in range(3)], out=out)
     # (v / 255 - mean) / std as one in-place pass over a contiguous tensor: an
     # elementwise op on the strided crop view costs more than the resize.
-    mean = torch.tensor(preset.mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1, 1)
-    std = torch.tensor(preset.std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1, 1)
+    mean = torch.tensor(preset.mean, dtype=torch.float32, device=views.device).view(1, 3, 1, 1, 1)
+    std = torch.tensor(preset.std, dtype=torch.float32, device=views.device).view(1, 3, 1, 1, 1)
     return views.sub_(mean * 255.0).div_(std * 255.0)
