@@ -74,7 +74,7 @@ def decode_rate(path: Path, *, model: str, skip: bool) -> tuple[float, ...]:
         n = 0
         for clip in reader.clips(windows, num_frames=preset.num_frames):
             tw, tc = time.perf_counter(), time.process_time()
-            clip_views(clip.frames, preset)
+            clip_views(clip.rgb, preset)
             transform_wall += time.perf_counter() - tw
             transform_cpu += time.process_time() - tc
             n += 1

@@ -90,7 +90,7 @@ def bare_decode(classifier: Classifier, videos: list[Path], sampling: Sampling,
                 windows = plan_windows(sampling, reader.info.duration_s,
                                        classifier.preset.clip_duration)
                 for clip in reader.clips(windows, num_frames=classifier.preset.num_frames):
-                    classifier.prepare(clip.frames, crops=sampling.crops)
+                    classifier.prepare(clip.rgb, crops=sampling.crops)
                     with lock:
                         done[0] += 1
 

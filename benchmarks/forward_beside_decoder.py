@@ -62,7 +62,7 @@ def main() -> None:
                     windows = plan_windows(Sampling(strategy="sliding"),
                                            reader.info.duration_s, p.clip_duration)
                     for clip in reader.clips(windows, num_frames=p.num_frames):
-                        clip_views(clip.frames, p)
+                        clip_views(clip.rgb, p)
                         if stop.is_set():
                             break
 

@@ -119,7 +119,7 @@ def decode_video(
         for clip in reader.clips(windows, num_frames=config.preset.num_frames):
             check()
             prepared = prepare(clip)
-            clip.frames = clip.frames[:0]  # the RGB frames are no longer needed
+            clip.rgb = []  # the RGB frames are no longer needed
             emit("clip", clip, prepared)
             n += 1
         if n == 0:
@@ -365,15 +365,17 @@ class _Child:
     def prepare(self, clip: ClipFrames, crops: int) -> tuple[int, tuple[int, ...], str]:
         """The clip's model input, written into a slot: (slot, shape, dtype)."""
         if self.config.frames_only:
-            frames = clip.frames
-            k, buffer = self.slot(frames.nbytes)
-            np.copyto(np.frombuffer(buffer, np.uint8, frames.size).reshape(frames.shape), frames)
-            return k, frames.shape, "uint8"
+            shape = (len(clip.rgb), *clip.rgb[0].shape)
+            k, buffer = self.slot(prod(shape))
+            stacked = np.frombuffer(buffer, np.uint8, prod(shape)).reshape(shape)
+            for t, frame in enumerate(clip.rgb):
+                stacked[t] = frame
+            return k, shape, "uint8"
         preset = self.config.preset
-        shape = (crops, 3, preset.num_frames, preset.crop_size, preset.crop_size)
+        shape = (crops, 3, len(clip.rgb), preset.crop_size, preset.crop_size)
         k, buffer = self.slot(prod(shape) * 4)
         out = torch.frombuffer(buffer, dtype=torch.float32, count=prod(shape)).view(shape)
-        clip_views(clip.frames, preset, crops=crops, out=out)
+        clip_views(clip.rgb, preset, crops=crops, out=out)
         return k, shape, "float32"
 
     def run(self, seq: int, path: str, sampling: Sampling) -> None:

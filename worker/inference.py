@@ -13,7 +13,7 @@ from collections import deque
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -284,11 +284,18 @@ class Classifier:
         ]
 
     # -- the pipeline's steps (worker/pipeline.py) -----------------------------------
-    def prepare(self, frames: np.ndarray, *, crops: int) -> torch.Tensor:
-        """Decoder side. On CPU: the normalized views (crops, 3, T, S, S). On CUDA: the
-        uint8 frames in pinned memory; ``predict`` uploads and transforms them on the GPU."""
+    def prepare(self, frames: np.ndarray | Sequence[np.ndarray], *, crops: int) -> torch.Tensor:
+        """Decoder side, on a clip's uint8 (T, H, W, 3) frames or its T (H, W, 3) frames.
+        On CPU: the normalized views (crops, 3, T, S, S). On CUDA: the uint8 frames in
+        pinned memory; ``predict`` uploads and transforms them on the GPU."""
         if self.device.type == "cuda":
-            return torch.from_numpy(frames).pin_memory()
+            if isinstance(frames, np.ndarray):
+                return torch.from_numpy(frames).pin_memory()
+            pinned = torch.empty((len(frames), *frames[0].shape), dtype=torch.uint8,
+                                 pin_memory=True)
+            for t, frame in enumerate(frames):
+                pinned[t] = torch.from_numpy(frame)
+            return pinned
         return clip_views(frames, self.preset, crops=crops)
 
     def predict(self, prepared: list[torch.Tensor], *, crops: list[int]

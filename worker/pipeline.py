@@ -303,7 +303,7 @@ class Pipeline:
 
         try:
             decode_video(video.path, video.sampling, self._config,
-                         prepare=lambda clip: self.classifier.prepare(clip.frames, crops=crops),
+                         prepare=lambda clip: self.classifier.prepare(clip.rgb, crops=crops),
                          emit=emit, check=check)
         except _Closed:
             raise

@@ -179,7 +179,7 @@ def calibration_views(
                 sampling = Sampling(strategy="uniform", clips=min(per_video, left))
                 windows = plan_windows(sampling, reader.info.duration_s, preset.clip_duration)
                 for clip in reader.clips(windows, num_frames=preset.num_frames):
-                    yield clip_views(clip.frames, preset)
+                    yield clip_views(clip.rgb, preset)
                     left -= 1
         except VidqError as exc:
             raise ConfigError(f"Cannot calibrate on {path}: {exc.message}") from None

@@ -11,6 +11,8 @@ pixels; the fidelity test measures that difference.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Union
 
 import numpy as np
 import torch
@@ -49,7 +51,22 @@ def uniform_crop(x: torch.Tensor, size: int, spatial_idx: int) -> torch.Tensor:
     return x[..., y : y + size, xo : xo + size]
 
 
-def _scaled(frames: torch.Tensor, size: int, *, crop: int = 0,
+Frames = Union[torch.Tensor, Sequence[np.ndarray]]
+"""A clip's uint8 frames: a (T, H, W, 3) tensor, or T (H, W, 3) arrays."""
+
+
+def _frame(frames: Frames, t: int) -> torch.Tensor:
+    """Frame ``t`` as a (1, H, W, 3) tensor, without a copy."""
+    if isinstance(frames, torch.Tensor):
+        return frames[t : t + 1]
+    return torch.from_numpy(frames[t]).unsqueeze(0)
+
+
+def _device(frames: Frames) -> torch.device:
+    return frames.device if isinstance(frames, torch.Tensor) else torch.device("cpu")
+
+
+def _scaled(frames: Frames, size: int, *, crop: int = 0,
             out: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 (T, H, W, 3) -> float (3, T, h, w) short-side scaled, one frame at a time;
     with ``crop``, only each frame's centre crop is kept (3, T, crop, crop), written
@@ -66,36 +83,39 @@ def _scaled(frames: torch.Tensor, size: int, *, crop: int = 0,
     copied there spares a copy of the whole resized clip.
     """
     def one(t: int) -> torch.Tensor:
-        x = short_side_scale(frames[t : t + 1].permute(3, 0, 1, 2).to(torch.float32), size)
+        x = short_side_scale(_frame(frames, t).permute(3, 0, 1, 2).to(torch.float32), size)
         return center_crop(x, crop) if crop else x
 
     first = one(0)
     if out is None:
         out = torch.empty(
-            (3, frames.shape[0], *first.shape[-2:]), dtype=torch.float32, device=frames.device
+            (3, len(frames), *first.shape[-2:]), dtype=torch.float32, device=_device(frames)
         )
     out[:, :1] = first
-    for t in range(1, frames.shape[0]):
+    for t in range(1, len(frames)):
         out[:, t : t + 1] = one(t)
     return out
 
 
-def clip_views(frames: np.ndarray, preset: ModelPreset, *, crops: int = 1,
-               out: torch.Tensor | None = None) -> torch.Tensor:
-    """uint8 (T, H, W, 3) frames -> normalized float views (crops, 3, T, S, S), written
-    into ``out`` when given (a decoder process's shared memory)."""
-    return frames_to_views(torch.from_numpy(frames), preset, crops=crops, out=out)
+def clip_views(frames: np.ndarray | Sequence[np.ndarray], preset: ModelPreset, *,
+               crops: int = 1, out: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 (T, H, W, 3) frames, or T (H, W, 3) frames -> normalized float views
+    (crops, 3, T, S, S), written into ``out`` when given (a decoder process's shared
+    memory)."""
+    if isinstance(frames, np.ndarray):
+        return frames_to_views(torch.from_numpy(frames), preset, crops=crops, out=out)
+    return frames_to_views(frames, preset, crops=crops, out=out)
 
 
-def frames_to_views(frames: torch.Tensor, preset: ModelPreset, *, crops: int = 1,
+def frames_to_views(frames: Frames, preset: ModelPreset, *, crops: int = 1,
                     out: torch.Tensor | None = None) -> torch.Tensor:
     """The same on a uint8 (T, H, W, 3) tensor on any device: on CUDA the decoders hand
     over uint8 frames and this runs on the GPU, so the CPU only decodes."""
     size = preset.crop_size
     if crops == 1:  # each frame's crop straight into the one view
         if out is None:
-            out = torch.empty((1, 3, frames.shape[0], size, size), dtype=torch.float32,
-                              device=frames.device)
+            out = torch.empty((1, 3, len(frames), size, size), dtype=torch.float32,
+                              device=_device(frames))
         _scaled(frames, preset.side_size, crop=size, out=out[0])
         views = out
     else:

@@ -63,10 +63,18 @@ class ClipFrames:
     """The RGB frames one window contributes after temporal subsampling."""
 
     window: Window
-    frames: np.ndarray
-    """uint8, (num_frames, H, W, 3)."""
+    rgb: list[np.ndarray]
+    """uint8 (H, W, 3) per sampled frame, in order (a frame repeats where the window is
+    padded). Not stacked: the transforms read one frame at a time, and a stacked 1080p
+    clip (50 MB, beyond the allocator's reuse) cost a fifth of the decode in fresh
+    zeroed pages (benchmarks/decode.py)."""
     source_frames: int
     """Frames the window held before subsampling (fewer than expected: padded)."""
+
+    @property
+    def frames(self) -> np.ndarray:
+        """The frames stacked, uint8 (num_frames, H, W, 3): a copy."""
+        return np.stack(self.rgb) if self.rgb else np.empty((0, 0, 0, 3), np.uint8)
 
 
 @dataclass
@@ -382,7 +390,7 @@ class VideoReader:
                 f"VIDQ_MAX_WINDOW_FRAMES={limit}",
             )
 
-    def _stack(self, window: Window, picked: list[av.VideoFrame]) -> np.ndarray:
+    def _rgb_frames(self, window: Window, picked: list[av.VideoFrame]) -> list[np.ndarray]:
         """RGB of the picked frames (each converted once; padding repeats frames)."""
         rgb: dict[int, np.ndarray] = {}
         for frame in picked:
@@ -397,7 +405,7 @@ class VideoReader:
                 f"({w0}x{h0} and {w1}x{h1}); re-encode the video at one size.",
                 kind="unsupported",
             )
-        return np.stack([rgb[id(frame)] for frame in picked])
+        return [rgb[id(frame)] for frame in picked]
 
     def _holding_pass(
         self, plans: list[_WindowPlan], *, num_frames: int, gap_pts: int, started: float
@@ -443,8 +451,8 @@ class VideoReader:
     def _finish_held(self, plan: _WindowPlan, num_frames: int) -> ClipFrames:
         ordered = [plan.held[p] for p in sorted(plan.held)]
         picked = [ordered[i] for i in subsample_indices(len(ordered), num_frames)]
-        frames = self._stack(plan.window, picked)
-        return ClipFrames(window=plan.window, frames=frames, source_frames=len(ordered))
+        return ClipFrames(window=plan.window, rgb=self._rgb_frames(plan.window, picked),
+                          source_frames=len(ordered))
 
     def _check_truncation(self, last_pts: int | None, unopened: list[Window]) -> None:
         if not unopened or last_pts is None:
@@ -643,9 +651,9 @@ class _PlannedPass:
             if not self.needed[pts]:
                 del self.needed[pts]
         if plan.present:
-            frames = self.reader._stack(plan.window, [plan.held[p] for p in plan.sampled])
+            rgb = self.reader._rgb_frames(plan.window, [plan.held[p] for p in plan.sampled])
             self.ready.append(
-                ClipFrames(window=plan.window, frames=frames, source_frames=len(plan.present))
+                ClipFrames(window=plan.window, rgb=rgb, source_frames=len(plan.present))
             )
         plan.held = {}
 
