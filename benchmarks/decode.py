@@ -1,6 +1,6 @@
 """Decode-side effect of skipping unused frames, and its effect end to end.
 
-    python benchmarks/decode.py [--seconds 8] [--rounds 3] [--dir /tmp/vidq-decode-bench]
+    python benchmarks/decode.py [--seconds 30] [--rounds 8] [--dir /tmp/vidq-decode-bench]
 
 Corpus: one H.264 file per size (360p, 720p, 1080p) written with libx264's own
 defaults (preset medium: 3 B-frames, b-pyramid, 250-frame GOP), moving shapes plus
@@ -120,8 +120,9 @@ def alternate(label: str, rounds: int, measure) -> str:  # type: ignore[no-untyp
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seconds", type=float, default=8.0, help="length of each corpus file")
-    ap.add_argument("--rounds", type=int, default=3, help="alternating on/off rounds (decode side)")
+    ap.add_argument("--seconds", type=float, default=30.0,
+                    help="length of each corpus file (8 s files hold 3-4 windows: rounds too short)")
+    ap.add_argument("--rounds", type=int, default=8, help="alternating on/off rounds (decode side)")
     ap.add_argument("--e2e-rounds", type=int, default=2, help="alternating rounds end to end")
     ap.add_argument("--noise", type=int, default=4, help="per-frame noise amplitude of the corpus")
     ap.add_argument("--dir", type=Path, default=Path("/tmp/vidq-decode-bench"))
