@@ -7,10 +7,11 @@ commits, real PyAV decoding and the seed's transforms (slow_r50's input: 64-fram
 windows, short side 256, crop 256). The model is a SIMULATED ACCELERATOR: each
 batch sleeps ``--batch-ms`` and uses no CPU, as a GPU would leave the CPU free.
 
-For each corpus (one-clip videos; long 640x360 videos cut into sliding windows)
-and each number of decoders D, it prints clips/s through the pipeline against the
-bare decode-and-transform rate of D parallel decoders on the same files, measured
-in the same run, plus the batch fill and the wait for a fuller batch.
+For each corpus (one-clip videos; long 640x360 videos cut into sliding windows),
+each kind of decoder (``--kinds``: threads, processes) and each number of decoders
+D, it prints clips/s through the pipeline against the bare decode-and-transform
+rate of D parallel decoders of the same kind on the same files, measured in the
+same run, plus the batch fill and the wait for a fuller batch.
 
     python benchmarks/feed_rate.py                      # simulated accelerator
     python benchmarks/feed_rate.py --real x3d_xs        # a real model on this CPU:

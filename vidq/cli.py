@@ -660,7 +660,7 @@ def worker(device: str | None, concurrency: int | None, inflight: int | None,
     plan = WorkerPlan.for_host(settings, processes=concurrency)
     kind = decoder_kind(settings.decoders, plan.decode_workers)
     click.echo(f"vidq worker: {plan.processes} process(es), {plan.inflight} jobs in flight "
-               f"and {plan.decode_workers} decoder {kind} each, batches of "
+               f"and {plan.decode_workers} decoders ({kind}) each, batches of "
                f"{plan.batch_size}", err=True)
     sys.exit(run_workers(settings, plan, queues=queues or settings.queue, loglevel=loglevel))
 

@@ -16,8 +16,9 @@ from vidq.errors import ConfigError
 
 ENV_PREFIX = "VIDQ_"
 EMBEDDING_MODES = ("off", "video", "clip")
-DECODER_KINDS = ("auto", "threads", "processes")
 """``VIDQ_EMBEDDINGS``: keep nothing, one vector per video, or per video and per clip."""
+DECODER_KINDS = ("auto", "threads", "processes")
+"""``VIDQ_DECODERS``: see ``Settings.decoders``."""
 
 
 @dataclass(frozen=True)
@@ -91,15 +92,16 @@ class Settings:
     one ready, and a video in each decoder's hands. 1 = one job at a time."""
 
     decode_workers: int = 0
-    """Videos decoded and transformed at the same time in one worker process (threads).
-    0 = the CPU cores the process may use, less one for the model (at least 1)."""
+    """Videos decoded and transformed at the same time in one worker process (threads or
+    processes: ``decoders``). 0 = the CPU cores the process may use, less one for the
+    model (at least 1)."""
 
     decoders: str = "auto"
     """Where the decode workers run: ``threads`` of the worker process, or ``processes``
     of their own (each with its own GIL; clips come back in shared memory). ``auto``:
-    processes when there are several decode workers (one-clip jobs measured 1.3x
-    faster with two), threads for one (as fast, and no extra process). See
-    worker/decoders.py."""
+    processes when there are several decode workers (one-clip jobs 1.1x faster with
+    two, benchmarks/feed_rate.py), a thread for one (as fast, and no extra process).
+    See worker/decoders.py."""
 
     batch_wait_ms: float = 5.0
     """How long the model loop waits for a fuller batch before it runs what it has."""
