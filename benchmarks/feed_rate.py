@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -288,30 +290,52 @@ def simulated(args: argparse.Namespace, videos: dict[str, list[Path]], work: Pat
         print(line)
 
 
+REAL_CONFIGS = {
+    "inflight 1, 1 decoder": {"inflight": 1, "decode_workers": 1},
+    "new defaults": {"inflight": 0, "decode_workers": 0},
+}
+
+
 def real(args: argparse.Namespace, videos: dict[str, list[Path]], work: Path) -> None:
+    """Each configuration and corpus in a fresh process, as a worker runs: several Celery
+    workers and pipelines in one process measured a later one up to 4x slower (its
+    cores half idle), whichever configuration it was."""
     settings = Settings.from_env()
     print(f"real model {args.real} on CPU ({settings.precision}, random weights): "
-          "new defaults against VIDQ_INFLIGHT=1 VIDQ_DECODE_WORKERS=1, alternating rounds")
-    configs = {
-        "inflight 1, 1 decoder": dict(inflight=1, decode_workers=1),
-        "new defaults": dict(inflight=0, decode_workers=0),
-    }
-    rates: dict[str, list[float]] = {k: [] for k in configs}
+          "new defaults against VIDQ_INFLIGHT=1 VIDQ_DECODE_WORKERS=1, alternating rounds, "
+          "each run in a fresh process")
+    rates: dict[str, list[float]] = {k: [] for k in REAL_CONFIGS}
     for rnd in range(args.rounds):
-        for label, cfg in configs.items():
+        order = list(REAL_CONFIGS) if rnd % 2 == 0 else list(reversed(REAL_CONFIGS))
+        for label in order:
             for name, files in videos.items():
-                sampling = SHORT if name == "one-clip" else LONG
-                clf = Classifier(model=args.real, weights="random", device="cpu",
-                                 precision=settings.precision, **cfg)
-                rate, stats = worker_rate(clf, files, sampling, work, f"real-{rnd}-{name}")
-                rates[label].append(rate)
-                print(f"round {rnd} {label:22} {name:9} {rate:6.2f} clips/s "
-                      f"(inflight {clf.inflight}, {clf.decode_workers} decoders, "
-                      f"fill {stats['mean_fill']:.0%})", flush=True)
+                job = json.dumps({"model": args.real, "label": label, "corpus": name,
+                                  "files": [str(f) for f in files], "work": str(work),
+                                  # a database of its own: a second run in the first's
+                                  # counted the first's jobs and the time between them
+                                  "tag": f"real-{rnd}-{label.split()[-1]}-{name}"})
+                out = subprocess.run([sys.executable, __file__, "--one-real-run", job],
+                                     check=True, capture_output=True, text=True).stdout
+                result = json.loads(out.strip().splitlines()[-1])
+                rates[label].append(result["rate"])
+                print(f"round {rnd} {label:22} {name:9} {result['rate']:6.2f} clips/s "
+                      f"(inflight {result['inflight']}, {result['decoders']} decoders, "
+                      f"fill {result['fill']:.0%})", flush=True)
     old, new = statistics.median(rates["inflight 1, 1 decoder"]), statistics.median(
         rates["new defaults"])
     print(f"\nmedian: new defaults {new:.2f} clips/s vs inflight 1 / 1 decoder {old:.2f}: "
           f"{new / old:.0%}")
+
+
+def one_real_run(job: dict[str, Any]) -> None:
+    settings = Settings.from_env()
+    clf = Classifier(model=job["model"], weights="random", device="cpu",
+                     precision=settings.precision, **REAL_CONFIGS[job["label"]])
+    sampling = SHORT if job["corpus"] == "one-clip" else LONG
+    rate, stats = worker_rate(clf, [Path(f) for f in job["files"]], sampling,
+                              Path(job["work"]), job["tag"])
+    print(json.dumps({"rate": rate, "inflight": clf.inflight,
+                      "decoders": clf.decode_workers, "fill": stats["mean_fill"]}))
 
 
 def main() -> None:
@@ -335,7 +359,11 @@ def main() -> None:
                          "0: the worker's default, cores / decoders)")
     ap.add_argument("--real", default=None, help="a real model preset instead of the simulation")
     ap.add_argument("--corpus", type=Path, default=None)
+    ap.add_argument("--one-real-run", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.one_real_run:
+        one_real_run(json.loads(args.one_real_run))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         videos = corpus(args.corpus or work / "media", short=args.short, long=args.long,
