@@ -9,15 +9,17 @@ between runs. How many frames nothing references is the encoder's choice: with
 the other benchmarks' +-12 grain, x264 writes few B-frames at 360p (39 of 240);
 with +-4 (the default here), about 45% of frames, as on ordinary camera video.
 
-Decode side: every sliding window of the file decoded and transformed
-(``VideoReader.clips`` with FFmpeg's own threads, then ``clip_views`` on one
-thread, as vidq's decode thread runs them), with
-``skip_unused_frames`` on and off in alternating rounds, so a noisy moment on a
-shared machine hits both; each round prints both rates and their ratio, and the
-summary the median ratio per size, for slow_r50's sampling (8 of 64 frames) and
-x3d_xs's (4 of 48). Ratios of wall time and of the process's CPU time (all
-decoder threads: the work saved, which other jobs on a shared machine disturb
-less), for decode+transform and for the decode alone.
+Decode side: every sliding window of the file decoded (``VideoReader.clips`` with
+FFmpeg's own threads, as vidq's decoders run it) and made into the model's input
+as each kind of host does it, in two passes of their own: a CPU host's decoder
+transforms each clip (``clip_views`` on one thread); a GPU host's decoder only
+copies the clip's RGB frames into one uint8 buffer (its pinned memory or shared
+slot, worker/decoders.py) and the GPU transforms them. Skipping is on and off in
+alternating rounds, so a noisy moment on a shared machine hits both; each round
+prints both rates and their ratios, and the summary the median ratio per size,
+for slow_r50's sampling (8 of 64 frames) and x3d_xs's (4 of 48). Ratios of wall
+time and of the process's CPU time (all decoder threads: the work saved, which
+other jobs on a shared machine disturb less).
 
 End to end: ``Classifier.classify_many`` over the corpus with on/off alternating,
 for x3d_xs and slow_r50 with random weights (the speed of a forward does not
@@ -56,32 +58,36 @@ def corpus(directory: Path, seconds: float, noise: int) -> dict[str, Path]:
     return out
 
 
-def decode_rate(path: Path, *, model: str, skip: bool) -> tuple[float, ...]:
-    """Windows per second over every sliding window: (decode+transform wall, its CPU,
-    decode alone wall, its CPU, share of packets decoded). "Decode alone" is the same
-    pass less the time spent in ``clip_views`` (RGB conversion stays in: it is the
-    reader's)."""
+def decode_rate(path: Path, *, model: str, skip: bool, host: str) -> tuple[float, float, float]:
+    """Windows per second over every sliding window, decoded and prepared as a ``host``
+    ("cpu" or "gpu") host's decoder prepares them: (per wall s, per CPU s, share of
+    packets decoded)."""
+    import numpy as np
+
     from vidq.sampling import Sampling, plan_windows
     from worker.models import get_preset
     from worker.transforms import clip_views
     from worker.video import VideoReader
 
     preset = get_preset(model)
-    transform_wall = transform_cpu = 0.0
+    slot: np.ndarray | None = None
     t, cpu = time.perf_counter(), time.process_time()
     with VideoReader(path, skip_unused_frames=skip) as reader:
         windows = plan_windows(Sampling(strategy="sliding"), reader.info.duration_s, preset.clip_duration)
         n = 0
         for clip in reader.clips(windows, num_frames=preset.num_frames):
-            tw, tc = time.perf_counter(), time.process_time()
-            clip_views(clip.rgb, preset)
-            transform_wall += time.perf_counter() - tw
-            transform_cpu += time.process_time() - tc
+            if host == "cpu":
+                clip_views(clip.rgb, preset)
+            else:
+                shape = (len(clip.rgb), *clip.rgb[0].shape)
+                if slot is None or slot.shape != shape:
+                    slot = np.empty(shape, np.uint8)
+                for i, frame in enumerate(clip.rgb):
+                    slot[i] = frame
             n += 1
         stats = reader.stats
     wall, cpu = time.perf_counter() - t, time.process_time() - cpu
-    return (n / wall, n / cpu, n / (wall - transform_wall), n / (cpu - transform_cpu),
-            stats.decoded / stats.packets)
+    return n / wall, n / cpu, stats.decoded / stats.packets
 
 
 def end_to_end_rate(clf: object, paths: list[Path], *, skip: bool) -> tuple[float, float]:
@@ -92,11 +98,11 @@ def end_to_end_rate(clf: object, paths: list[Path], *, skip: bool) -> tuple[floa
     return clips / (time.perf_counter() - t), clips / (time.process_time() - cpu)
 
 
-def alternate(label: str, rounds: int, measure) -> str:  # type: ignore[no-untyped-def]
+def alternate(label: str, rounds: int, measure, names: list[str]) -> str:  # type: ignore[no-untyped-def]
     """Rounds of on/off (order swapped each round); the median ratios as text. One
     discarded pass of each first: whichever ran first would otherwise pay for the cold
-    file and allocator (a first round of 0.65-0.95x seen for that reason)."""
-    names = ["wall", "CPU", "decode-only wall", "decode-only CPU"]
+    file and allocator (a first round of 0.65-0.95x seen for that reason). ``names``:
+    what the leading values ``measure`` returns are; one more is a share decoded."""
     ratios: list[list[float]] = [[] for _ in names]
     measure(True), measure(False)
     for i in range(rounds):
@@ -137,13 +143,16 @@ def main() -> None:
     torch.set_num_threads(1)  # vidq's decode thread runs its transforms on one core
     files = corpus(args.dir, args.seconds, args.noise)
     summary = []
-    print("decode + transform, windows/s (every sliding window):")
+    print("decode side, windows/s (every sliding window; rates are the CPU host's):")
     for model in () if args.e2e_only else ("slow_r50", "x3d_xs"):
         for name, path in files.items():
             def measure(skip: bool, path: Path = path, model: str = model) -> tuple[float, ...]:
-                return decode_rate(path, model=model, skip=skip)
+                cpu_wall, cpu_cpu, share = decode_rate(path, model=model, skip=skip, host="cpu")
+                gpu_wall, gpu_cpu, _ = decode_rate(path, model=model, skip=skip, host="gpu")
+                return cpu_wall, cpu_cpu, gpu_wall, gpu_cpu, share
 
-            summary.append((f"decode {model} {name}", alternate(f"{model} {name}", args.rounds, measure)))
+            summary.append((f"decode {model} {name}", alternate(f"{model} {name}", args.rounds, measure,
+                                     ["CPU host wall", "CPU", "GPU host wall", "CPU"])))
     if not args.skip_e2e:
         from worker.inference import Classifier
 
@@ -158,7 +167,7 @@ def main() -> None:
             ) -> tuple[float, float]:
                 return end_to_end_rate(clf, paths, skip=skip)
 
-            summary.append((f"end to end {model}", alternate(model, args.e2e_rounds, measure_e2e)))
+            summary.append((f"end to end {model}", alternate(model, args.e2e_rounds, measure_e2e, ["wall", "CPU"])))
     print("median ratio, skip on / skip off:")
     for label, ratio in summary:
         print(f"  {label}: {ratio}")
