@@ -41,6 +41,7 @@ import torch  # noqa: E402
 from benchmarks.corpus import make_video  # noqa: E402
 from vidq.sampling import Sampling, plan_windows  # noqa: E402
 from vidq.settings import Settings  # noqa: E402
+from worker.decoders import cpu_seconds  # noqa: E402
 from worker.inference import Classifier  # noqa: E402
 from worker.video import VideoReader  # noqa: E402
 
@@ -216,7 +217,7 @@ def worker_rate(classifier: Classifier, videos: list[Path], sampling: Sampling,
 
 def process_cpu(pipeline: Any) -> float:
     """CPU seconds of this process and its decoder processes."""
-    return time.process_time() + sum(proc.cpu_seconds() for proc in pipeline._procs if proc)
+    return time.process_time() + sum(cpu_seconds(pid) for pid in pipeline.decoder_pids())
 
 
 def tasks_sql_active() -> Any:

@@ -136,6 +136,16 @@ class DecoderDied(Exception):
     """The decoder process ended while a video was in its hands."""
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time process ``pid`` has used so far (Linux /proc; 0 if it has ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class DecoderProcess:
     """One decoder process, driven by one pipeline thread (``recv`` and the video
     messages); ``release`` may come from any thread (the model loop)."""
@@ -236,15 +246,8 @@ class DecoderProcess:
         return None if self._proc is None else self._proc.pid
 
     def cpu_seconds(self) -> float:
-        """CPU time the process has used so far (Linux /proc; 0 if it has ended)."""
-        if self._proc is None:
-            return 0.0
-        try:
-            with open(f"/proc/{self._proc.pid}/stat") as f:
-                fields = f.read().rpartition(")")[2].split()
-        except OSError:
-            return 0.0
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """CPU time the process has used so far (0 if it has ended)."""
+        return 0.0 if self._proc is None else cpu_seconds(self._proc.pid)
 
     def exit_reason(self) -> str:
         proc = self._proc
@@ -281,10 +284,19 @@ class DecoderProcess:
             self._proc.kill()
 
 
-def error_message(exc: BaseException, path: str) -> tuple[str, str, str]:
+def video_error(exc: BaseException, path: str) -> VidqError:
+    """What a failure while decoding a video records: its own error if vidq raised
+    it, else (a decoder or library crash) the video is ``undecodable``; the worker
+    goes on either way."""
     if isinstance(exc, VidqError):
-        return type(exc).__name__, exc.message, exc.kind
-    return "InputError", f"{path}: {exc}", "undecodable"
+        return exc
+    return InputError(f"{path}: {exc}", kind="undecodable")
+
+
+def error_message(exc: BaseException, path: str) -> tuple[str, str, str]:
+    """``video_error`` as three strings, for the pipe to the pipeline."""
+    error = video_error(exc, path)
+    return type(error).__name__, error.message, error.kind
 
 
 def rebuild_error(cls: str, message: str, kind: str) -> VidqError:

@@ -50,6 +50,7 @@ from worker.decoders import (
     DecoderProcess,
     decode_video,
     rebuild_error,
+    video_error,
 )
 from worker.supervisor import cpu_cores
 from worker.video import ClipFrames, DecodeStats, VideoInfo
@@ -275,10 +276,10 @@ class Pipeline:
                     self._decode(video)
                 except _Closed:
                     video.finish(error=_shutdown())
-                except Exception as exc:  # noqa: BLE001  a bug here must not stop decoding
+                except Exception as exc:  # a bug here must not stop decoding
                     log.exception("decoder %s failed on %s", threading.current_thread().name,
                                   video.path)
-                    video.finish(error=InputError(f"{video.path}: {exc}", kind="undecodable"))
+                    video.finish(error=video_error(exc, video.path))
         finally:
             if proc is not None:
                 proc.stop()
@@ -307,11 +308,8 @@ class Pipeline:
                          emit=emit, check=check)
         except _Closed:
             raise
-        except VidqError as exc:
-            self._put(("error", video, exc))
-        except Exception as exc:  # a decoder crash fails one video, not the worker
-            self._put(("error", video,
-                       InputError(f"{video.path}: {exc}", kind="undecodable")))
+        except Exception as exc:  # a bad input (or a decoder crash) fails this video only
+            self._put(("error", video, video_error(exc, video.path)))
 
     def _put_clip(self, video: _Video, clip: ClipFrames, prepared: torch.Tensor,
                   release: Callable[[], None] | None) -> None:
@@ -360,11 +358,10 @@ class Pipeline:
                 for entry in sent.values():
                     entry.video.finish(error=_shutdown())
                 sent.clear()
-            except Exception as exc:  # noqa: BLE001  a bug here must not stop decoding
+            except Exception as exc:  # a bug here must not stop decoding
                 log.exception("decoder %s failed", proc.name)
                 for entry in sent.values():
-                    entry.video.finish(error=InputError(f"{entry.video.path}: {exc}",
-                                                        kind="undecodable"))
+                    entry.video.finish(error=video_error(exc, entry.video.path))
                 sent.clear()
                 self._restart(proc)
 
@@ -431,7 +428,7 @@ class Pipeline:
         proc.stop(wait=0)
         try:
             proc.start()
-        except Exception:  # noqa: BLE001  the next video sent finds it dead and tries again
+        except Exception:  # the next video sent finds it dead and tries again
             log.exception("decoder process %s did not restart", proc.name)
 
     # -- batch, predict, route -----------------------------------------------------
@@ -558,8 +555,8 @@ class Pipeline:
                 scored=video.scored, decode_s=video.decode_s, model_s=video.model_s,
                 started=video.submitted, decode_stats=video.decode_stats,
             )
-        except Exception as exc:  # noqa: BLE001
-            video.finish(error=InputError(f"{video.path}: {exc}", kind="undecodable"))
+        except Exception as exc:  # noqa: BLE001  a bug in assembling fails this video only
+            video.finish(error=video_error(exc, video.path))
             return
         video.finish(result)
 
