@@ -77,21 +77,29 @@ def _scaled(frames: Frames, size: int, *, crop: int = 0,
     not the whole clip: 88 MB at 720p is beyond the allocator's reuse, so the clip
     at once cost fresh zeroed pages on every window and took 6x longer at 720p
     (benchmarks/decode.py); the peak memory of a window drops by the same factor.
-    Each frame's result goes straight into one output tensor: a ``torch.cat`` of the
-    eight results measured 1.7-4x slower in fresh processes (more live memory, and
-    the frame-sized float buffer is no longer reused). Cropping each frame as it is
-    copied there spares a copy of the whole resized clip.
+    That one float frame is allocated once per clip and refilled for each frame (a
+    new one per frame cost fresh pages too: the transform of a window took 13-22%
+    longer at 360p-1080p, decoding alongside). Each frame's result goes straight into
+    one output tensor: a ``torch.cat`` of the eight results measured 1.7-4x slower in
+    fresh processes (more live memory, and the frame-sized float buffer is no longer
+    reused). Cropping each frame as it is copied there spares a copy of the whole
+    resized clip.
     """
+    first = _frame(frames, 0)
+    buffer = torch.empty(first.shape, dtype=torch.float32, device=first.device)
+    planes = buffer.permute(3, 0, 1, 2)  # (3, 1, H, W): the seed's (C, T, H, W), T = 1
+
     def one(t: int) -> torch.Tensor:
-        x = short_side_scale(_frame(frames, t).permute(3, 0, 1, 2).to(torch.float32), size)
+        buffer.copy_(_frame(frames, t))
+        x = short_side_scale(planes, size)
         return center_crop(x, crop) if crop else x
 
-    first = one(0)
+    scaled = one(0)
     if out is None:
         out = torch.empty(
-            (3, len(frames), *first.shape[-2:]), dtype=torch.float32, device=_device(frames)
+            (3, len(frames), *scaled.shape[-2:]), dtype=torch.float32, device=_device(frames)
         )
-    out[:, :1] = first
+    out[:, :1] = scaled
     for t in range(1, len(frames)):
         out[:, t : t + 1] = one(t)
     return out

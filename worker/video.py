@@ -526,7 +526,8 @@ class _PlannedPass:
             reader._count_packet(self.started)
             self._add(packet)
             self._release()
-            yield from self._take_ready()
+            if self.ready:
+                yield from self._take_ready()
             if self.collecting:
                 continue
             if self.nxt == len(plans):
@@ -608,7 +609,7 @@ class _PlannedPass:
 
     def _wanted(self, packet: av.Packet) -> bool:
         pts = packet.pts
-        if self.refs is None or pts is None or self.needed[pts]:
+        if self.refs is None or pts is None or pts in self.needed:  # (no zero counts kept)
             return True
         if self.keyframe_pts is None or pts < self.keyframe_pts:
             return True
