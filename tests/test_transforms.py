@@ -115,6 +115,24 @@ def test_three_crops_are_left_centre_right_like_pytorchvideo(
         assert torch.equal(ours, ptv_uniform_crop(x, size, spatial_idx))
 
 
+FRAME_SIZES = [(360, 640), (720, 1280), (1080, 1920), (640, 360), (200, 300), (1082, 1918)]
+
+
+@pytest.mark.parametrize("hw", FRAME_SIZES, ids=[f"{w}x{h}" for h, w in FRAME_SIZES])
+def test_frame_by_frame_resize_is_the_whole_clips_bit_for_bit(hw: tuple[int, int]) -> None:
+    """The transform resizes (and crops) one frame at a time into a reused float frame;
+    every value must be the one resizing the whole (C, T, H, W) clip at once gives,
+    exactly, for frames as a list or one array."""
+    from worker.transforms import _scaled
+
+    rng = np.random.default_rng(hw[0] * hw[1])
+    frames = [rng.integers(0, 256, (*hw, 3), dtype=np.uint8) for _ in range(3)]
+    whole = short_side_scale(as_cthw(np.stack(frames)).contiguous(), 256)
+    for given in (frames, torch.from_numpy(np.stack(frames))):
+        assert torch.equal(_scaled(given, 256), whole)
+        assert torch.equal(_scaled(given, 256, crop=224), center_crop(whole, 224))
+
+
 @pytest.mark.parametrize("name", ["h264_30", "portrait", "h264_60_mkv", "vp9_webm"])
 @pytest.mark.parametrize("preset_name", ["slow_r50", "x3d_xs"])
 def test_clip_views_match_the_seed_compose_on_real_frames(
