@@ -143,7 +143,8 @@ def main() -> None:
     torch.set_num_threads(1)  # vidq's decode thread runs its transforms on one core
     files = corpus(args.dir, args.seconds, args.noise)
     summary = []
-    print("decode side, windows/s (every sliding window; rates are the CPU host's):")
+    if not args.e2e_only:
+        print("decode side, windows/s (every sliding window; rates are the CPU host's):")
     for model in () if args.e2e_only else ("slow_r50", "x3d_xs"):
         for name, path in files.items():
             def measure(skip: bool, path: Path = path, model: str = model) -> tuple[float, ...]:
