@@ -19,7 +19,10 @@ alternating rounds, so a noisy moment on a shared machine hits both; each round
 prints both rates and their ratios, and the summary the median ratio per size,
 for slow_r50's sampling (8 of 64 frames) and x3d_xs's (4 of 48). Ratios of wall
 time and of the process's CPU time (all decoder threads: the work saved, which
-other jobs on a shared machine disturb less).
+other jobs on a shared machine disturb less). Then the same with decoders on every
+core (``--decoders``, one process per core by default, each with one FFmpeg
+thread, as the pipeline runs several): the windows per wall second of all of them
+together, which is a saturated host's decode throughput.
 
 End to end: ``Classifier.classify_many`` over the corpus with on/off alternating,
 for x3d_xs and slow_r50 with random weights (the speed of a forward does not
@@ -29,6 +32,7 @@ depend on the weights), fp32 on CPU unless --device says otherwise.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -58,10 +62,11 @@ def corpus(directory: Path, seconds: float, noise: int) -> dict[str, Path]:
     return out
 
 
-def decode_rate(path: Path, *, model: str, skip: bool, host: str) -> tuple[float, float, float]:
+def decode_rate(path: Path, *, model: str, skip: bool, host: str,
+                threads: int = 0) -> tuple[float, float, float]:
     """Windows per second over every sliding window, decoded and prepared as a ``host``
-    ("cpu" or "gpu") host's decoder prepares them: (per wall s, per CPU s, share of
-    packets decoded)."""
+    ("cpu" or "gpu") host's decoder prepares them, with ``threads`` FFmpeg threads (0:
+    FFmpeg's choice): (per wall s, per CPU s, share of packets decoded)."""
     import numpy as np
 
     from vidq.sampling import Sampling, plan_windows
@@ -72,7 +77,7 @@ def decode_rate(path: Path, *, model: str, skip: bool, host: str) -> tuple[float
     preset = get_preset(model)
     slot: np.ndarray | None = None
     t, cpu = time.perf_counter(), time.process_time()
-    with VideoReader(path, skip_unused_frames=skip) as reader:
+    with VideoReader(path, skip_unused_frames=skip, threads=threads) as reader:
         windows = plan_windows(Sampling(strategy="sliding"), reader.info.duration_s, preset.clip_duration)
         n = 0
         for clip in reader.clips(windows, num_frames=preset.num_frames):
@@ -88,6 +93,52 @@ def decode_rate(path: Path, *, model: str, skip: bool, host: str) -> tuple[float
         stats = reader.stats
     wall, cpu = time.perf_counter() - t, time.process_time() - cpu
     return n / wall, n / cpu, stats.decoded / stats.packets
+
+
+def _one_core() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _windows(path: Path, model: str, skip: bool, host: str) -> float:
+    """A decoder process's pass (one FFmpeg thread): its windows."""
+    rate, _cpu, _share = decode_rate(path, model=model, skip=skip, host=host, threads=1)
+    return rate
+
+
+class EveryCore:
+    """One decoder process per core, each with one FFmpeg thread, as the pipeline runs
+    several decoders (worker/pipeline.py: a core's share of threads each): windows per
+    wall second of all of them together, each decoding the file once. The processes
+    are started (and their imports done) before any pass is timed."""
+
+    def __init__(self, processes: int) -> None:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.processes = processes
+        self.pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
+                                        initializer=_one_core)
+        list(self.pool.map(time.sleep, [0.5] * processes))
+
+    def rate(self, path: Path, *, model: str, skip: bool, host: str) -> float:
+        from vidq.sampling import Sampling, plan_windows
+        from worker.models import get_preset
+        from worker.video import VideoReader
+
+        with VideoReader(path) as reader:
+            windows = len(plan_windows(Sampling(strategy="sliding"), reader.info.duration_s,
+                                       get_preset(model).clip_duration))
+        t = time.perf_counter()
+        futures = [self.pool.submit(_windows, path, model, skip, host)
+                   for _ in range(self.processes)]
+        for future in futures:
+            future.result()
+        return windows * self.processes / (time.perf_counter() - t)
+
+    def close(self) -> None:
+        self.pool.shutdown()
 
 
 def end_to_end_rate(clf: object, paths: list[Path], *, skip: bool) -> tuple[float, float]:
@@ -133,6 +184,8 @@ def main() -> None:
     ap.add_argument("--noise", type=int, default=4, help="per-frame noise amplitude of the corpus")
     ap.add_argument("--dir", type=Path, default=Path("/tmp/vidq-decode-bench"))
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--decoders", type=int, default=0,
+                    help="decoder processes of the every-core passes (default: one per core)")
     ap.add_argument("--skip-e2e", action="store_true", help="decode side only")
     ap.add_argument("--e2e-only", action="store_true", help="end to end only")
     args = ap.parse_args()
@@ -143,17 +196,24 @@ def main() -> None:
     torch.set_num_threads(1)  # vidq's decode thread runs its transforms on one core
     files = corpus(args.dir, args.seconds, args.noise)
     summary = []
+    every = None
     if not args.e2e_only:
+        every = EveryCore(args.decoders or os.cpu_count() or 1)
         print("decode side, windows/s (every sliding window; rates are the CPU host's):")
     for model in () if args.e2e_only else ("slow_r50", "x3d_xs"):
         for name, path in files.items():
             def measure(skip: bool, path: Path = path, model: str = model) -> tuple[float, ...]:
                 cpu_wall, cpu_cpu, share = decode_rate(path, model=model, skip=skip, host="cpu")
                 gpu_wall, gpu_cpu, _ = decode_rate(path, model=model, skip=skip, host="gpu")
-                return cpu_wall, cpu_cpu, gpu_wall, gpu_cpu, share
+                rates = [every.rate(path, model=model, skip=skip, host=h) for h in ("cpu", "gpu")]
+                return cpu_wall, cpu_cpu, gpu_wall, gpu_cpu, *rates, share
 
-            summary.append((f"decode {model} {name}", alternate(f"{model} {name}", args.rounds, measure,
-                                     ["CPU host wall", "CPU", "GPU host wall", "CPU"])))
+            summary.append((f"decode {model} {name}", alternate(
+                f"{model} {name}", args.rounds, measure,
+                ["CPU host wall", "CPU", "GPU host wall", "CPU",
+                 f"{every.processes} decoders CPU host", "GPU host"])))
+    if every is not None:
+        every.close()
     if not args.skip_e2e:
         from worker.inference import Classifier
 
