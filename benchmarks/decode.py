@@ -101,7 +101,7 @@ def _one_core() -> None:
     torch.set_num_threads(1)
 
 
-def _windows(path: Path, model: str, skip: bool, host: str) -> float:
+def _windows(path: Path, *, model: str, skip: bool, host: str) -> float:
     """A decoder process's pass (one FFmpeg thread): its windows."""
     rate, _cpu, _share = decode_rate(path, model=model, skip=skip, host=host, threads=1)
     return rate
@@ -131,7 +131,7 @@ class EveryCore:
             windows = len(plan_windows(Sampling(strategy="sliding"), reader.info.duration_s,
                                        get_preset(model).clip_duration))
         t = time.perf_counter()
-        futures = [self.pool.submit(_windows, path, model, skip, host)
+        futures = [self.pool.submit(_windows, path, model=model, skip=skip, host=host)
                    for _ in range(self.processes)]
         for future in futures:
             future.result()
@@ -145,7 +145,7 @@ def end_to_end_rate(clf: object, paths: list[Path], *, skip: bool) -> tuple[floa
     """(clips per wall s, clips per CPU s of the whole process: model and decoder)."""
     clf.skip_unused_frames = skip  # type: ignore[attr-defined]
     t, cpu = time.perf_counter(), time.process_time()
-    clips = sum(len(r.clips) for r in clf.classify_many(paths))  # type: ignore[attr-defined]
+    clips = sum(len(r.clips) for r in clf.classify_many(paths))  # type: ignore[attr-defined, misc]
     return clips / (time.perf_counter() - t), clips / (time.process_time() - cpu)
 
 
@@ -175,6 +175,26 @@ def alternate(label: str, rounds: int, measure, names: list[str]) -> str:  # typ
     )
 
 
+def decode_side(files: dict[str, Path], *, rounds: int, every: EveryCore) -> list[tuple[str, str]]:
+    """Alternating rounds per sampling and size; (label, median ratios) of each."""
+    print("decode side, windows/s (every sliding window; rates are the CPU host's):")
+    summary = []
+    for model in ("slow_r50", "x3d_xs"):
+        for name, path in files.items():
+            def measure(skip: bool, path: Path = path, model: str = model) -> tuple[float, ...]:
+                cpu_wall, cpu_cpu, share = decode_rate(path, model=model, skip=skip, host="cpu")
+                gpu_wall, gpu_cpu, _ = decode_rate(path, model=model, skip=skip, host="gpu")
+                rates = [every.rate(path, model=model, skip=skip, host=h) for h in ("cpu", "gpu")]
+                return cpu_wall, cpu_cpu, gpu_wall, gpu_cpu, *rates, share
+
+            summary.append((f"decode {model} {name}", alternate(
+                f"{model} {name}", rounds, measure,
+                ["CPU host wall", "CPU", "GPU host wall", "CPU",
+                 f"{every.processes} decoders CPU host", "GPU host"])))
+    every.close()
+    return summary
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=30.0,
@@ -195,25 +215,10 @@ def main() -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # vidq's decode thread runs its transforms on one core
     files = corpus(args.dir, args.seconds, args.noise)
-    summary = []
-    every = None
+    summary: list[tuple[str, str]] = []
     if not args.e2e_only:
-        every = EveryCore(args.decoders or os.cpu_count() or 1)
-        print("decode side, windows/s (every sliding window; rates are the CPU host's):")
-    for model in () if args.e2e_only else ("slow_r50", "x3d_xs"):
-        for name, path in files.items():
-            def measure(skip: bool, path: Path = path, model: str = model) -> tuple[float, ...]:
-                cpu_wall, cpu_cpu, share = decode_rate(path, model=model, skip=skip, host="cpu")
-                gpu_wall, gpu_cpu, _ = decode_rate(path, model=model, skip=skip, host="gpu")
-                rates = [every.rate(path, model=model, skip=skip, host=h) for h in ("cpu", "gpu")]
-                return cpu_wall, cpu_cpu, gpu_wall, gpu_cpu, *rates, share
-
-            summary.append((f"decode {model} {name}", alternate(
-                f"{model} {name}", args.rounds, measure,
-                ["CPU host wall", "CPU", "GPU host wall", "CPU",
-                 f"{every.processes} decoders CPU host", "GPU host"])))
-    if every is not None:
-        every.close()
+        summary += decode_side(files, rounds=args.rounds,
+                               every=EveryCore(args.decoders or os.cpu_count() or 1))
     if not args.skip_e2e:
         from worker.inference import Classifier
 
