@@ -22,11 +22,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import IO, Iterable, Iterator
+from typing import IO, Iterable, Iterator, cast
 
 import av
 import numpy as np
 import torch
+from av.container import InputContainer
 from av.video.reformatter import VideoReformatter
 
 from vidq.errors import InputError
@@ -176,7 +177,8 @@ class VideoReader:
         if not isinstance(self.source, str):
             self.source.seek(0)  # reopened for a second pass: from the start again
         try:
-            self._container = av.open(self.source, metadata_errors="ignore", options=SAFE_OPEN)
+            self._container = cast(InputContainer, av.open(  # opened for reading
+                self.source, metadata_errors="ignore", options=SAFE_OPEN))
         except av.error.InvalidDataError:
             raise InputError(
                 f"{self.path}: not a video FFmpeg can read (wrong format, or damaged: "
