@@ -87,8 +87,7 @@ def decode_rate(path: Path, *, model: str, skip: bool, host: str,
                 shape = (len(clip.rgb), *clip.rgb[0].shape)
                 if slot is None or slot.shape != shape:
                     slot = np.empty(shape, np.uint8)
-                for i, frame in enumerate(clip.rgb):
-                    slot[i] = frame
+                np.stack(clip.rgb, out=slot)  # as a decoder process fills its slot
             n += 1
         stats = reader.stats
     wall, cpu = time.perf_counter() - t, time.process_time() - cpu

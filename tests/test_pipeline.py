@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -153,6 +154,36 @@ def test_threads_and_processes_give_identical_results(clips: list[Path], crops: 
         assert not isinstance(x, VidqError) and not isinstance(y, VidqError)
         assert x.clips == y.clips  # windows, frames used, labels and scores, exactly
         assert x.top == y.top and x.decode_stats == y.decode_stats
+
+
+def test_a_decoder_process_hands_a_gpu_host_the_readers_frames(clips: list[Path]) -> None:
+    """For an accelerator the decoder process writes a clip's uint8 frames, not views,
+    into its slot: they must be the reader's frames byte for byte (run here on CPU)."""
+    import dataclasses
+
+    from worker.decoders import DecodeConfig, DecoderProcess
+    from worker.video import read_clips
+
+    clf = classifier()
+    config = dataclasses.replace(DecodeConfig.of(clf, 1), frames_only=True)
+    sampling = Sampling(strategy="uniform", clips=3)
+    proc = DecoderProcess(config, 4, "frames-only")
+    proc.start()
+    try:
+        proc.send(("video", 1, str(clips[0]), sampling))
+        got = []
+        while (message := proc.recv())[0] not in ("end", "error"):
+            if message[0] == "clip":
+                got.append(message[3].numpy().copy())
+                proc.release(message[4], proc.generation)
+        assert message[0] == "end", message
+    finally:
+        proc.stop()
+    _info, expected = read_clips(clips[0], sampling, num_frames=clf.preset.num_frames,
+                                 clip_duration=clf.preset.clip_duration, limits=clf.limits)
+    assert len(got) == len(expected) == 3
+    for frames, clip in zip(got, expected):
+        assert frames.dtype == np.uint8 and np.array_equal(frames, clip.frames)
 
 
 def test_a_decoder_process_that_dies_fails_only_its_video(clips: list[Path]) -> None:

@@ -379,9 +379,7 @@ class _Child:
         if self.config.frames_only:
             shape = (len(clip.rgb), *clip.rgb[0].shape)
             k, buffer = self.slot(prod(shape))
-            stacked = np.frombuffer(buffer, np.uint8, prod(shape)).reshape(shape)
-            for t, frame in enumerate(clip.rgb):
-                stacked[t] = frame
+            np.stack(clip.rgb, out=np.frombuffer(buffer, np.uint8, prod(shape)).reshape(shape))
             return k, shape, "uint8"
         preset = self.config.preset
         shape = (crops, 3, len(clip.rgb), preset.crop_size, preset.crop_size)

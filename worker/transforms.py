@@ -97,7 +97,7 @@ def _scaled(frames: Frames, size: int, *, crop: int = 0,
     scaled = one(0)
     if out is None:
         out = torch.empty(
-            (3, len(frames), *scaled.shape[-2:]), dtype=torch.float32, device=_device(frames)
+            (3, len(frames), *scaled.shape[-2:]), dtype=torch.float32, device=buffer.device
         )
     out[:, :1] = scaled
     for t in range(1, len(frames)):
