@@ -12,12 +12,28 @@ bash scripts/setup.sh worker
 videos=${1:-}
 if [ -z "$videos" ]; then
     videos=samples
-    [ -d samples ] || python benchmarks/corpus.py samples 3 >/dev/null
+    if [ ! -d samples ]; then
+        echo "writing 3 sample videos to samples/"
+        python benchmarks/corpus.py samples 3 >/dev/null
+    fi
 fi
-
-vidq run "$videos" --recursive --batch demo --strategy uniform --clips 3
-vidq status --batch demo
-vidq results --batch demo
 db=$(python -c "from vidq.settings import Settings; print(Settings.from_env().database_url)")
+echo "classifying $videos into $db (loading the model first)..."
+vidq run "$videos" --recursive --batch demo --strategy uniform --clips 3
 echo
-echo "Results are in $db: vidq show JOB_ID, vidq results --format csv, or SQL (see README.md)."
+vidq status --batch demo
+echo
+vidq results --batch demo
+
+# What the user's own shell needs for the next command to find vidq and the same weights.
+next=". .venv/bin/activate"
+if [ -n "${VIDQ_WEIGHTS:-}" ] && [ "$VIDQ_WEIGHTS" != pretrained ]; then
+    next="$next && export VIDQ_WEIGHTS=$(printf %q "$VIDQ_WEIGHTS")"
+fi
+echo
+echo "Done: the results are in $db. Next, in your shell:"
+echo "    $next"
+example=$(find "$videos" -type f -name '*.mp4' 2>/dev/null | sort | head -n 1 || true)
+echo "    vidq results --batch demo --format csv"
+echo "    vidq classify ${example:-VIDEO.mp4}"
+echo "More in README.md and docs/usage.md."

@@ -13,5 +13,21 @@ if ! command -v docker-compose >/dev/null 2>&1 && command -v apt-get >/dev/null 
      (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q docker-compose >/dev/null 2>&1)) || \
         echo "test.sh: could not install docker-compose; the compose check will say so" >&2
 fi
-bash scripts/services.sh
-exec python -m pytest "$@"
+# tests/unit needs no service: asked for alone, it runs with Redis and PostgreSQL stopped.
+unit=0 other=0
+for arg in "$@"; do
+    case $arg in
+        tests/unit|tests/unit/*) unit=1 ;;
+        tests|tests/*) other=1 ;;
+    esac
+done
+if [ $unit = 0 ] || [ $other = 1 ]; then
+    bash scripts/services.sh
+fi
+if [ $unit = 0 ] && [ $other = 0 ]; then
+    echo "test.sh: the whole default run takes about 20 minutes on 2 cores;" \
+         "tests/unit alone takes seconds (bash scripts/test.sh tests/unit)."
+fi
+# -v names each test as it starts (some run for minutes); count style numbers them.
+# A -q among the arguments (as .ci/run gives) takes the names back out.
+exec python -m pytest -v -o console_output_style=count "$@"

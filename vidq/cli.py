@@ -117,8 +117,10 @@ def classify(
         int8_calibration=int8_calibration, batch_size=batch_size, top_k=top_k,
         embeddings=embeddings,
     )
+    # --clips counts only for uniform; report the one clip that single samples.
     sampling = Sampling(
-        strategy=strategy, clips=clips, stride_s=stride, start_sec=start_sec, crops=int(crops)
+        strategy=strategy, clips=1 if strategy == "single" else clips, stride_s=stride,
+        start_sec=start_sec, crops=int(crops),
     )
     failures = 0
     good: list[str] = []
@@ -322,13 +324,24 @@ def run(inputs: tuple[str, ...], recursive: bool, pattern: str | None,
 
 
 def _status(settings: Settings, batch: str | None) -> Any:
-    """Counts from the database, plus the broker's queue depths when it answers."""
-    from producer.query import status_summary
-    from vidq.db import sessions
+    """Counts from the database, plus the broker's queue depths when it answers. Jobs
+    that `vidq run` recorded never went through a broker: with no other job in view,
+    the broker is not asked."""
+    from sqlalchemy import select
+
+    from producer.query import batch_id, status_summary
+    from vidq.db import Job, sessions
     from vidq.queue import queue_depths
 
     with sessions(settings.database_url, auto_migrate=settings.auto_migrate)() as session:
         summary = status_summary(session, batch)
+        bid = batch_id(session, batch)
+        published = select(Job.id).where(Job.enqueued_at.is_not(None)).limit(1)
+        if bid is not None:
+            published = published.where(Job.batch_id == bid)
+        brokered = session.scalar(published) is not None
+    if not brokered:
+        return summary
     try:
         summary.queue_depth = queue_depths(settings, [settings.queue])
     except Exception as exc:  # the broker is down: the database view still stands
