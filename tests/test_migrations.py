@@ -1,7 +1,7 @@
 """Schema migrations on real SQLite and PostgreSQL databases.
 
 - A database made by vidq 0.1.0 (``create_all``, no version table), full of rows,
-  is recognised, stamped at the baseline and upgraded: every row and every README
+  is recognised, stamped at the baseline and upgraded: every row and every documented
   poll answers as before, and vidq's own commands work on it.
 - The models and the migrations agree (Alembic's autogenerate comparison is empty),
   and the baseline equals the 0.1.0 schema.
@@ -32,7 +32,7 @@ from tests.e2e.conftest import empty_database_url  # noqa: F401  (fixture)
 from vidq import migrate
 from vidq.db import Base, dispose_engines, get_engine, make_engine
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+SCHEMA_DOC = Path(__file__).resolve().parents[1] / "docs" / "reference" / "schema.md"
 LEGACY_TABLES = {
     "batches": ("id", [c.name for c in old.Batch.__table__.columns]),
     "jobs": ("id", [c.name for c in old.Job.__table__.columns]),
@@ -43,11 +43,11 @@ LEGACY_TABLES = {
 
 
 def readme_polls() -> list[str]:
-    blocks = re.findall(r"```sql\n(.*?)```", README.read_text(), flags=re.S)
+    blocks = re.findall(r"```sql\n(.*?)```", SCHEMA_DOC.read_text(), flags=re.S)
     statements = [s.strip() for b in blocks for s in b.split(";") if s.strip()]
     # Comments out; keep only the statements of the "common polls" block and its kin.
     polls = [re.sub(r"--[^\n]*\n", "", s).strip() for s in statements]
-    assert len(polls) >= 5, "README.md should show the common polls as SQL"
+    assert len(polls) >= 5, "docs/reference/schema.md should show the common polls as SQL"
     return polls
 
 
@@ -96,7 +96,7 @@ def fill_release_0_1_0(url: str) -> None:
 
 
 def snapshot(url: str) -> dict[str, Any]:
-    """Every 0.1.0 column of every row, and every README poll's answer."""
+    """Every 0.1.0 column of every row, and every documented poll's answer."""
     engine = create_engine(url)
     out: dict[str, Any] = {}
     with engine.connect() as conn:
@@ -136,7 +136,7 @@ def test_a_0_1_0_database_upgrades_with_every_row_and_poll(empty_database_url: s
     before = snapshot(url)
     assert len(before["jobs"]) == 6 and len(before["clip_predictions"]) == 4 * 3 * 5
     polls = readme_polls()
-    assert all(before[p] for p in polls), "each README poll should find rows in the sample data"
+    assert all(before[p] for p in polls), "each documented poll should find rows in the sample data"
 
     if url.startswith("postgresql"):
         # A shared database is never migrated behind the operator's back.
