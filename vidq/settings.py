@@ -1,6 +1,7 @@
 """One frozen, typed settings object, built from ``VIDQ_*`` variables and CLI flags.
 
-Every default is documented beside the field; README.md lists them too.
+Every default is documented beside the field; docs/reference/settings.md is generated
+from these docstrings (scripts/settings_doc.py).
 Nothing here connects to anything: building settings has no side effects.
 """
 
