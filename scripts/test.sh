@@ -26,7 +26,7 @@ if [ $unit = 0 ] || [ $other = 1 ]; then
 fi
 if [ $unit = 0 ] && [ $other = 0 ]; then
     echo "test.sh: the whole default run takes about 20 minutes on 2 cores;" \
-         "tests/unit alone takes seconds (bash scripts/test.sh tests/unit)."
+         "tests/unit alone runs in under a minute (bash scripts/test.sh tests/unit)."
 fi
 # -v names each test as it starts (some run for minutes); count style numbers them.
 # A -q among the arguments (as .ci/run gives) takes the names back out.
