@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 
+from tests.cli import run_vidq
 from tests.conftest import Media
 from vidq.sampling import Sampling, plan_windows
 from worker.models import get_preset
@@ -23,21 +24,13 @@ MODEL = ["--model", "x3d_xs"]
 ERROR = "vidq: error: "
 
 
-def vidq_command() -> list[str]:
-    script = Path(sys.executable).with_name("vidq")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "vidq.cli"]
-
-
 def run_vidq(
     *args: str, env: dict[str, str] | None = None, home: Path
 ) -> subprocess.CompletedProcess[str]:
     environ = {k: v for k, v in os.environ.items() if not k.startswith("VIDQ_")}
     environ["TORCH_HOME"] = str(home)  # an empty hub cache: nothing pretrained is found
     environ.update(env or {})
-    return subprocess.run(
-        [*vidq_command(), "classify", *args],
-        capture_output=True, text=True, env=environ, timeout=300, check=False,
-    )
+    return run_vidq("classify", *args, env=environ, timeout=300, script=True)
 
 
 def error_lines(stderr: str) -> list[str]:

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.cli import run_vidq
 from vidq.settings import ENV_PREFIX, Settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -462,7 +463,8 @@ def test_build_context_carries_the_package_and_nothing_private() -> None:
 
 @pytest.mark.parametrize("args", [["worker", "--help"], ["submit", "--help"]])
 def test_vidq_commands_exist(args: list[str]) -> None:
-    done = subprocess.run([vidq_script(), *args], capture_output=True, text=True, timeout=120)
+    vidq_script()  # the console script the containers run is installed
+    done = run_vidq(*args, script=True)
     assert done.returncode == 0, done.stderr
     assert "Usage: vidq " + args[0] in done.stdout
 

@@ -34,7 +34,7 @@ import torch
 from sqlalchemy import create_engine, text
 
 from tests import media
-from tests.e2e.conftest import cluster, corpus, database_url, redis_url  # noqa: F401  (fixtures)
+from tests.cli import run_vidq
 from vidq.embeddings import decode, encode, norm
 from vidq.errors import ConfigError
 from vidq.sampling import Sampling
@@ -47,11 +47,7 @@ DIM = 2048
 
 
 def vidq(*args: str, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, "-m", "vidq.cli", *args], capture_output=True,
-                          text=True, timeout=600, check=False, env={**os.environ, **env})
-    if check:
-        assert proc.returncode == 0, proc.stderr
-    return proc
+    return run_vidq(*args, env={**os.environ, **env}, check=check, timeout=600)
 
 
 def vectors(blobs: list[bytes]) -> np.ndarray:
@@ -228,7 +224,7 @@ def rows(url: str, query: str, **params: object) -> list[tuple[Any, ...]]:
 @pytest.mark.timeout(900)
 @pytest.mark.heavy_on_postgresql
 def test_vidq_run_writes_them_similar_finds_the_copy_export_carries_them_purge_drops_them(
-    database_url: str, videos: dict[str, Path], tmp_path: Path,  # noqa: F811
+    database_url: str, videos: dict[str, Path], tmp_path: Path,
 ) -> None:
     env = {"VIDQ_DATABASE_URL": database_url, "VIDQ_MODEL": "x3d_xs", "VIDQ_WEIGHTS": "random",
            "VIDQ_EMBEDDINGS": "off"}
@@ -365,7 +361,7 @@ def insert_videos(url: str, vectors_by_path: list[tuple[str, str, np.ndarray | N
 
 
 def test_similar_ranks_known_vectors_by_cosine_within_one_model_and_weights(
-    database_url: str,  # noqa: F811
+    database_url: str,
 ) -> None:
     rng = np.random.default_rng(3)
     q = rng.normal(size=DIM).clip(0) * 3  # post-ReLU-like: non-negative
@@ -457,7 +453,7 @@ def test_similar_runs_on_a_producer_host_without_torch_or_numpy(tmp_path: Path) 
 @pytest.mark.e2e
 @pytest.mark.timeout(600)
 def test_a_worker_writes_the_vectors_of_each_clip_and_video_once(
-    cluster: Any, corpus: Path,  # noqa: F811
+    cluster: Any, corpus: Path,
 ) -> None:
     cluster.start_worker(VIDQ_EMBEDDINGS="clip")
     cluster.vidq("submit", str(corpus), "--recursive", "--batch", "w", "--strategy", "uniform",

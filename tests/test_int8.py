@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from tests import media
-from tests.test_classify_cli import vidq_command
+from tests.cli import run_vidq
 from tests.test_fidelity import write_test_checkpoint
 from vidq.errors import ConfigError
 from worker import quantize
@@ -135,8 +135,7 @@ def vidq(*args: str, home: Path, env: dict[str, str] | None = None) -> subproces
     environ = {k: v for k, v in os.environ.items() if not k.startswith("VIDQ_")}
     environ["TORCH_HOME"] = str(home)
     environ.update(env or {})
-    return subprocess.run([*vidq_command(), *args], capture_output=True, text=True, env=environ,
-                          timeout=300, check=False)
+    return run_vidq(*args, env=environ, timeout=300, script=True)
 
 
 def test_vidq_calibrate_writes_the_file_vidq_classify_int8_uses(

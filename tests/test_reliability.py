@@ -22,7 +22,6 @@ import redis
 from sqlalchemy import create_engine, text
 
 from producer.submit import JobRequest, submit
-from tests.e2e.conftest import database_url, empty_database_url, redis_url  # noqa: F401
 from tests.media import make_video
 from vidq.db import dispose_engines, get_engine
 from vidq.errors import TransientError
@@ -68,7 +67,7 @@ def vidq_cli(*args: str, timeout: float = 120, **env: str) -> subprocess.Complet
 # --- 1. queues ----------------------------------------------------------------------
 
 def test_reconcile_and_retry_act_only_on_their_own_queue(
-    database_url: str, redis_url: str, videos: list[Path]  # noqa: F811
+    database_url: str, redis_url: str, videos: list[Path]
 ) -> None:
     """Before: a job submitted to another model's queue was "found lost" by this queue's
     reconcile (its message is not in this queue) and copied here, where a worker fails
@@ -102,7 +101,7 @@ def test_reconcile_and_retry_act_only_on_their_own_queue(
     assert (queued(client, "vidq"), queued(client, "x3d-queue")) == (0, 2)
 
 
-def test_existing_rows_are_backfilled_into_the_default_queue(database_url: str) -> None:  # noqa: F811
+def test_existing_rows_are_backfilled_into_the_default_queue(database_url: str) -> None:
     """Rows inserted without a queue (as every row before revision 0002 was) read 'vidq'."""
     get_engine(database_url)
     sql(database_url, "insert into batches (name, created_at) values ('old', '2026-01-01')")
@@ -114,7 +113,7 @@ def test_existing_rows_are_backfilled_into_the_default_queue(database_url: str) 
 
 
 def test_a_0001_database_with_duplicate_active_jobs_upgrades(
-    empty_database_url: str,  # noqa: F811
+    empty_database_url: str,
 ) -> None:
     """The unique index needs at most one active job per content and configuration;
     0.1.0's --force could make two. The oldest stays, the others are cancelled, named."""
@@ -142,7 +141,7 @@ def test_a_0001_database_with_duplicate_active_jobs_upgrades(
 # --- 2. one clock ---------------------------------------------------------------------
 
 def test_db_now_is_the_database_clock_and_compares_with_stored_times(
-    database_url: str,  # noqa: F811
+    database_url: str,
 ) -> None:
     """Each ``ago_s`` is its own statement (not one cached SQL text for all), and the
     database's "now" sorts correctly against a timestamp SQLAlchemy stored."""
@@ -175,7 +174,7 @@ def skew_clock(monkeypatch: pytest.MonkeyPatch, offset: dt.timedelta) -> None:
 
 
 def test_a_host_whose_clock_is_off_cannot_steal_a_live_job(
-    database_url: str, videos: list[Path], monkeypatch: pytest.MonkeyPatch  # noqa: F811
+    database_url: str, videos: list[Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Before: claim and heartbeat wrote this host's time; a worker 10 minutes behind left
     heartbeats that looked stale to everyone else, and a worker 10 minutes ahead saw
@@ -207,7 +206,7 @@ def test_a_host_whose_clock_is_off_cannot_steal_a_live_job(
 
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 def test_postgres_statement_timeout_and_pool_come_from_settings(
-    database_url: str, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+    database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Before: no statement_timeout (a stuck query held its connection for ever) and a
     fixed pool of 5 + 5."""
@@ -262,7 +261,7 @@ def _producer(url: str, paths: list[str], barrier: Any) -> tuple[int, int, int]:
 
 
 def test_concurrent_producers_record_each_file_once(
-    database_url: str, tmp_path: Path  # noqa: F811
+    database_url: str, tmp_path: Path
 ) -> None:
     """Before: dedupe and the batch row were check-then-insert. Producers started together
     all found nothing and all inserted (two active jobs for one file), or the second
@@ -292,7 +291,7 @@ def test_concurrent_producers_record_each_file_once(
 
 
 def test_force_never_makes_a_second_active_job(
-    database_url: str, videos: list[Path]  # noqa: F811
+    database_url: str, videos: list[Path]
 ) -> None:
     settings = Settings(database_url=database_url)
     first = submit([str(videos[2])] * 2, settings=settings, request=REQUEST, batch="f",
@@ -306,7 +305,7 @@ def test_force_never_makes_a_second_active_job(
 # --- 5. names a table cannot hold -----------------------------------------------------------
 
 def test_a_non_utf8_file_name_is_rejected_alone(
-    database_url: str, redis_url: str, videos: list[Path], tmp_path: Path  # noqa: F811
+    database_url: str, redis_url: str, videos: list[Path], tmp_path: Path
 ) -> None:
     """Before: the name's bytes reached the database driver, which cannot encode them:
     a UnicodeEncodeError traceback, and not one job of the submission was recorded."""
@@ -325,7 +324,7 @@ def test_a_non_utf8_file_name_is_rejected_alone(
 
 
 def test_an_over_long_batch_name_is_refused_in_one_line(
-    database_url: str, redis_url: str, videos: list[Path]  # noqa: F811
+    database_url: str, redis_url: str, videos: list[Path]
 ) -> None:
     """Before: PostgreSQL raised StringDataRightTruncation (a traceback); SQLite, which
     does not enforce VARCHAR lengths, stored a name PostgreSQL could never hold."""
@@ -342,7 +341,7 @@ def test_an_over_long_batch_name_is_refused_in_one_line(
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_a_file_replaced_after_submit_fails_changed_since_submit(
-    database_url: str, tmp_path: Path, videos: list[Path]  # noqa: F811
+    database_url: str, tmp_path: Path, videos: list[Path]
 ) -> None:
     """Before: the worker classified whatever was at the path when it got there, and
     recorded those labels against the content hash taken at submit."""

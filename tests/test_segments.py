@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
-from tests.e2e.conftest import database_url  # noqa: F401  (fixture)
+from tests.cli import run_vidq
 from vidq.segments import ClipRow, ScoredLabel, Segment, SegmentRules, derive_segments
 
 ARCHERY, BOWLING, YOGA, JUGGLING = (5, "archery"), (31, "bowling"), (399, "yoga"), (171, "juggling")
@@ -174,7 +174,7 @@ def _segments(url: str, job_id: int) -> list[tuple]:
 
 
 @pytest.fixture
-def recorded_job(database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+def recorded_job(database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                  ) -> tuple[str, int]:
     from producer.submit import JobRequest, submit
     from tests.media import make_video
@@ -266,18 +266,17 @@ def test_the_cli_and_the_readme_sql_find_long_segments(
     # archery 0-12 s (mean 0.8), then 14-18 s; bowling 12-14 s.
     assert store.succeed(job_id, "a" * 32, _result([0.7, 0.9, 0.8, 0.7, 0.9, 0.8, 0.1, 0.6, 0.6]))
     env = {**os.environ, "VIDQ_DATABASE_URL": url}
-    out = subprocess.run(
-        [sys.executable, "-m", "vidq.cli", "segments", "--batch", "seg", "--label", "archery",
-         "--min-duration", "10", "--format", "jsonl"],
-        capture_output=True, text=True, timeout=120, env=env, check=True,
+    out = run_vidq(
+        "segments", "--batch", "seg", "--label", "archery", "--min-duration", "10",
+        "--format", "jsonl", env=env, check=True,
     ).stdout
     rows = [json.loads(line) for line in out.splitlines()]
     assert [(r["label"], r["start_sec"], r["end_sec"], r["clips"]) for r in rows] == [
         ("archery", 0.0, 12.0, 6)]
     assert rows[0]["mean_score"] == pytest.approx(0.8) and rows[0]["path"].endswith("v.mp4")
-    csv_out = subprocess.run(
-        [sys.executable, "-m", "vidq.cli", "segments", "--batch", "seg", "--min-score", "0.5",
-         "--format", "csv"], capture_output=True, text=True, timeout=120, env=env, check=True,
+    csv_out = run_vidq(
+        "segments", "--batch", "seg", "--min-score", "0.5", "--format", "csv",
+        env=env, check=True,
     ).stdout.splitlines()
     assert csv_out[0].startswith("job_id,path,batch,label,class_id,start_sec")
     assert len(csv_out) == 1 + 2  # the two archery segments; bowling's mean is 0.45
@@ -321,7 +320,7 @@ def _table_and_derived(url: str, job_id: int, rules: SegmentRules) -> tuple[list
 
 @pytest.mark.timeout(600)
 def test_vidq_run_writes_the_segments_of_its_clip_rows_and_a_rerun_replaces_them(
-    database_url: str, tmp_path: Path,  # noqa: F811
+    database_url: str, tmp_path: Path,
 ) -> None:
     from tests.media import make_video
 
@@ -331,10 +330,8 @@ def test_vidq_run_writes_the_segments_of_its_clip_rows_and_a_rerun_replaces_them
            "VIDQ_WEIGHTS": "random", "VIDQ_TOP_K": "3", "VIDQ_SEGMENT_MIN_SCORE": "0",
            "VIDQ_SEGMENT_MIN_S": "0", "VIDQ_SEGMENT_MAX_GAP_S": "1"}
     # x3d_xs windows span 1.6 s; a 0.8 s stride overlaps each with the next by half.
-    run = subprocess.run(
-        [sys.executable, "-m", "vidq.cli", "run", str(video), "--batch", "e2e",
-         "--strategy", "sliding", "--stride", "0.8"],
-        capture_output=True, text=True, timeout=300, check=False, env=env)
+    run = run_vidq("run", str(video), "--batch", "e2e", "--strategy", "sliding",
+                   "--stride", "0.8", env=env, timeout=300)
     assert run.returncode == 0, run.stderr
     engine = create_engine(database_url)
     with engine.connect() as conn:

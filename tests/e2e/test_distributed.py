@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import Cluster
+from tests.cluster import Cluster
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -85,7 +85,7 @@ def test_resubmit_is_a_noop_and_force_reruns(cluster: Cluster, corpus: Path) -> 
 def test_bad_inputs_fail_with_their_kind_and_the_worker_goes_on(
     cluster: Cluster, corpus: Path, tmp_path: Path
 ) -> None:
-    from tests.media import make_audio_only, make_empty, make_random_bytes, make_truncated
+    from tests.media import make_audio_only, make_random_bytes, make_truncated
 
     bad = tmp_path / "bad"
     bad.mkdir()

@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from sqlalchemy import insert
 
-from tests.e2e.conftest import Cluster
+from tests.cluster import Cluster
 from vidq.db import Job, get_engine, utcnow
 from vidq.settings import Settings
 
