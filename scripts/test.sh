@@ -2,6 +2,7 @@
 # Set up (first run) and run the whole test suite:  bash scripts/test.sh [pytest args]
 # Needs Redis on 127.0.0.1:6379 and PostgreSQL on 127.0.0.1:5432 (trust auth,
 # database "test"); starts them if they are installed but not running.
+# `bash scripts/test.sh tests/unit` runs the unit tier alone, without them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,5 +14,10 @@ if ! command -v docker-compose >/dev/null 2>&1 && command -v apt-get >/dev/null 
      (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q docker-compose >/dev/null 2>&1)) || \
         echo "test.sh: could not install docker-compose; the compose check will say so" >&2
 fi
-bash scripts/services.sh
+# A run of tests/unit alone (every argument that names a file or directory is under
+# it) needs no Redis or PostgreSQL: the services are neither checked nor started.
+paths=$(for arg in "$@"; do [ -e "${arg%%::*}" ] && printf '%s\n' "${arg#./}"; done || true)
+if [ -z "$paths" ] || grep -qv '^tests/unit\(/\|::\|$\)' <<<"$paths"; then
+    bash scripts/services.sh
+fi
 exec python -m pytest "$@"

@@ -130,7 +130,7 @@ def test_peak_memory_of_a_dense_window_is_bounded_by_the_sampled_frames(tmp_path
     media.make_dense(path, seconds=2.2, width=640, height=360)
     out = subprocess.run(
         [sys.executable, "-c", PEAK_RSS, str(path)],
-        capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1],
+        capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[2],
     )
     frames, growth_mb = map(int, out.stdout.split())
     assert frames == 2134
