@@ -135,7 +135,8 @@ def make_video(
         if codec == "libx264":
             encoder_options.update(preset="ultrafast", crf="16")
         elif codec == "libx265":
-            encoder_options.update(preset="ultrafast", crf="16", **{"x265-params": "log-level=error"})
+            encoder_options.update(preset="ultrafast", crf="16",
+                                   **{"x265-params": "log-level=error"})
         elif codec == "mpeg4":
             encoder_options.update(qscale="3")
         elif codec.startswith("libvpx"):

@@ -131,7 +131,9 @@ def test_int8_is_cpu_only_never_auto_and_refused_for_x3d(calibration: Path) -> N
 # -- as a user runs it ----------------------------------------------------------------
 
 
-def vidq(*args: str, home: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def vidq(
+    *args: str, home: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     environ = {k: v for k, v in os.environ.items() if not k.startswith("VIDQ_")}
     environ["TORCH_HOME"] = str(home)
     environ.update(env or {})

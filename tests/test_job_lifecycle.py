@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -119,7 +120,8 @@ def test_an_attempt_whose_worker_died_is_recorded_as_crashed(job: tuple[Settings
     assert outcome.status == "failed"
     r = row(settings, job_id)
     assert (r["status"], r["attempts"], r["error_kind"]) == ("failed", 2, "crashed")
-    assert "attempt 2 stopped (killed, out of memory or crashed) on gone-host:2" in r["error_message"]
+    assert ("attempt 2 stopped (killed, out of memory or crashed) on gone-host:2"
+            in r["error_message"])
 
 
 def test_a_time_limit_fails_the_job_at_once(job: tuple[Settings, int]) -> None:

@@ -32,7 +32,8 @@ def fill(url: str) -> None:
                     "clips_requested, start_sec, crops, config_key) values (:id, :b, :p, :h, 1, "
                     ":s, 5, 1, :t, :f, 'x3d_xs', 'random', 'single', 1, 0, 1, 'k')"),
                     {"id": jid, "b": bid, "p": f"/v{jid}.mp4", "h": f"{jid:064x}", "s": status,
-                     "t": finished - dt.timedelta(hours=1), "f": finished if status in ("succeeded", "failed") else None})
+                     "t": finished - dt.timedelta(hours=1),
+                     "f": finished if status in ("succeeded", "failed") else None})
                 if status == "succeeded":
                     conn.execute(text(
                         "insert into label_segments (job_id, segment_index, class_id, label, "

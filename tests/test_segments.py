@@ -20,7 +20,6 @@ from sqlalchemy import create_engine, text
 from tests.cli import run_vidq
 from vidq.segments import Segment, SegmentRules, derive_segments
 
-
 # -- on real databases ---------------------------------------------------------------------------
 
 
@@ -33,7 +32,8 @@ def _result(scores: list[float], *, span: float = 2.0) -> object:
 
     clips = [
         ClipPrediction(index=i, start_sec=i * span, end_sec=(i + 1) * span, source_frames=60,
-                       top=sorted([LabelScore(5, "archery", s), LabelScore(31, "bowling", (1 - s) / 2)],
+                       top=sorted([LabelScore(5, "archery", s),
+                                   LabelScore(31, "bowling", (1 - s) / 2)],
                                   key=lambda t: -t.score))
         for i, s in enumerate(scores)
     ]

@@ -153,7 +153,8 @@ def test_default_h264_skips_about_a_third_of_packets_for_x3d_xs(videos: dict[str
     """x3d_xs samples 4 frames from 48: most unreferenced B-frames go unused."""
     x3d = get_preset("x3d_xs")
     with VideoReader(videos["h264_default.mp4"]) as reader:
-        windows = plan_windows(Sampling(strategy="sliding"), reader.info.duration_s, x3d.clip_duration)
+        windows = plan_windows(Sampling(strategy="sliding"), reader.info.duration_s,
+                               x3d.clip_duration)
         list(reader.clips(windows, num_frames=x3d.num_frames))
         stats = reader.stats
     assert stats.packets == 120 and stats.skipped >= 30, stats
@@ -181,7 +182,8 @@ def test_seeking_between_sparse_windows_keeps_frames_identical(
         for skip in (True, False):
             with VideoReader(videos[name], skip_unused_frames=skip) as reader:
                 windows = plan_windows(Sampling(strategy="uniform", clips=3), 4.0, Fraction(1, 2))
-                clips = {c.window.index: c for c in reader.clips(windows, num_frames=6, seek_gap_s=0.3)}
+                clips = {c.window.index: c
+                         for c in reader.clips(windows, num_frames=6, seek_gap_s=0.3)}
                 results.append((clips, reader.stats))
         assert_identical(results[0][0], results[1][0])
         assert not results[0][1].replanned and results[0][1].packets < 120  # it did seek
@@ -236,7 +238,9 @@ def logits(clf: Classifier, clips: dict[int, ClipFrames], crops: int) -> torch.T
         return clf.module(views.contiguous(memory_format=torch.channels_last_3d))
 
 
-LOGIT_CASES = ["h264_default.mp4", "h264_open_gop.mp4", "h264_annexb.ts", "h264_vfr.mkv", "hevc.mp4"]
+LOGIT_CASES = [
+    "h264_default.mp4", "h264_open_gop.mp4", "h264_annexb.ts", "h264_vfr.mkv", "hevc.mp4",
+]
 LOGIT_PLANS = {
     "single": PLANS["single"],
     "uniform": PLANS["uniform"],
@@ -298,11 +302,13 @@ def test_decode_stats_are_in_the_result_and_the_setting_turns_skipping_off(
     videos: dict[str, Path]
 ) -> None:
     path = videos["h264_default.mp4"]
-    on = Classifier.from_settings(Settings.from_env({}, model="x3d_xs", weights="random", device="cpu"))
+    on = Classifier.from_settings(
+        Settings.from_env({}, model="x3d_xs", weights="random", device="cpu"))
     assert on.skip_unused_frames
     stats = on.classify(path).to_json()["decode_stats"]
     assert stats["skipped"] > 0 and stats["decoded"] + stats["skipped"] == stats["packets"]
     env = {"VIDQ_SKIP_UNUSED_FRAMES": "false"}
-    off = Classifier.from_settings(Settings.from_env(env, model="x3d_xs", weights="random", device="cpu"))
+    off = Classifier.from_settings(
+        Settings.from_env(env, model="x3d_xs", weights="random", device="cpu"))
     stats = off.classify(path).to_json()["decode_stats"]
     assert stats["skipped"] == 0 and stats["decoded"] == stats["packets"] > 0

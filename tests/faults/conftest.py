@@ -7,9 +7,9 @@ come from tests/conftest.py; a test that needs only one backend narrows it with
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 

@@ -133,7 +133,7 @@ def test_a_video_that_kills_its_worker_every_time_ends_failed_crashed(
                                   VIDQ_FAULT_PAUSE=f"after_claim={hold}")
     cluster.vidq("submit", str(media.good[5]), "--batch", "poison")
     for attempt in (1, 2):
-        cluster.wait_for(lambda: log.exists() and log.read_text().count("held") >= attempt,
+        cluster.wait_for(lambda n=attempt: log.exists() and log.read_text().count("held") >= n,
                          what=f"attempt {attempt} running")
         (process,) = children_of(worker.pid)
         os.kill(process, signal.SIGKILL)

@@ -40,7 +40,8 @@ def test_h264_reference_status_from_nal_ref_idc() -> None:
     ts = ReferenceReader(codec="h264", extradata=None)
     assert ts.length_size == 0
     assert ts.is_reference(annexb(AUD, h264_slice(0))) is False
-    assert ts.is_reference(b"\x00\x00\x01" + h264_slice(0) + b"\x00\x00\x01" + h264_slice(1)) is True
+    start = b"\x00\x00\x01"  # a three-byte start code
+    assert ts.is_reference(start + h264_slice(0) + start + h264_slice(1)) is True
     assert ts.is_reference(b"garbage without start codes") is None
 
 
@@ -63,7 +64,8 @@ def test_hevc_reference_status_from_nal_unit_type_and_sub_layer() -> None:
         assert reader.is_reference(annexb(hevc_nal(r_type))) is True, r_type
     assert reader.is_reference(annexb(hevc_nal(39))) is None  # SEI only
     layered = ReferenceReader(codec="hevc", extradata=annexb(hevc_sps(2)))
-    assert layered.is_reference(annexb(hevc_nal(0, temporal_id=0))) is True  # TemporalId 1 may use it
+    # TemporalId 1 may use it:
+    assert layered.is_reference(annexb(hevc_nal(0, temporal_id=0))) is True
     assert layered.is_reference(annexb(hevc_nal(0, temporal_id=1))) is False
     hvcc = bytearray(23)
     hvcc[0], hvcc[21], hvcc[22] = 1, 0x03, 1
@@ -77,4 +79,5 @@ def test_hevc_reference_status_from_nal_unit_type_and_sub_layer() -> None:
 
 def test_other_codecs_are_never_read() -> None:
     for codec in ("vp9", "mpeg4", "av1"):
-        assert ReferenceReader(codec=codec, extradata=b"\x01" * 30).is_reference(b"\x00" * 20) is None
+        reader = ReferenceReader(codec=codec, extradata=b"\x01" * 30)
+        assert reader.is_reference(b"\x00" * 20) is None

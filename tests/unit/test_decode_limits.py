@@ -68,7 +68,8 @@ def test_a_window_at_the_limit_decodes(dense: Path) -> None:
     with VideoReader(dense, limits=Limits(max_window_frames=500)) as reader:
         (clip,) = reader.clips([Window(0, 1.0, 1.5)], num_frames=8)
     assert clip.source_frames == 500
-    assert [media.frame_index(f) for f in clip.frames] == [1000, 1071, 1142, 1213, 1285, 1356, 1427, 1499]
+    assert [media.frame_index(f) for f in clip.frames] == [
+        1000, 1071, 1142, 1213, 1285, 1356, 1427, 1499]
 
 
 def test_frames_decoded_past_the_total_limit_are_refused(dense: Path) -> None:
@@ -87,7 +88,8 @@ def test_a_frame_larger_than_the_header_said_is_refused(size_change: Path) -> No
     with VideoReader(size_change, limits=limits) as reader:  # the header passes
         assert (reader.info.width, reader.info.height) == (160, 96)
     error = refusal(size_change, limits, [Window(0, 0.0, 0.5), Window(1, 1.2, 1.8)])
-    assert "a frame of 320x192 at 1.00s" in error.message and "VIDQ_MAX_PIXELS=15360" in error.message
+    assert "a frame of 320x192 at 1.00s" in error.message
+    assert "VIDQ_MAX_PIXELS=15360" in error.message
 
 
 def test_windows_on_either_side_of_a_size_change_keep_their_size(size_change: Path) -> None:
