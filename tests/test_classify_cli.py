@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tests import cli
-from tests.conftest import Media
+from tests.media import Media
 from vidq.sampling import Sampling, plan_windows
 from worker.models import get_preset
 

@@ -8,27 +8,14 @@ come from tests/conftest.py; a test that needs only one backend narrows it with
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.faults.harness import FaultCluster, PostgresServer, RedisServer
+from tests.faults.harness import FaultCluster, FaultMedia, PostgresServer, RedisServer
 from tests.media import make_video
 from vidq.db import dispose_engines, make_engine
 from vidq.migrate import upgrade
-
-LONG_JOB = ("--strategy", "sliding", "--stride", "0.2")
-"""With ``media.long``: ~55 x3d_xs clips, several seconds of inference to interrupt."""
-
-
-@dataclass(frozen=True)
-class FaultMedia:
-    root: Path
-    long: Path
-    """12 s, 160x96: with LONG_JOB a job that runs for seconds."""
-    good: list[Path]
-    """Distinct 2 s videos that classify quickly."""
 
 
 @pytest.fixture(scope="session")

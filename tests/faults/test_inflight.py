@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.conftest import LONG_JOB, FaultMedia
-from tests.faults.harness import FaultCluster, children_of
+from tests.faults.harness import LONG_JOB, FaultCluster, FaultMedia, children_of
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
 INFLIGHT = 4

@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.faults.conftest import FaultMedia
-from tests.faults.harness import FaultCluster
+from tests.faults.harness import FaultCluster, FaultMedia
 from tests.media import (
     make_audio_only,
     make_corrupt,

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.conftest import FaultMedia
-from tests.faults.harness import FaultCluster, RedisServer, children_of
+from tests.faults.harness import FaultCluster, FaultMedia, RedisServer, children_of
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
 

@@ -13,9 +13,13 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.faults.conftest import FaultMedia
-from tests.faults.harness import FaultCluster, PostgresServer, RedisServer
-from tests.faults.test_crashes import submit_long_job
+from tests.faults.harness import (
+    FaultCluster,
+    FaultMedia,
+    PostgresServer,
+    RedisServer,
+    submit_long_job,
+)
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import Media
+from tests.media import Media
 from tests.objectstore import S3Server
 from vidq.errors import ConfigError, InputError, TransientError
 from vidq.media import check_input, open_video
