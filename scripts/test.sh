@@ -2,6 +2,7 @@
 # Set up (first run) and run the whole test suite:  bash scripts/test.sh [pytest args]
 # Needs Redis on 127.0.0.1:6379 and PostgreSQL on 127.0.0.1:5432 (trust auth,
 # database "test"); starts them if they are installed but not running.
+# `bash scripts/test.sh tests/unit` runs the unit tier alone, without them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,18 +14,13 @@ if ! command -v docker-compose >/dev/null 2>&1 && command -v apt-get >/dev/null 
      (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q docker-compose >/dev/null 2>&1)) || \
         echo "test.sh: could not install docker-compose; the compose check will say so" >&2
 fi
-# tests/unit needs no service: asked for alone, it runs with Redis and PostgreSQL stopped.
-unit=0 other=0
-for arg in "$@"; do
-    case $arg in
-        tests/unit|tests/unit/*) unit=1 ;;
-        tests|tests/*) other=1 ;;
-    esac
-done
-if [ $unit = 0 ] || [ $other = 1 ]; then
+# A run of tests/unit alone (every argument that names a file or directory is under
+# it) needs no Redis or PostgreSQL: the services are neither checked nor started.
+paths=$(for arg in "$@"; do [ -e "${arg%%::*}" ] && printf '%s\n' "${arg#./}"; done || true)
+if [ -z "$paths" ] || grep -qv '^tests/unit\(/\|::\|$\)' <<<"$paths"; then
     bash scripts/services.sh
 fi
-if [ $unit = 0 ] && [ $other = 0 ]; then
+if [ -z "$paths" ]; then
     echo "test.sh: the whole default run takes about 20 minutes on 2 cores;" \
          "tests/unit alone runs in under a minute (bash scripts/test.sh tests/unit)."
 fi

@@ -1,57 +1,29 @@
-"""Session fixtures: the test media (tests/media.py) written once into a tmp dir."""
+"""Fixtures every test directory shares.
+
+- The test media (tests/media.py), written once into a tmp dir when a test first asks.
+- The services: ``redis_url`` (flushed before and after), ``database_url`` and
+  ``empty_database_url`` (each test on SQLite and on PostgreSQL; tests/services.py),
+  ``corpus`` (small videos to submit) and ``cluster`` (tests/cluster.py), and the
+  in-process S3 server ``s3_server`` (tests/objectstore.py). None connects to
+  anything until a test asks for it: the tests in tests/unit ask for none.
+"""
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from tests import media
-
-
-@dataclass(frozen=True)
-class Media:
-    """Paths of the generated files; each name says what the file is."""
-
-    h264_30: Path
-    """160x96, 30 fps, 3 s, H.264 in MP4, silent."""
-    h264_24: Path
-    """160x96, 24 fps, 3 s."""
-    h264_25_audio: Path
-    """128x96, 25 fps, 3 s, with an AAC track."""
-    h264_60_mkv: Path
-    """96x64, 60 fps, 2 s, H.264 in Matroska (1/1000 time base, no frame count)."""
-    ntsc: Path
-    """160x96 at 30000/1001 fps, 2 s."""
-    vfr: Path
-    """160x96, irregular timestamps (mean 24 fps), 3 s, MP4."""
-    vfr_mkv: Path
-    """The same irregular timestamps in Matroska."""
-    portrait: Path
-    """96x160 (portrait), 30 fps, 2 s."""
-    mpeg4_avi: Path
-    """MPEG-4 part 2 in AVI, 160x96, 2 s."""
-    vp9_webm: Path
-    """VP9 in WebM with an Opus track, 160x96, 2 s."""
-    short: Path
-    """1 s at 30 fps: shorter than one slow_r50 (2.13 s) or x3d_xs (1.6 s) clip."""
-    tiny: Path
-    """5 frames at 25 fps (0.2 s): fewer frames than x3d_s/slow_r50 subsample."""
-    audio_m4a: Path
-    audio_wav: Path
-    corrupt: Path
-    """H.264 MP4, index intact, middle half of the bytes random."""
-    truncated_mp4: Path
-    """The first half of an MP4 whose index is at the end: FFmpeg cannot open it."""
-    truncated_faststart: Path
-    """The first half of an MP4 with its index in front: frames stop half-way."""
-    truncated_mkv: Path
-    """The first half of a Matroska file: frames stop half-way."""
-    random_bytes: Path
-    empty: Path
-
+from tests.cluster import Cluster
+from tests.media import Media
+from tests.objectstore import S3Server, running_s3_server
+from tests.services import REDIS_URL, new_database
+from vidq.db import make_engine
+from vidq.migrate import upgrade
 
 SPECS: dict[str, dict[str, object]] = {
     "h264_30.mp4": dict(seconds=3, fps=30),
@@ -130,3 +102,59 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 and "postgresql" in callspec.params.values()):
             item.add_marker(pytest.mark.heavy)
 
+
+
+# -- services ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    client = redis.Redis.from_url(REDIS_URL)
+    client.flushdb()
+    yield REDIS_URL
+    client.flushdb()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def empty_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    with new_database(request.param, tmp_path) as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A database at this vidq's schema, as an operator leaves it after `vidq db upgrade`
+    (SQLite would also migrate itself on first use)."""
+    with new_database(request.param, tmp_path) as url:
+        engine = make_engine(url)
+        try:
+            upgrade(engine)
+        finally:
+            engine.dispose()
+        yield url
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Six small distinct videos, two of them in a subdirectory."""
+    root = tmp_path_factory.mktemp("corpus")
+    for i in range(4):
+        media.make_video(root / f"v{i}.mp4", seconds=3.0, seed=10 + i)
+    (root / "sub").mkdir()
+    for i in range(2):
+        media.make_video(root / "sub" / f"w{i}.mkv", seconds=2.5, fps=25, seed=20 + i)
+    (root / "notes.txt").write_text("not a video; skipped by extension")
+    return root
+
+
+@pytest.fixture
+def cluster(redis_url: str, database_url: str, tmp_path: Path) -> Iterator[Cluster]:
+    c = Cluster(broker_url=redis_url, database_url=database_url, workdir=tmp_path)
+    yield c
+    c.stop_workers()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    with running_s3_server() as server:
+        yield server

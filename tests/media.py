@@ -135,7 +135,8 @@ def make_video(
         if codec == "libx264":
             encoder_options.update(preset="ultrafast", crf="16")
         elif codec == "libx265":
-            encoder_options.update(preset="ultrafast", crf="16", **{"x265-params": "log-level=error"})
+            encoder_options.update(preset="ultrafast", crf="16",
+                                   **{"x265-params": "log-level=error"})
         elif codec == "mpeg4":
             encoder_options.update(qscale="3")
         elif codec.startswith("libvpx"):
@@ -367,3 +368,46 @@ def decoded_frames(path: str | Path) -> DecodedStream:
         for frame in container.decode(stream):
             frames.append((frame.pts, frame_index(frame.to_ndarray(format="rgb24"))))
         return DecodedStream(stream.time_base, stream.start_time or 0, frames)
+
+
+@dataclass(frozen=True)
+class Media:
+    """The files of the ``media_files`` fixture (tests/conftest.py); each name says what
+    the file is."""
+
+    h264_30: Path
+    """160x96, 30 fps, 3 s, H.264 in MP4, silent."""
+    h264_24: Path
+    """160x96, 24 fps, 3 s."""
+    h264_25_audio: Path
+    """128x96, 25 fps, 3 s, with an AAC track."""
+    h264_60_mkv: Path
+    """96x64, 60 fps, 2 s, H.264 in Matroska (1/1000 time base, no frame count)."""
+    ntsc: Path
+    """160x96 at 30000/1001 fps, 2 s."""
+    vfr: Path
+    """160x96, irregular timestamps (mean 24 fps), 3 s, MP4."""
+    vfr_mkv: Path
+    """The same irregular timestamps in Matroska."""
+    portrait: Path
+    """96x160 (portrait), 30 fps, 2 s."""
+    mpeg4_avi: Path
+    """MPEG-4 part 2 in AVI, 160x96, 2 s."""
+    vp9_webm: Path
+    """VP9 in WebM with an Opus track, 160x96, 2 s."""
+    short: Path
+    """1 s at 30 fps: shorter than one slow_r50 (2.13 s) or x3d_xs (1.6 s) clip."""
+    tiny: Path
+    """5 frames at 25 fps (0.2 s): fewer frames than x3d_s/slow_r50 subsample."""
+    audio_m4a: Path
+    audio_wav: Path
+    corrupt: Path
+    """H.264 MP4, index intact, middle half of the bytes random."""
+    truncated_mp4: Path
+    """The first half of an MP4 whose index is at the end: FFmpeg cannot open it."""
+    truncated_faststart: Path
+    """The first half of an MP4 with its index in front: frames stop half-way."""
+    truncated_mkv: Path
+    """The first half of a Matroska file: frames stop half-way."""
+    random_bytes: Path
+    empty: Path

@@ -8,11 +8,13 @@ metadata lookups). Each test gets a bucket of its own.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -65,8 +67,10 @@ class S3Server:
         return str(s3.head_object(Bucket=bucket, Key=key)["ETag"]).strip('"')
 
 
-@pytest.fixture(scope="session")
-def s3_server() -> Iterator[S3Server]:
+@contextlib.contextmanager
+def running_s3_server() -> Iterator[S3Server]:
+    """moto's server on a free port, for as long as the block runs (the ``s3_server``
+    fixture of tests/conftest.py); skips the test where moto is not installed."""
     moto_server = pytest.importorskip("moto.server")
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()

@@ -15,17 +15,13 @@ from typing import Any
 import pytest
 import torch
 
-from tests.conftest import Media
+from tests import cli
+from tests.media import Media
 from vidq.sampling import Sampling, plan_windows
 from worker.models import get_preset
 
 MODEL = ["--model", "x3d_xs"]
 ERROR = "vidq: error: "
-
-
-def vidq_command() -> list[str]:
-    script = Path(sys.executable).with_name("vidq")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "vidq.cli"]
 
 
 def run_vidq(
@@ -34,10 +30,7 @@ def run_vidq(
     environ = {k: v for k, v in os.environ.items() if not k.startswith("VIDQ_")}
     environ["TORCH_HOME"] = str(home)  # an empty hub cache: nothing pretrained is found
     environ.update(env or {})
-    return subprocess.run(
-        [*vidq_command(), "classify", *args],
-        capture_output=True, text=True, env=environ, timeout=300, check=False,
-    )
+    return cli.run_vidq("classify", *args, env=environ, timeout=300, script=True)
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -246,7 +239,7 @@ def test_a_local_checkpoint_is_loaded_and_identified_by_its_hash(
 def assert_one_line_failure(proc: subprocess.CompletedProcess[str], *needles: str) -> str:
     assert proc.returncode == 2, proc.stderr
     assert proc.stdout == ""
-    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(ERROR), proc.stderr
     for needle in needles:
         assert needle in lines[0], lines[0]

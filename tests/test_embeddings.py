@@ -1,6 +1,6 @@
-"""Embeddings (``VIDQ_EMBEDDINGS``, worker/features.py, vidq/embeddings.py):
+"""Embeddings (``VIDQ_EMBEDDINGS``, worker/features.py, vidq/embeddings.py); the setting
+and the float16 format alone are in tests/unit/test_embedding_format.py:
 
-- the setting and its flag parse, and a bad value is one line;
 - the captured features are the vector the head projects to the logits, in fp32 and
   bf16, alone and in a batch across videos, and per clip the mean over its 3 crops;
 - ``vidq run`` writes one video row and (``clip``) one row per clip, on SQLite and
@@ -21,7 +21,6 @@ import base64
 import csv
 import json
 import os
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -34,11 +33,10 @@ import torch
 from sqlalchemy import create_engine, text
 
 from tests import media
-from tests.e2e.conftest import cluster, corpus, database_url, redis_url  # noqa: F401  (fixtures)
+from tests.cli import run_vidq
 from vidq.embeddings import decode, encode, norm
 from vidq.errors import ConfigError
 from vidq.sampling import Sampling
-from vidq.settings import Settings
 from worker.inference import Classifier
 from worker.transforms import clip_views
 from worker.video import VideoReader
@@ -47,11 +45,7 @@ DIM = 2048
 
 
 def vidq(*args: str, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, "-m", "vidq.cli", *args], capture_output=True,
-                          text=True, timeout=600, check=False, env={**os.environ, **env})
-    if check:
-        assert proc.returncode == 0, proc.stderr
-    return proc
+    return run_vidq(*args, env={**os.environ, **env}, check=check, timeout=600)
 
 
 def vectors(blobs: list[bytes]) -> np.ndarray:
@@ -67,25 +61,6 @@ def within_float16(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
-
-
-# -- the setting ---------------------------------------------------------------------------------
-
-
-def test_the_setting_defaults_to_off_and_a_bad_value_is_one_line(tmp_path: Path) -> None:
-    assert Settings.from_env({}).embeddings == "off"
-    assert Settings.from_env({"VIDQ_EMBEDDINGS": "clip"}).embeddings == "clip"
-    assert Settings.from_env({"VIDQ_EMBEDDINGS": "clip"}, embeddings="video").embeddings == "video"
-    with pytest.raises(ConfigError, match="VIDQ_EMBEDDINGS='frames' is not one of off, video"):
-        Settings.from_env({"VIDQ_EMBEDDINGS": "frames"})
-    env = {"VIDQ_DATABASE_URL": f"sqlite:///{tmp_path / 'v.db'}"}
-    bad_env = vidq("status", env={**env, "VIDQ_EMBEDDINGS": "yes"}, check=False)
-    assert bad_env.returncode == 2 and "Traceback" not in bad_env.stderr
-    assert bad_env.stderr.strip().splitlines() == [
-        "vidq: error: VIDQ_EMBEDDINGS='yes' is not one of off, video, clip."]
-    bad_flag = vidq("run", "x.mp4", "--embeddings", "frames", env=env, check=False)
-    assert bad_flag.returncode == 2 and "'frames' is not one of 'off', 'video', 'clip'" in (
-        bad_flag.stderr)
 
 
 # -- capture -------------------------------------------------------------------------------------
@@ -228,7 +203,7 @@ def rows(url: str, query: str, **params: object) -> list[tuple[Any, ...]]:
 @pytest.mark.timeout(900)
 @pytest.mark.heavy_on_postgresql
 def test_vidq_run_writes_them_similar_finds_the_copy_export_carries_them_purge_drops_them(
-    database_url: str, videos: dict[str, Path], tmp_path: Path,  # noqa: F811
+    database_url: str, videos: dict[str, Path], tmp_path: Path,
 ) -> None:
     env = {"VIDQ_DATABASE_URL": database_url, "VIDQ_MODEL": "x3d_xs", "VIDQ_WEIGHTS": "random",
            "VIDQ_EMBEDDINGS": "off"}
@@ -365,7 +340,7 @@ def insert_videos(url: str, vectors_by_path: list[tuple[str, str, np.ndarray | N
 
 
 def test_similar_ranks_known_vectors_by_cosine_within_one_model_and_weights(
-    database_url: str,  # noqa: F811
+    database_url: str,
 ) -> None:
     rng = np.random.default_rng(3)
     q = rng.normal(size=DIM).clip(0) * 3  # post-ReLU-like: non-negative
@@ -412,18 +387,6 @@ def test_similar_ranks_known_vectors_by_cosine_within_one_model_and_weights(
         assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
 
 
-def test_float16_bytes_round_trip_and_match_numpy() -> None:
-    from worker.inference import float16_bytes
-
-    values = torch.tensor([0.0, 1.0, -2.5, 1e-6, 3.14159, 70000.0, -1e9])
-    blob = float16_bytes(values)
-    assert blob == np.clip(values.numpy(), -65504, 65504).astype("<f2").tobytes()
-    assert decode(blob)[:5] == (0.0, 1.0, -2.5, float(np.float16(1e-6)), float(np.float16(3.14159)))
-    assert decode(blob)[5:] == (65504.0, -65504.0)  # clamped, not infinite
-    assert encode(decode(blob)) == blob
-    assert struct.calcsize("<2048e") == 4096
-
-
 def test_similar_runs_on_a_producer_host_without_torch_or_numpy(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'p.db'}"
     from vidq.db import make_engine
@@ -457,7 +420,7 @@ def test_similar_runs_on_a_producer_host_without_torch_or_numpy(tmp_path: Path) 
 @pytest.mark.e2e
 @pytest.mark.timeout(600)
 def test_a_worker_writes_the_vectors_of_each_clip_and_video_once(
-    cluster: Any, corpus: Path,  # noqa: F811
+    cluster: Any, corpus: Path,
 ) -> None:
     cluster.start_worker(VIDQ_EMBEDDINGS="clip")
     cluster.vidq("submit", str(corpus), "--recursive", "--batch", "w", "--strategy", "uniform",

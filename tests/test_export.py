@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
-from tests.e2e.conftest import database_url, new_database  # noqa: F401  (fixture)
+from tests.services import new_database
 from vidq.db import make_engine
 from vidq.migrate import upgrade
 
@@ -163,7 +163,7 @@ def test_export_memory_stays_flat_as_the_rows_grow(
     assert large < 1.3 * small, f"peak RSS grew with the rows: {small} KiB -> {large} KiB"
 
 
-def test_jsonl_and_csv_hold_the_same_rows_as_parquet(database_url: str, tmp_path: Path  # noqa: F811
+def test_jsonl_and_csv_hold_the_same_rows_as_parquet(database_url: str, tmp_path: Path
                                                      ) -> None:
     fill_batch(database_url, "b", 3)
     for fmt in ("parquet", "jsonl", "csv"):
@@ -190,7 +190,7 @@ def test_jsonl_and_csv_hold_the_same_rows_as_parquet(database_url: str, tmp_path
     assert not list(tmp_path.glob("*/.*.partial"))  # temporary files renamed or removed
 
 
-def test_a_missing_batch_or_an_unsupported_url_is_one_line(database_url: str, tmp_path: Path  # noqa: F811
+def test_a_missing_batch_or_an_unsupported_url_is_one_line(database_url: str, tmp_path: Path
                                                            ) -> None:
     env = {**os.environ, "VIDQ_DATABASE_URL": database_url}
     fill_batch(database_url, "b", 1)

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from tests import media
-from tests.test_classify_cli import vidq_command
+from tests.cli import run_vidq
 from tests.test_fidelity import write_test_checkpoint
 from vidq.errors import ConfigError
 from worker import quantize
@@ -131,12 +131,13 @@ def test_int8_is_cpu_only_never_auto_and_refused_for_x3d(calibration: Path) -> N
 # -- as a user runs it ----------------------------------------------------------------
 
 
-def vidq(*args: str, home: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def vidq(
+    *args: str, home: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     environ = {k: v for k, v in os.environ.items() if not k.startswith("VIDQ_")}
     environ["TORCH_HOME"] = str(home)
     environ.update(env or {})
-    return subprocess.run([*vidq_command(), *args], capture_output=True, text=True, env=environ,
-                          timeout=300, check=False)
+    return run_vidq(*args, env=environ, timeout=300, script=True)
 
 
 def test_vidq_calibrate_writes_the_file_vidq_classify_int8_uses(

@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, text
 
 from producer.submit import JobRequest, submit
-from tests.e2e.conftest import database_url  # noqa: F401  (fixture)
+from tests.cli import run_vidq, vidq_command
 from tests.media import make_video
 from vidq.errors import TransientError, VidqError
 from vidq.sampling import Sampling
@@ -54,7 +55,7 @@ class StandIn:
 
 
 @pytest.fixture
-def job(database_url: str, tmp_path: Path) -> tuple[Settings, int]:  # noqa: F811
+def job(database_url: str, tmp_path: Path) -> tuple[Settings, int]:
     video = tmp_path / "v.mp4"
     make_video(video, seconds=1)
     settings = Settings.from_env({}, database_url=database_url, model="x3d_xs",
@@ -119,7 +120,8 @@ def test_an_attempt_whose_worker_died_is_recorded_as_crashed(job: tuple[Settings
     assert outcome.status == "failed"
     r = row(settings, job_id)
     assert (r["status"], r["attempts"], r["error_kind"]) == ("failed", 2, "crashed")
-    assert "attempt 2 stopped (killed, out of memory or crashed) on gone-host:2" in r["error_message"]
+    assert ("attempt 2 stopped (killed, out of memory or crashed) on gone-host:2"
+            in r["error_message"])
 
 
 def test_a_time_limit_fails_the_job_at_once(job: tuple[Settings, int]) -> None:
@@ -173,7 +175,7 @@ def test_cancelling_a_running_job_gives_it_up_without_results(job: tuple[Setting
 
 
 def test_one_heartbeat_statement_refreshes_every_job_held_and_finds_the_lost_one(
-    database_url: str, tmp_path: Path,  # noqa: F811
+    database_url: str, tmp_path: Path,
 ) -> None:
     """The process's heartbeat thread refreshes all its jobs in one statement; a job
     cancelled or taken over is marked lost, the others are refreshed and kept."""
@@ -243,12 +245,11 @@ def test_a_finished_result_survives_a_failing_commit(
 
 @pytest.mark.heavy_on_postgresql
 def test_an_interrupted_vidq_run_is_finished_by_the_next_one(
-    database_url: str, tmp_path: Path  # noqa: F811
+    database_url: str, tmp_path: Path
 ) -> None:
     import os
     import signal
     import subprocess
-    import sys
 
     videos = tmp_path / "videos"
     videos.mkdir()
@@ -259,9 +260,8 @@ def test_an_interrupted_vidq_run_is_finished_by_the_next_one(
     env = {**os.environ, "VIDQ_DATABASE_URL": database_url, "VIDQ_MODEL": "x3d_xs",
            "VIDQ_WEIGHTS": "random", "VIDQ_HEARTBEAT_S": "1", "VIDQ_INFLIGHT": "1",
            "VIDQ_FAULT_PAUSE": f"after_claim={hold}"}
-    first = subprocess.Popen([sys.executable, "-m", "vidq.cli", "run", str(videos), "--batch",
-                              "first"], env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+    first = subprocess.Popen([*vidq_command(), "run", str(videos), "--batch", "first"],
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log = Path(f"{hold}.log")
     deadline = time.monotonic() + 120
     while not (log.exists() and "held" in log.read_text()) and time.monotonic() < deadline:
@@ -274,8 +274,7 @@ def test_an_interrupted_vidq_run_is_finished_by_the_next_one(
     assert statuses == ["queued", "queued", "running"]
 
     env.pop("VIDQ_FAULT_PAUSE")
-    second = subprocess.run([sys.executable, "-m", "vidq.cli", "run", str(videos), "--batch",
-                             "second"], env=env, capture_output=True, text=True, timeout=180)
+    second = run_vidq("run", str(videos), "--batch", "second", env=env, timeout=180)
     assert second.returncode == 0, second.stderr
     assert "resuming 3 jobs an interrupted `vidq run` left unfinished" in second.stderr
     for job_id in (1, 2, 3):

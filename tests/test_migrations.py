@@ -17,7 +17,6 @@ import multiprocessing
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ from sqlalchemy import MetaData, create_engine, inspect, text
 from sqlalchemy.orm import Session
 
 from tests import schema_0_1_0 as old
-from tests.e2e.conftest import empty_database_url  # noqa: F401  (fixture)
+from tests.cli import run_vidq
 from vidq import migrate
 from vidq.db import Base, dispose_engines, get_engine, make_engine
 
@@ -124,10 +123,7 @@ def schema_diff(url: str, revision: str, metadata: MetaData) -> list[Any]:
 
 
 def vidq_cli(url: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "vidq.cli", *args], capture_output=True, text=True, timeout=120,
-        env={**os.environ, "VIDQ_DATABASE_URL": url, **env},
-    )
+    return run_vidq(*args, env={**os.environ, "VIDQ_DATABASE_URL": url, **env})
 
 
 def test_a_0_1_0_database_upgrades_with_every_row_and_poll(empty_database_url: str) -> None:

@@ -6,11 +6,10 @@ from __future__ import annotations
 import datetime as dt
 import os
 import subprocess
-import sys
 
 from sqlalchemy import create_engine, text
 
-from tests.e2e.conftest import database_url  # noqa: F401  (fixture)
+from tests.cli import run_vidq
 
 
 def fill(url: str) -> None:
@@ -33,7 +32,8 @@ def fill(url: str) -> None:
                     "clips_requested, start_sec, crops, config_key) values (:id, :b, :p, :h, 1, "
                     ":s, 5, 1, :t, :f, 'x3d_xs', 'random', 'single', 1, 0, 1, 'k')"),
                     {"id": jid, "b": bid, "p": f"/v{jid}.mp4", "h": f"{jid:064x}", "s": status,
-                     "t": finished - dt.timedelta(hours=1), "f": finished if status in ("succeeded", "failed") else None})
+                     "t": finished - dt.timedelta(hours=1),
+                     "f": finished if status in ("succeeded", "failed") else None})
                 if status == "succeeded":
                     conn.execute(text(
                         "insert into label_segments (job_id, segment_index, class_id, label, "
@@ -59,8 +59,7 @@ def fill(url: str) -> None:
 
 
 def vidq(url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "vidq.cli", *args], capture_output=True,
-                          text=True, env={**os.environ, "VIDQ_DATABASE_URL": url}, timeout=120)
+    return run_vidq(*args, env={**os.environ, "VIDQ_DATABASE_URL": url})
 
 
 TABLES = ("jobs", "clip_predictions", "video_labels", "batches", "label_segments",
@@ -76,7 +75,7 @@ def counts(url: str) -> tuple[int, ...]:
     return out
 
 
-def test_purge_older_than_keeps_active_and_recent_jobs(database_url: str) -> None:  # noqa: F811
+def test_purge_older_than_keeps_active_and_recent_jobs(database_url: str) -> None:
     fill(database_url)
     before = counts(database_url)
     dry = vidq(database_url, "purge", "--older-than", "30", "--dry-run")
@@ -94,7 +93,7 @@ def test_purge_older_than_keeps_active_and_recent_jobs(database_url: str) -> Non
                                     before[4] - 5, before[5] - 5, before[6] - 10)
 
 
-def test_purge_a_batch_removes_it_once_empty(database_url: str) -> None:  # noqa: F811
+def test_purge_a_batch_removes_it_once_empty(database_url: str) -> None:
     fill(database_url)
     out = vidq(database_url, "purge", "--batch", "new")
     assert "deleted 3 jobs" in out.stdout and "kept 1 queued" in out.stderr

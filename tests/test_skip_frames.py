@@ -5,6 +5,7 @@ plan, the frames vidq samples with skipping are byte-identical to those without,
 they are the frames the seed's subsample picks (read back from the stamped
 indices), and the model's fp32 logits are identical. And skipping must happen
 where B-frames exist, or these tests would pass with the feature switched off.
+(Reading reference status from NAL headers: tests/unit/test_bitstream.py.)
 """
 
 from __future__ import annotations
@@ -152,7 +153,8 @@ def test_default_h264_skips_about_a_third_of_packets_for_x3d_xs(videos: dict[str
     """x3d_xs samples 4 frames from 48: most unreferenced B-frames go unused."""
     x3d = get_preset("x3d_xs")
     with VideoReader(videos["h264_default.mp4"]) as reader:
-        windows = plan_windows(Sampling(strategy="sliding"), reader.info.duration_s, x3d.clip_duration)
+        windows = plan_windows(Sampling(strategy="sliding"), reader.info.duration_s,
+                               x3d.clip_duration)
         list(reader.clips(windows, num_frames=x3d.num_frames))
         stats = reader.stats
     assert stats.packets == 120 and stats.skipped >= 30, stats
@@ -180,7 +182,8 @@ def test_seeking_between_sparse_windows_keeps_frames_identical(
         for skip in (True, False):
             with VideoReader(videos[name], skip_unused_frames=skip) as reader:
                 windows = plan_windows(Sampling(strategy="uniform", clips=3), 4.0, Fraction(1, 2))
-                clips = {c.window.index: c for c in reader.clips(windows, num_frames=6, seek_gap_s=0.3)}
+                clips = {c.window.index: c
+                         for c in reader.clips(windows, num_frames=6, seek_gap_s=0.3)}
                 results.append((clips, reader.stats))
         assert_identical(results[0][0], results[1][0])
         assert not results[0][1].replanned and results[0][1].packets < 120  # it did seek
@@ -235,7 +238,9 @@ def logits(clf: Classifier, clips: dict[int, ClipFrames], crops: int) -> torch.T
         return clf.module(views.contiguous(memory_format=torch.channels_last_3d))
 
 
-LOGIT_CASES = ["h264_default.mp4", "h264_open_gop.mp4", "h264_annexb.ts", "h264_vfr.mkv", "hevc.mp4"]
+LOGIT_CASES = [
+    "h264_default.mp4", "h264_open_gop.mp4", "h264_annexb.ts", "h264_vfr.mkv", "hevc.mp4",
+]
 LOGIT_PLANS = {
     "single": PLANS["single"],
     "uniform": PLANS["uniform"],
@@ -297,86 +302,13 @@ def test_decode_stats_are_in_the_result_and_the_setting_turns_skipping_off(
     videos: dict[str, Path]
 ) -> None:
     path = videos["h264_default.mp4"]
-    on = Classifier.from_settings(Settings.from_env({}, model="x3d_xs", weights="random", device="cpu"))
+    on = Classifier.from_settings(
+        Settings.from_env({}, model="x3d_xs", weights="random", device="cpu"))
     assert on.skip_unused_frames
     stats = on.classify(path).to_json()["decode_stats"]
     assert stats["skipped"] > 0 and stats["decoded"] + stats["skipped"] == stats["packets"]
     env = {"VIDQ_SKIP_UNUSED_FRAMES": "false"}
-    off = Classifier.from_settings(Settings.from_env(env, model="x3d_xs", weights="random", device="cpu"))
+    off = Classifier.from_settings(
+        Settings.from_env(env, model="x3d_xs", weights="random", device="cpu"))
     stats = off.classify(path).to_json()["decode_stats"]
     assert stats["skipped"] == 0 and stats["decoded"] == stats["packets"] > 0
-
-
-# -- reading reference status from NAL headers ----------------------------------------------
-
-
-def length_prefixed(*units: bytes, size: int = 4) -> bytes:
-    return b"".join(len(u).to_bytes(size, "big") + u for u in units)
-
-
-def annexb(*units: bytes) -> bytes:
-    return b"".join(b"\x00\x00\x00\x01" + u for u in units)
-
-
-AVCC = bytes([1, 0x64, 0, 0x1F, 0xFF, 0xE0])  # lengthSizeMinusOne = 3, no SPS/PPS
-SEI, AUD = bytes([0x06, 0x05]), bytes([0x09, 0xF0])
-
-
-def h264_slice(ref_idc: int, nal_type: int = 1) -> bytes:
-    return bytes([(ref_idc << 5) | nal_type, 0x88, 0x84])
-
-
-def test_h264_reference_status_from_nal_ref_idc() -> None:
-    mp4 = ReferenceReader(codec="h264", extradata=AVCC + b"\x00")
-    assert mp4.length_size == 4
-    assert mp4.is_reference(length_prefixed(AUD, SEI, h264_slice(0))) is False
-    assert mp4.is_reference(length_prefixed(h264_slice(0), h264_slice(0))) is False
-    assert mp4.is_reference(length_prefixed(h264_slice(2))) is True
-    assert mp4.is_reference(length_prefixed(h264_slice(0), h264_slice(1))) is True
-    assert mp4.is_reference(length_prefixed(h264_slice(3, nal_type=5))) is True
-    assert mp4.is_reference(length_prefixed(SEI)) is None  # no slice: cannot tell
-    assert mp4.is_reference(length_prefixed(h264_slice(0))[:-1]) is None  # lengths do not add up
-    assert mp4.is_reference(length_prefixed(h264_slice(0, nal_type=2))) is None  # partition
-    two_byte = ReferenceReader(codec="h264", extradata=bytes([1, 0x64, 0, 0x1F, 0xFD, 0xE0, 0]))
-    assert two_byte.is_reference(length_prefixed(h264_slice(0), size=2)) is False
-    ts = ReferenceReader(codec="h264", extradata=None)
-    assert ts.length_size == 0
-    assert ts.is_reference(annexb(AUD, h264_slice(0))) is False
-    assert ts.is_reference(b"\x00\x00\x01" + h264_slice(0) + b"\x00\x00\x01" + h264_slice(1)) is True
-    assert ts.is_reference(b"garbage without start codes") is None
-
-
-def hevc_nal(nal_type: int, temporal_id: int = 0) -> bytes:
-    return bytes([nal_type << 1, temporal_id + 1, 0xAF, 0x00])
-
-
-def hevc_sps(max_sub_layers: int) -> bytes:
-    return bytes([33 << 1, 1, (max_sub_layers - 1) << 1, 0x60])
-
-
-def test_hevc_reference_status_from_nal_unit_type_and_sub_layer() -> None:
-    reader = ReferenceReader(codec="hevc", extradata=None)
-    # No SPS seen yet: a sub-layer non-reference picture may feed a higher sub-layer.
-    assert reader.is_reference(annexb(hevc_nal(0))) is True
-    assert reader.is_reference(annexb(hevc_sps(1), hevc_nal(19))) is True  # IDR_W_RADL
-    for n_type in (0, 2, 4, 6, 8, 10, 12, 14):
-        assert reader.is_reference(annexb(hevc_nal(35), hevc_nal(n_type))) is False, n_type
-    for r_type in (1, 3, 5, 7, 9, 16, 19, 21):
-        assert reader.is_reference(annexb(hevc_nal(r_type))) is True, r_type
-    assert reader.is_reference(annexb(hevc_nal(39))) is None  # SEI only
-    layered = ReferenceReader(codec="hevc", extradata=annexb(hevc_sps(2)))
-    assert layered.is_reference(annexb(hevc_nal(0, temporal_id=0))) is True  # TemporalId 1 may use it
-    assert layered.is_reference(annexb(hevc_nal(0, temporal_id=1))) is False
-    hvcc = bytearray(23)
-    hvcc[0], hvcc[21], hvcc[22] = 1, 0x03, 1
-    sps = hevc_sps(1)
-    hvcc += bytes([33]) + (1).to_bytes(2, "big") + len(sps).to_bytes(2, "big") + sps
-    mp4 = ReferenceReader(codec="hevc", extradata=bytes(hvcc))
-    assert mp4.length_size == 4 and mp4.max_temporal_id == 0
-    assert mp4.is_reference(length_prefixed(hevc_nal(1))) is True
-    assert mp4.is_reference(length_prefixed(hevc_nal(0))) is False
-
-
-def test_other_codecs_are_never_read() -> None:
-    for codec in ("vp9", "mpeg4", "av1"):
-        assert ReferenceReader(codec=codec, extradata=b"\x01" * 30).is_reference(b"\x00" * 20) is None

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import READY_LINE, Cluster
+from tests.cluster import READY_LINE, Cluster
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 

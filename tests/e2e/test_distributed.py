@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import Cluster
+from tests.cluster import Cluster
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -34,7 +34,8 @@ def test_submit_directory_classifies_every_video_once(cluster: Cluster, corpus: 
         " top_label, top_score, clips_done, error_kind, path from jobs order by id"
     )
     assert len(rows) == n_videos(corpus) == 6
-    for status, attempts, weights_id, precision, duration, fps, w, h, frames, label, score, clips, err, path in rows:
+    for (status, attempts, weights_id, precision, duration, fps, w, h, frames, label, score,
+         clips, err, path) in rows:
         assert (status, attempts, err) == ("succeeded", 1, None), path
         assert weights_id == "random-init"  # random weights say so in every job row
         assert precision in ("bf16", "fp32")
@@ -71,21 +72,23 @@ def test_resubmit_is_a_noop_and_force_reruns(cluster: Cluster, corpus: Path) -> 
     copy.write_bytes((corpus / "v0.mp4").read_bytes())
     assert "1 already classified" in cluster.vidq("submit", str(copy), "--batch", "c").stderr
     # Other sampling is another question: a new job.
-    other = cluster.vidq("submit", str(corpus / "v0.mp4"), "--strategy", "sliding", "--batch", "d", "--wait")
+    other = cluster.vidq("submit", str(corpus / "v0.mp4"), "--strategy", "sliding",
+                         "--batch", "d", "--wait")
     assert "1 jobs recorded" in other.stderr
     forced = cluster.vidq("submit", str(corpus), "-r", "--batch", "e", "--force", "--wait")
     assert "6 jobs recorded" in forced.stderr
     assert cluster.sql("select count(*) from jobs where status = 'succeeded'") == [(13,)]
     # Each job has its own rows; nothing was duplicated or overwritten.
     assert cluster.sql(
-        "select count(*) from (select job_id from video_labels group by job_id having count(*) <> 5) x"
+        "select count(*) from (select job_id from video_labels group by job_id"
+        " having count(*) <> 5) x"
     ) == [(0,)]
 
 
 def test_bad_inputs_fail_with_their_kind_and_the_worker_goes_on(
     cluster: Cluster, corpus: Path, tmp_path: Path
 ) -> None:
-    from tests.media import make_audio_only, make_empty, make_random_bytes, make_truncated
+    from tests.media import make_audio_only, make_random_bytes, make_truncated
 
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -95,8 +98,9 @@ def test_bad_inputs_fail_with_their_kind_and_the_worker_goes_on(
     good = bad / "good.mp4"
     good.write_bytes((corpus / "v2.mp4").read_bytes())
     cluster.start_worker()
-    out = cluster.vidq("submit", str(bad / "noise.mp4"), str(bad / "voice.m4a"), str(bad / "cut.mp4"),
-                       str(good), str(bad / "missing.mp4"), "--batch", "bad", "--wait", check=False)
+    out = cluster.vidq("submit", str(bad / "noise.mp4"), str(bad / "voice.m4a"),
+                       str(bad / "cut.mp4"), str(good), str(bad / "missing.mp4"),
+                       "--batch", "bad", "--wait", check=False)
     assert out.returncode == 1
     assert "missing.mp4: no such file." in out.stderr  # reported; nothing enqueued for it
     kinds = dict(cluster.sql("select path, coalesce(error_kind, status) from jobs"))
@@ -156,23 +160,28 @@ def test_two_workers_share_the_queue_and_each_job_runs_once(
     hosts = {host for _, _, host in rows}
     assert len(hosts) == 2, hosts  # both worker processes took work
     # Exactly one set of clip rows per job: primary key plus count per job.
-    per_job = cluster.sql("select job_id, count(distinct clip_index) from clip_predictions group by job_id")
+    per_job = cluster.sql(
+        "select job_id, count(distinct clip_index) from clip_predictions group by job_id")
     assert len(per_job) == 12 and all(n == 2 for _, n in per_job)
 
 
 def test_results_formats_parse(cluster: Cluster, corpus: Path) -> None:
     cluster.start_worker()
     cluster.vidq("submit", str(corpus), "-r", "--batch", "fmt", "--wait")
-    rows = list(csv.DictReader(io.StringIO(cluster.vidq("results", "--batch", "fmt", "--format", "csv").stdout)))
+    rows = list(csv.DictReader(io.StringIO(
+        cluster.vidq("results", "--batch", "fmt", "--format", "csv").stdout)))
     assert len(rows) == 6 and {r["rank"] for r in rows} == {"1"}
     assert all(r["weights_id"] == "random-init" for r in rows)
-    lines = cluster.vidq("results", "--batch", "fmt", "--format", "jsonl", "--all-ranks").stdout.splitlines()
+    lines = cluster.vidq("results", "--batch", "fmt", "--format", "jsonl",
+                         "--all-ranks").stdout.splitlines()
     parsed = [json.loads(line) for line in lines]
     assert len(parsed) == 30 and sorted({p["rank"] for p in parsed}) == [1, 2, 3, 4, 5]
     label = parsed[0]["label"]
-    filtered = cluster.vidq("results", "--label", label, "--min-score", "0", "--format", "jsonl").stdout
+    filtered = cluster.vidq("results", "--label", label, "--min-score", "0",
+                            "--format", "jsonl").stdout
     assert filtered and all(json.loads(x)["label"] == label for x in filtered.splitlines())
-    none = cluster.vidq("results", "--label", label, "--min-score", "1.01", "--format", "jsonl").stdout
+    none = cluster.vidq("results", "--label", label, "--min-score", "1.01",
+                        "--format", "jsonl").stdout
     assert none == ""
     table = cluster.vidq("results", "--batch", "fmt").stdout.splitlines()
     assert len(table) == 7 and table[0].split()[:3] == ["job", "#", "label"]

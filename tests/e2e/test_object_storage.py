@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import Cluster
+from tests.cluster import Cluster
 from tests.media import make_video
-from tests.objectstore import S3Server, s3_server  # noqa: F401  (fixture)
+from tests.objectstore import S3Server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 pytest.importorskip("s3fs")
@@ -63,7 +63,7 @@ def one_line_error(stderr: str, needle: str) -> None:
 
 @pytest.mark.parametrize("database_url", ["sqlite", "postgresql"], indirect=True)
 def test_a_bucket_prefix_is_classified_with_the_same_rows_as_the_local_files(
-    cluster: Cluster, corpus: Path, s3_server: S3Server, tmp_path: Path,  # noqa: F811
+    cluster: Cluster, corpus: Path, s3_server: S3Server, tmp_path: Path,
 ) -> None:
     env = s3_server.env
     bucket = s3_server.new_bucket()
@@ -119,7 +119,7 @@ def test_a_bucket_prefix_is_classified_with_the_same_rows_as_the_local_files(
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_media_roots_refuse_other_prefixes_at_submit_and_at_the_worker(
-    cluster: Cluster, corpus: Path, s3_server: S3Server,  # noqa: F811
+    cluster: Cluster, corpus: Path, s3_server: S3Server,
 ) -> None:
     bucket, other = s3_server.new_bucket(), s3_server.new_bucket()
     for b, key in ((bucket, "videos/v0.mp4"), (bucket, "videos-evil/v0.mp4"),
@@ -157,7 +157,7 @@ def test_media_roots_refuse_other_prefixes_at_submit_and_at_the_worker(
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_an_unreachable_store_is_retried_and_missing_credentials_fail_in_one_line(
-    cluster: Cluster, corpus: Path, s3_server: S3Server,  # noqa: F811
+    cluster: Cluster, corpus: Path, s3_server: S3Server,
 ) -> None:
     bucket = s3_server.new_bucket()
     s3_server.upload(bucket, "v/v0.mp4", corpus / "v0.mp4")
@@ -197,7 +197,7 @@ def test_an_unreachable_store_is_retried_and_missing_credentials_fail_in_one_lin
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_etag_and_checksum_dedupe_and_multipart_objects_are_hashed(
-    cluster: Cluster, s3_server: S3Server, tmp_path: Path,  # noqa: F811
+    cluster: Cluster, s3_server: S3Server, tmp_path: Path,
 ) -> None:
     env = s3_server.env
     bucket = s3_server.new_bucket()
@@ -230,7 +230,7 @@ def test_etag_and_checksum_dedupe_and_multipart_objects_are_hashed(
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_manifests_list_uris_and_other_schemes_are_one_line(
-    cluster: Cluster, corpus: Path, s3_server: S3Server, tmp_path: Path,  # noqa: F811
+    cluster: Cluster, corpus: Path, s3_server: S3Server, tmp_path: Path,
 ) -> None:
     bucket = s3_server.new_bucket()
     uris = upload_tree(s3_server, bucket, corpus / "sub", "m")
@@ -267,7 +267,7 @@ def test_manifests_list_uris_and_other_schemes_are_one_line(
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_export_to_a_bucket_round_trips(
-    cluster: Cluster, s3_server: S3Server, tmp_path: Path,  # noqa: F811
+    cluster: Cluster, s3_server: S3Server, tmp_path: Path,
 ) -> None:
     pq = pytest.importorskip("pyarrow.parquet")
     from tests.test_export import fill_batch
@@ -301,7 +301,7 @@ def test_export_to_a_bucket_round_trips(
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_vidq_run_classifies_an_object_in_process(
-    cluster: Cluster, corpus: Path, s3_server: S3Server,  # noqa: F811
+    cluster: Cluster, corpus: Path, s3_server: S3Server,
 ) -> None:
     bucket = s3_server.new_bucket()
     s3_server.upload(bucket, "v/v3.mp4", corpus / "v3.mp4")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.e2e.conftest import Cluster
+from tests.cluster import Cluster
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 # Where the backend makes no difference to what is checked, SQLite only: the

@@ -8,14 +8,14 @@ import hmac
 import json
 import threading
 import time
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 from sqlalchemy import text
 
-from tests.e2e.conftest import Cluster, database_url  # noqa: F401  (fixture)
+from tests.cluster import Cluster
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 SECRET = "s3cret-for-tests"
@@ -124,7 +124,7 @@ def test_cancelling_the_last_jobs_completes_the_batch(cluster: Cluster, corpus: 
 
 
 def test_a_webhook_added_to_a_batch_seen_without_one_is_still_sent(
-    database_url: str, tmp_path: Path, receiver: Receiver,  # noqa: F811
+    database_url: str, tmp_path: Path, receiver: Receiver,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A worker remembers for a few seconds that a batch has no webhook (so its jobs

@@ -1,35 +1,21 @@
 """Fixtures of the fault-injection suite: the e2e services and cluster, made for faults.
 
 ``redis_url`` (Redis db 15, flushed) and ``database_url`` (SQLite and PostgreSQL)
-come from tests/e2e/conftest.py; a test that needs only one backend narrows it with
+come from tests/conftest.py; a test that needs only one backend narrows it with
 ``@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 
-from tests.e2e.conftest import database_url, empty_database_url, redis_url  # noqa: F401
-from tests.faults.harness import FaultCluster, PostgresServer, RedisServer
+from tests.faults.harness import FaultCluster, FaultMedia, PostgresServer, RedisServer
 from tests.media import make_video
 from vidq.db import dispose_engines, make_engine
 from vidq.migrate import upgrade
-
-LONG_JOB = ("--strategy", "sliding", "--stride", "0.2")
-"""With ``media.long``: ~55 x3d_xs clips, several seconds of inference to interrupt."""
-
-
-@dataclass(frozen=True)
-class FaultMedia:
-    root: Path
-    long: Path
-    """12 s, 160x96: with LONG_JOB a job that runs for seconds."""
-    good: list[Path]
-    """Distinct 2 s videos that classify quickly."""
 
 
 @pytest.fixture(scope="session")
@@ -44,7 +30,7 @@ def media(tmp_path_factory: pytest.TempPathFactory) -> FaultMedia:
 
 @pytest.fixture
 def cluster(
-    redis_url: str, database_url: str, tmp_path: Path  # noqa: F811  (the fixtures above)
+    redis_url: str, database_url: str, tmp_path: Path
 ) -> Iterator[FaultCluster]:
     c = FaultCluster(broker_url=redis_url, database_url=database_url, workdir=tmp_path)
     yield c
@@ -99,7 +85,7 @@ def make_cluster(tmp_path: Path) -> Iterator[Callable[..., FaultCluster]]:
     """Clusters on services other than the shared ones (private Redis or PostgreSQL)."""
     made: list[FaultCluster] = []
 
-    def make(*, broker_url: str, database_url: str) -> FaultCluster:  # noqa: F811
+    def make(*, broker_url: str, database_url: str) -> FaultCluster:
         c = FaultCluster(broker_url=broker_url, database_url=database_url, workdir=tmp_path)
         made.append(c)
         return c

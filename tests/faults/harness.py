@@ -18,13 +18,14 @@ import subprocess
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from sqlalchemy import insert
 
-from tests.e2e.conftest import Cluster
+from tests.cluster import Cluster
 from vidq.db import Job, get_engine, utcnow
 from vidq.settings import Settings
 
@@ -337,3 +338,21 @@ def children_of(pid: int) -> list[int]:
             out.append(int(stat.split("/")[2]))
     return out
 
+
+LONG_JOB = ("--strategy", "sliding", "--stride", "0.2")
+"""With ``media.long``: ~55 x3d_xs clips, several seconds of inference to interrupt."""
+
+
+@dataclass(frozen=True)
+class FaultMedia:
+    root: Path
+    long: Path
+    """12 s, 160x96: with LONG_JOB a job that runs for seconds."""
+    good: list[Path]
+    """Distinct 2 s videos that classify quickly."""
+
+
+def submit_long_job(cluster: FaultCluster, media: FaultMedia, batch: str) -> int:
+    """Submit ``media.long`` with LONG_JOB; its job id."""
+    cluster.vidq("submit", str(media.long), *LONG_JOB, "--batch", batch)
+    return int(cluster.sql("select max(id) from jobs")[0][0])

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import redis
 
-from tests.faults.conftest import FaultMedia
-from tests.faults.harness import FaultCluster, RedisServer
-from tests.faults.test_crashes import submit_long_job
+from tests.faults.harness import FaultCluster, FaultMedia, RedisServer, submit_long_job
 from vidq.queue import PRIORITY_LEVELS, TASK_CLASSIFY, make_celery
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]

@@ -10,15 +10,9 @@ import signal
 import pytest
 import redis
 
-from tests.faults.conftest import LONG_JOB, FaultMedia
-from tests.faults.harness import FaultCluster, children_of
+from tests.faults.harness import FaultCluster, FaultMedia, children_of
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
-
-
-def submit_long_job(cluster: FaultCluster, media: FaultMedia, batch: str) -> int:
-    cluster.vidq("submit", str(media.long), *LONG_JOB, "--batch", batch)
-    return int(cluster.sql("select max(id) from jobs")[0][0])
 
 
 @pytest.mark.heavy_on_postgresql

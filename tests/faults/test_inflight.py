@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.conftest import LONG_JOB, FaultMedia
-from tests.faults.harness import FaultCluster, children_of
+from tests.faults.harness import LONG_JOB, FaultCluster, FaultMedia, children_of
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
 INFLIGHT = 4
@@ -133,7 +132,7 @@ def test_a_video_that_kills_its_worker_every_time_ends_failed_crashed(
                                   VIDQ_FAULT_PAUSE=f"after_claim={hold}")
     cluster.vidq("submit", str(media.good[5]), "--batch", "poison")
     for attempt in (1, 2):
-        cluster.wait_for(lambda: log.exists() and log.read_text().count("held") >= attempt,
+        cluster.wait_for(lambda n=attempt: log.exists() and log.read_text().count("held") >= n,
                          what=f"attempt {attempt} running")
         (process,) = children_of(worker.pid)
         os.kill(process, signal.SIGKILL)

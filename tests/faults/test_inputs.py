@@ -7,14 +7,13 @@ from __future__ import annotations
 import os
 import socket
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import redis
 
-from tests.faults.conftest import FaultMedia
-from tests.faults.harness import FaultCluster
+from tests.faults.harness import FaultCluster, FaultMedia
 from tests.media import (
     make_audio_only,
     make_corrupt,

@@ -19,10 +19,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from vidq.reconcile import UNACKED_KEY
-
 from tests.faults.harness import TOP_K, FaultCluster
 from tests.media import make_video
+from vidq.reconcile import UNACKED_KEY
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.timeout(1200)]
 

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.faults.conftest import FaultMedia
-from tests.faults.harness import FaultCluster
+from tests.faults.harness import FaultCluster, FaultMedia
 from vidq.queue import PRIORITY_LEVELS, make_celery
 
 pytestmark = [

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
-from tests.faults.conftest import FaultMedia
-from tests.faults.harness import FaultCluster, RedisServer, children_of
+from tests.faults.harness import FaultCluster, FaultMedia, RedisServer, children_of
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
 

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 
-from tests.faults.conftest import FaultMedia
-from tests.faults.harness import FaultCluster, PostgresServer, RedisServer
-from tests.faults.test_crashes import submit_long_job
+from tests.faults.harness import (
+    FaultCluster,
+    FaultMedia,
+    PostgresServer,
+    RedisServer,
+    submit_long_job,
+)
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
 

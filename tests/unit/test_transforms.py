@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import Media
+from tests.media import Media
 from vidq.sampling import Sampling
 from worker.models import get_preset
 from worker.transforms import center_crop, clip_views, short_side_scale, uniform_crop

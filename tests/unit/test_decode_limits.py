@@ -2,14 +2,12 @@
 
 The files here lie in their headers: one declares 30 fps and carries 1,000, one
 changes frame size mid-stream. Each is refused with the VIDQ_* setting named,
-or decoded with memory bounded by the settings (only sampled frames are kept).
+or decoded with memory bounded by the settings (only sampled frames are kept; the
+peak memory of a dense window: tests/test_decode_memory.py).
 """
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -68,7 +66,8 @@ def test_a_window_at_the_limit_decodes(dense: Path) -> None:
     with VideoReader(dense, limits=Limits(max_window_frames=500)) as reader:
         (clip,) = reader.clips([Window(0, 1.0, 1.5)], num_frames=8)
     assert clip.source_frames == 500
-    assert [media.frame_index(f) for f in clip.frames] == [1000, 1071, 1142, 1213, 1285, 1356, 1427, 1499]
+    assert [media.frame_index(f) for f in clip.frames] == [
+        1000, 1071, 1142, 1213, 1285, 1356, 1427, 1499]
 
 
 def test_frames_decoded_past_the_total_limit_are_refused(dense: Path) -> None:
@@ -87,7 +86,8 @@ def test_a_frame_larger_than_the_header_said_is_refused(size_change: Path) -> No
     with VideoReader(size_change, limits=limits) as reader:  # the header passes
         assert (reader.info.width, reader.info.height) == (160, 96)
     error = refusal(size_change, limits, [Window(0, 0.0, 0.5), Window(1, 1.2, 1.8)])
-    assert "a frame of 320x192 at 1.00s" in error.message and "VIDQ_MAX_PIXELS=15360" in error.message
+    assert "a frame of 320x192 at 1.00s" in error.message
+    assert "VIDQ_MAX_PIXELS=15360" in error.message
 
 
 def test_windows_on_either_side_of_a_size_change_keep_their_size(size_change: Path) -> None:
@@ -105,33 +105,3 @@ def test_settings_reach_the_reader_limits() -> None:
     assert (Settings().max_window_frames, Settings().max_decode_s) == (2000, 1800.0)
     limits = Classifier.from_settings(settings).limits
     assert (limits.max_window_frames, limits.max_decode_s, limits.max_pixels) == (300, 12.5, 9)
-
-
-PEAK_RSS = textwrap.dedent(
-    """
-    import resource, sys
-    from worker.video import VideoReader
-    from vidq.sampling import Window
-    with VideoReader(sys.argv[1]) as reader:  # every limit off
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        (clip,) = reader.clips([Window(0, 0.0, 64 / 30)], num_frames=8)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(clip.source_frames, (after - before) // 1024)
-    """
-)
-
-
-@pytest.mark.timeout(120)
-def test_peak_memory_of_a_dense_window_is_bounded_by_the_sampled_frames(tmp_path: Path) -> None:
-    """640x360 at 1,000 fps: 2,134 frames in one slow_r50 window, 345 KB each in YUV.
-    Holding them all took +801 MB (before this change); keeping the 8 sampled ones
-    (and the decoder's own few) measured +47 MB."""
-    path = tmp_path / "dense_360p.mkv"
-    media.make_dense(path, seconds=2.2, width=640, height=360)
-    out = subprocess.run(
-        [sys.executable, "-c", PEAK_RSS, str(path)],
-        capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1],
-    )
-    frames, growth_mb = map(int, out.stdout.split())
-    assert frames == 2134
-    assert growth_mb < 200, f"peak RSS grew {growth_mb} MB decoding one window"

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests import media
-from tests.conftest import Media
+from tests.media import Media
 from vidq.errors import InputError
 from vidq.sampling import Sampling, Window, plan_windows
 from worker.video import Limits, VideoReader, read_clips, subsample_indices

@@ -24,15 +24,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import Media
-from tests.objectstore import S3Server, s3_server  # noqa: F401  (fixture)
+from tests.media import Media
+from tests.objectstore import S3Server
 from vidq.errors import ConfigError, InputError, TransientError
 from vidq.media import check_input, open_video
 from vidq.sampling import Sampling, plan_windows
 from vidq.settings import Settings
 from vidq.storage import (
-    READ_BLOCK_BYTES, BoundedReader, StorageConfig, check_object, content_hash, hash_object,
-    object_changed, open_object, spool,
+    READ_BLOCK_BYTES,
+    BoundedReader,
+    StorageConfig,
+    check_object,
+    content_hash,
+    hash_object,
+    object_changed,
+    open_object,
+    spool,
 )
 from worker.video import VideoReader
 
@@ -113,7 +120,7 @@ def _local(path: Path) -> tuple[object, list[np.ndarray]]:
 
 @pytest.mark.parametrize("name", ["h264_30", "h264_60_mkv", "mpeg4_avi", "vp9_webm", "vfr"])
 def test_an_object_streams_into_the_decoder_with_the_local_files_frames(
-    name: str, media_files: Media, s3_server: S3Server,  # noqa: F811
+    name: str, media_files: Media, s3_server: S3Server,
 ) -> None:
     local = getattr(media_files, name)
     bucket = s3_server.new_bucket()
@@ -165,7 +172,7 @@ def test_a_stream_that_cannot_seek_is_spooled_within_the_size_limit(media_files:
 
 
 def test_the_size_limit_holds_on_metadata_and_on_bytes_read(
-    media_files: Media, s3_server: S3Server,  # noqa: F811
+    media_files: Media, s3_server: S3Server,
 ) -> None:
     local = media_files.h264_30
     size = local.stat().st_size
@@ -187,7 +194,7 @@ def test_the_size_limit_holds_on_metadata_and_on_bytes_read(
 
 
 def test_missing_objects_and_buckets_are_permanent_a_dead_endpoint_transient(
-    s3_server: S3Server,  # noqa: F811
+    s3_server: S3Server,
 ) -> None:
     storage = StorageConfig(s3_endpoint_url=s3_server.endpoint)
     bucket = s3_server.new_bucket()
@@ -198,7 +205,7 @@ def test_missing_objects_and_buckets_are_permanent_a_dead_endpoint_transient(
 
 
 def test_a_changed_object_is_caught_after_decode_and_while_it_is_read(
-    s3_server: S3Server,  # noqa: F811
+    s3_server: S3Server,
 ) -> None:
     storage = StorageConfig(s3_endpoint_url=s3_server.endpoint)
     bucket = s3_server.new_bucket()
