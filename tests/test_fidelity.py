@@ -198,7 +198,7 @@ def test_input_tensor_matches_the_seeds(
     for seed, ours in zip(seed_outputs, our_outputs):
         assert ours["inputs"].shape == seed["inputs"].shape == (3, 8, 256, 256)
         diffs.append((ours["inputs"] - seed["inputs"]).abs().max().item())
-    print(f"input max abs diff per window: {['%.1e' % d for d in diffs]}")
+    print(f"input max abs diff per window: {[f'{d:.1e}' for d in diffs]}")
     assert max(diffs) <= INPUT_TOLERANCE
 
 
@@ -212,7 +212,7 @@ def test_fp32_logits_and_top5_match_the_seeds(
         ranked = seed["logits"].sort(descending=True).values
         gaps.append((ranked[:5] - ranked[1:6]).min().item())
         spread.append(ranked[0].item() - ranked[-1].item())
-    print(f"fp32 logit max abs diff per window: {['%.1e' % d for d in diffs]}; logit spread "
+    print(f"fp32 logit max abs diff per window: {[f'{d:.1e}' for d in diffs]}; logit spread "
           f"{min(spread):.1f}..{max(spread):.1f}; smallest gap among the top 6: {min(gaps):.1e}")
     # The top 6 are separated by far more than the tolerance: agreement is meaningful.
     assert min(gaps) > 10 * LOGIT_TOLERANCE
@@ -296,7 +296,7 @@ def test_bf16_fast_path_stays_within_bounds_of_the_seeds_fp32(
     print(f"bf16 vs seed fp32: max |dp| {max(prob_diffs):.2e}, "
           f"max |dlogit| {max(logit_diffs):.3f}, "
           f"top-1 agree {top1_agree}/{len(prob_diffs)}, top-5 overlap {overlaps}, "
-          f"swapped classes' seed logit below the 5th by {['%.4f' % m for m in swap_margins]}")
+          f"swapped classes' seed logit below the 5th by {[f'{m:.4f}' for m in swap_margins]}")
     assert max(prob_diffs) <= BF16_PROB_TOLERANCE
     assert max(logit_diffs) <= BF16_LOGIT_TOLERANCE
     assert top1_agree == len(prob_diffs)
@@ -348,7 +348,7 @@ def test_fp32_features_match_the_seeds_pooled_activations(
         stored_excess.append(((stored - seed_feature).abs() / bound).max().item())
         cosines.append(torch.nn.functional.cosine_similarity(stored, seed_feature, dim=0).item())
     assert len(stored_excess) == len(windows) - 1
-    print(f"fp32 feature max abs diff per window: {['%.1e' % d for d in diffs]} (values up "
+    print(f"fp32 feature max abs diff per window: {[f'{d:.1e}' for d in diffs]} (values up "
           f"to {max(s['pooled'].max().item() for s in seed_outputs):.2f}); stored float16 "
           f"vs seed, worst fraction of its bound {max(stored_excess):.2f}, cosine >= "
           f"{min(cosines):.7f}")
