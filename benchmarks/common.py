@@ -142,7 +142,7 @@ def memory_mb(pid: int, field_name: str = "VmRSS:") -> float:
 
 
 @contextmanager
-def vidq_worker(env: dict[str, str], workdir: Path, *, concurrency: int = 1,
+def worker_process(env: dict[str, str], workdir: Path, *, concurrency: int = 1,
                 timeout_s: float = 300) -> Iterator[subprocess.Popen[bytes]]:
     """A ``vidq worker`` process (the CLI, as a user starts it), yielded once it is
     ready to take jobs; stopped with SIGTERM afterwards."""
@@ -184,8 +184,13 @@ def wait_for_jobs(database_url: str, job_ids: Sequence[int], *, poll_s: float = 
 
 
 # -- the report --------------------------------------------------------------------
+def times(ratio: float) -> str:
+    """A ratio as text: two decimals, or two significant digits below 0.1."""
+    return f"{ratio:.2f}x" if abs(ratio) >= 0.1 else f"{ratio:.2g}x"
+
+
 def spread(values: Sequence[float]) -> str:
-    return f"{min(values):.2f}-{max(values):.2f}x" if len(values) > 1 else ""
+    return f"{times(min(values))[:-1]}-{times(max(values))}" if len(values) > 1 else ""
 
 
 @dataclass
@@ -239,7 +244,7 @@ class Report:
         print(f"\n{self.title}")
         print(f"  {'':{width}}  {'median ' + self.unit:>18}  {'ratio':>8}  {'rounds':>12}")
         for r in self.rows:
-            ratio = "baseline" if r.ratios is None else f"{statistics.median(r.ratios):.2f}x"
+            ratio = "baseline" if r.ratios is None else times(statistics.median(r.ratios))
             print(f"  {r.name:{width}}  {statistics.median(r.values):18.4g}  {ratio:>8}  "
                   f"{spread(r.ratios or []):>12}")
         for note in self.notes:

@@ -50,8 +50,8 @@ from benchmarks.common import (
     children,
     make_video,
     memory_mb,
-    vidq_worker,
     wait_for_jobs,
+    worker_process,
 )
 
 
@@ -110,7 +110,7 @@ def submit(args: argparse.Namespace) -> list[Report]:
             (root / f"f{i:06d}.mp4").write_bytes(data + uuid.UUID(int=i).bytes)
         size = len(data) + 16
         paths = list(discover([str(root)]))
-        base = Settings.from_env(broker_url=args.broker)
+        base = Settings.from_env(broker_url=args.broker, auto_migrate=True)
         print(f"{args.files} real H.264 files of {size / 1024:.1f} KiB ({args.width}x"
               f"{args.height}, {args.frames} frames)", flush=True)
 
@@ -168,7 +168,6 @@ def submit(args: argparse.Namespace) -> list[Report]:
 # -- polling ------------------------------------------------------------------------------
 CLIPS_PER_JOB = 10
 TOP_K = 5
-TABLES = ("batches", "jobs", "clip_predictions", "video_labels")
 NO_INDEX_PG = ("set enable_indexscan = off", "set enable_bitmapscan = off",
                "set enable_indexonlyscan = off")
 
@@ -273,7 +272,9 @@ def sqlite_copy_without_indexes(engine: Any, path: Path) -> Any:
         conn.exec_driver_sql(f"vacuum into '{path}'")
     copy = create_engine(f"sqlite:///{path}")
     with copy.begin() as conn:
-        for table in TABLES:
+        tables = [t for (t,) in conn.exec_driver_sql(
+            "select name from sqlite_master where type = 'table' and name not like 'sqlite_%'")]
+        for table in tables:
             conn.exec_driver_sql(f"create table {table}_bare as select * from {table}")
             conn.exec_driver_sql(f"drop table {table}")
             conn.exec_driver_sql(f"alter table {table}_bare rename to {table}")
@@ -312,9 +313,10 @@ def poll_report(name: str, url: str, queries: list[str], args: argparse.Namespac
         def slow(q: str = q) -> float:
             return statistics.median(timed_ms(bare, q, max(3, args.repeat // 10), setup=setup))
 
-        times = alternate({"indexed": fast, "unindexed": slow}, args.rounds)
         first = q.splitlines()[0]
         label = first.lstrip("- ") if first.startswith("--") else " ".join(q.split())[:50]
+        print(f" {i}. {label}", flush=True)
+        times = alternate({"indexed": fast, "unindexed": slow}, args.rounds)
         report.add(f"{i}. unindexed", times["unindexed"], baseline=True)
         report.add(f"{i}. {label}", times["indexed"], against=f"{i}. unindexed")
         worst = max(worst, p95(indexed))
@@ -475,7 +477,8 @@ def memory_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jobs", type=int, default=1000)
     parser.add_argument("--distinct", type=int, default=20,
                         help="distinct videos (submitted again with --force)")
-    parser.add_argument("--every", type=int, default=100, help="jobs between samples")
+    parser.add_argument("--every", type=int, default=100,
+                        help="jobs between samples (a multiple of --distinct)")
     parser.add_argument("--model", default="slow_r50")
     parser.add_argument("--broker", default=BROKER_URL, help="a Redis database it flushes")
     parser.add_argument("--quick", action="store_true", help="40 jobs, x3d_xs, every 10")
@@ -504,27 +507,27 @@ def memory(args: argparse.Namespace) -> list[Report]:
         redis.Redis.from_url(args.broker).flushdb()
         samples: list[tuple[int, float]] = []
         try:
-            with vidq_worker(env, work) as worker:
+            with worker_process(env, work) as worker:
                 child = children(worker.pid)[0]
                 settings = Settings.from_env(child_env(env))
                 request = JobRequest(model=args.model, weights="random")
                 ids: list[int] = []
-                for _ in range(args.jobs // args.distinct):
-                    ids += vidq_submit(videos, settings=settings, request=request,
-                                       batch="memory", force=True).job_ids
-                engine = create_engine(settings.database_url)
-                finished = select(func.count()).where(Job.status.in_(("succeeded", "failed")))
                 t0 = time.perf_counter()
-                while not samples or samples[-1][0] < len(ids):
-                    with engine.connect() as conn:
-                        done = conn.execute(finished).scalar() or 0
-                    if done >= (len(samples) + 1) * args.every or done >= len(ids):
-                        samples.append((done, memory_mb(child)))
-                        print(f"  after {done:5d} jobs: worker RSS {samples[-1][1]:7.1f} MiB",
-                              flush=True)
-                    time.sleep(0.5)
+                # In waves of the distinct videos: an active job's content cannot be
+                # queued twice, even with --force.
+                for n in range(max(1, args.jobs // args.distinct)):
+                    wave = vidq_submit(videos, settings=settings, request=request,
+                                       batch=f"memory-{n}", force=True).job_ids
+                    wait_for_jobs(settings.database_url, wave)
+                    ids += wave
+                    if len(ids) >= (len(samples) + 1) * args.every:
+                        samples.append((len(ids), memory_mb(child)))
+                        print(f"  after {len(ids):5d} jobs: worker RSS {samples[-1][1]:7.1f} "
+                              "MiB", flush=True)
                 elapsed = time.perf_counter() - t0
-                wait_for_jobs(settings.database_url, ids)
+                if not samples or samples[-1][0] < len(ids):
+                    samples.append((len(ids), memory_mb(child)))
+                engine = create_engine(settings.database_url)
                 with engine.connect() as conn:
                     failed = conn.execute(select(func.count()).where(
                         Job.status == "failed")).scalar()
@@ -536,13 +539,13 @@ def memory(args: argparse.Namespace) -> list[Report]:
     report = Report(f"one vidq worker process, {len(ids)} jobs ({args.model}, {failed} failed, "
                     f"{elapsed:.0f}s): resident memory against after {samples[0][0]} jobs",
                     "MiB")
-    report.add(f"after {samples[0][0]} jobs", samples[0][1])
+    report.add(f"first sample, after {samples[0][0]} jobs", samples[0][1])
     # The allocator's pools settle over the first few hundred jobs; a leak keeps growing
     # after that, so the second half of the run is the test.
     mid = min(samples, key=lambda s: abs(s[0] - samples[-1][0] / 2))
-    report.add(f"after {mid[0]} jobs (half way)", mid[1])
-    report.add(f"after {samples[-1][0]} jobs", samples[-1][1])
-    report.add(f"after {samples[-1][0]} jobs, against half way", samples[-1][1],
-               against=f"after {mid[0]} jobs (half way)")
+    half = f"half way, after {mid[0]} jobs"
+    report.add(half, mid[1])
+    report.add(f"last, after {samples[-1][0]} jobs", samples[-1][1])
+    report.add("last, against half way", samples[-1][1], against=half)
     report.add("peak (VmHWM)", peak)
     return [report]

@@ -3,11 +3,10 @@ pipeline, the decoders' bare loop, the Celery task in this process and the
 embedded runner. A benchmark holds the objects these functions return and passes
 them back here; it never reaches into them.
 
-Two hooks of worker/ are used where present: ``worker.tasks.in_process(settings,
-pipeline)`` (a Celery app whose classify task runs on a given pipeline) and a
-pipeline built around any object with the classifier's interface (the simulated
-accelerator). Where a hook is missing, the same thing is put together here from
-worker/'s public functions.
+Two things the benchmarks need are put together here from worker/'s public
+functions: a Celery app whose classify task runs on a given pipeline
+(``in_process_app``), and a pipeline built around any object with the classifier's
+interface (``SimulatedAccelerator``).
 """
 
 from __future__ import annotations
@@ -281,21 +280,20 @@ def process_cpu(pipe: Pipeline) -> float:
 @contextlib.contextmanager
 def in_process_app(settings: Settings, pipe: Pipeline) -> Iterator[Any]:
     """A Celery app of ``settings`` whose classify task runs on ``pipe`` in this
-    process (claim, classify, commit: worker/jobs.py), for ``start_worker``."""
-    import worker.tasks as tasks
+    process (claim, classify, commit: worker/jobs.py's ``execute_job``), for
+    ``start_worker``.
 
-    hook = getattr(tasks, "in_process", None)
-    if hook is not None:
-        with hook(settings, pipe) as app:
-            yield app
-        return
+    worker.tasks is not imported here: its worker_init handler would load a model of
+    its own settings into the same process. Once worker.tasks offers
+    ``in_process(settings, pipeline)``, this body is ``with tasks.in_process(settings,
+    pipe) as app: yield app``."""
     from vidq.queue import TASK_CLASSIFY, make_celery
     from worker.jobs import JobStore, execute_job
 
     app = make_celery(settings)
     store = JobStore.from_settings(settings)
 
-    @app.task(name=TASK_CLASSIFY, acks_late=True)
+    @app.task(name=TASK_CLASSIFY, acks_late=True, shared=False)  # this app only
     def classify(job_id: int, transient: int = 0) -> str:
         return execute_job(job_id, pipeline=pipe, settings=settings, store=store).status
 
