@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import vidq_worker
-from benchmarks.common import Report, alternate, make_video
+from benchmarks.common import Report, alternate
+from benchmarks.corpus import make_video
 
 SIZES = {"360p": (640, 360), "720p": (1280, 720), "1080p": (1920, 1080)}
 

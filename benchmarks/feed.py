@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import vidq_worker
-from benchmarks.common import BROKER_URL, Report, alternate, fresh_process, make_video
+from benchmarks.common import BROKER_URL, Report, alternate, fresh_process
+from benchmarks.corpus import make_video
 
 REAL_CONFIGS = {
     "inflight 1, 1 decoder": {"inflight": 1, "decode_workers": 1},

@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 from benchmarks import vidq_worker
-from benchmarks.common import Report, alternate, make_corpus, make_video, seed_windows
+from benchmarks.common import Report, alternate
+from benchmarks.corpus import make_corpus, make_video, seed_windows
 
 
 def forward_options(parser: argparse.ArgumentParser) -> None:

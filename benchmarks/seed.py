@@ -28,15 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import vidq_worker
-from benchmarks.common import (
-    SEED_SPAN,
-    SEED_WINDOW_FRAMES,
-    Report,
-    alternate,
-    fresh_process,
-    make_corpus,
-    seed_windows,
-)
+from benchmarks.common import Report, alternate, fresh_process
+from benchmarks.corpus import SEED_SPAN, SEED_WINDOW_FRAMES, make_corpus, seed_windows
 
 
 def seed_options(parser: argparse.ArgumentParser) -> None:

@@ -48,11 +48,11 @@ from benchmarks.common import (
     alternate,
     child_env,
     children,
-    make_video,
     memory_mb,
     wait_for_jobs,
     worker_process,
 )
+from benchmarks.corpus import make_video
 
 
 @contextmanager
@@ -481,7 +481,7 @@ def memory_options(parser: argparse.ArgumentParser) -> None:
                         help="jobs between samples (a multiple of --distinct)")
     parser.add_argument("--model", default="slow_r50")
     parser.add_argument("--broker", default=BROKER_URL, help="a Redis database it flushes")
-    parser.add_argument("--quick", action="store_true", help="40 jobs, x3d_xs, every 10")
+    parser.add_argument("--quick", action="store_true", help="40 jobs, x3d_xs, a sample every 8")
 
 
 def memory(args: argparse.Namespace) -> list[Report]:
@@ -495,7 +495,7 @@ def memory(args: argparse.Namespace) -> list[Report]:
     from vidq.settings import Settings
 
     if args.quick:
-        args.jobs, args.distinct, args.every, args.model = 40, 4, 10, "x3d_xs"
+        args.jobs, args.distinct, args.every, args.model = 40, 4, 8, "x3d_xs"
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         (work / "v").mkdir()
