@@ -28,6 +28,7 @@ import statistics
 import tempfile
 import time
 import uuid
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -138,8 +139,8 @@ def decode(args: argparse.Namespace) -> list[Report]:
                 return vidq_worker.classify(clfs[skip], paths) / (time.perf_counter() - t)
 
             print(f"end to end, {model}:", flush=True)
-            rates = alternate({"skip on": lambda c=classify_rate: c(True),
-                               "skip off": lambda c=classify_rate: c(False)}, args.e2e_rounds)
+            rates = alternate({"skip on": partial(classify_rate, True),
+                               "skip off": partial(classify_rate, False)}, args.e2e_rounds)
             report = Report(f"end to end, {model} (classify_many, random weights, fp32, "
                             f"{args.device}): clips/s", "clips/s")
             report.add("skip off", rates["skip off"])

@@ -24,6 +24,7 @@ import argparse
 import os
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from benchmarks import vidq_worker
 from benchmarks.common import BROKER_URL, Report, alternate, fresh_process
 from benchmarks.corpus import make_video
 
-REAL_CONFIGS = {
+REAL_CONFIGS: dict[str, dict[str, Any]] = {
     "inflight 1, 1 decoder": {"inflight": 1, "decode_workers": 1},
     "the worker's defaults": {"inflight": 0, "decode_workers": 0},
 }
@@ -209,7 +210,7 @@ def real(args: argparse.Namespace, videos: dict[str, list[Path]], work: Path) ->
                                  broker=args.broker)["rate"]
 
         print(f"{name}:", flush=True)
-        rates = alternate({c: (lambda c=c: config_rate(c)) for c in REAL_CONFIGS}, args.rounds)
+        rates = alternate({c: partial(config_rate, c) for c in REAL_CONFIGS}, args.rounds)
         report = Report(f"real {args.real} on this host, {name} videos: clips/s, the worker's "
                         "defaults against one job in flight and one decoder", "clips/s")
         for config in REAL_CONFIGS:

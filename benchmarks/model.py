@@ -19,6 +19,7 @@ import argparse
 import tempfile
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 from benchmarks import vidq_worker
@@ -138,9 +139,9 @@ def int8(args: argparse.Namespace) -> list[Report]:
               f"videos x {windows} windows (640x360 H.264)", flush=True)
         names = ["seed", "fp32", "int8"]
         print("bare forward:")
-        fwd = alternate({n: (lambda n=n: forward_rate(n)) for n in names}, args.rounds)
+        fwd = alternate({n: partial(forward_rate, n) for n in names}, args.rounds)
         print("whole videos:")
-        e2e = alternate({n: (lambda n=n: classify_rate(n)) for n in names}, args.rounds)
+        e2e = alternate({n: partial(classify_rate, n) for n in names}, args.rounds)
     reports = []
     for title, seed_row, table in (("bare forward, batch 1", "seed eager fp32", fwd),
                                    ("whole videos", "seed pipeline (fp32)", e2e)):

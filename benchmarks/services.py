@@ -37,6 +37,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +115,7 @@ def submit(args: argparse.Namespace) -> list[Report]:
         print(f"{args.files} real H.264 files of {size / 1024:.1f} KiB ({args.width}x"
               f"{args.height}, {args.frames} frames)", flush=True)
 
-        def queued() -> list[tuple[bytes, bytes]]:
+        def queued() -> list[tuple[Any, Any]]:
             keys = [k for k in client.scan_iter(f"{base.queue}*") if client.type(k) == b"list"]
             return [(k, m) for k in keys for m in client.lrange(k, 0, -1)]
 
@@ -294,8 +295,9 @@ def poll_report(name: str, url: str, queries: list[str], args: argparse.Namespac
 
     engine = create_engine(url)
     n_jobs = populate(engine, args.clip_rows, labels)
+    setup: tuple[str, ...] = ()
     if name == "sqlite":
-        bare, setup = sqlite_copy_without_indexes(engine, tmp / "bare.db"), ()
+        bare = sqlite_copy_without_indexes(engine, tmp / "bare.db")
     else:
         bare, setup = engine, NO_INDEX_PG
     report = Report(f"{name}, {n_jobs:,} jobs, {n_jobs * CLIPS_PER_JOB * TOP_K:,} clip rows: "
@@ -446,11 +448,9 @@ def similar(args: argparse.Namespace) -> list[Report]:
 
                 print(f"{kind}, N={n:,}:", flush=True)
                 times = alternate({
-                    "numpy": lambda url=url, run=run: run(
-                        "numpy", [sys.executable, "-c", NUMPY_FLOOR, url]),
-                    "vidq": lambda run=run: run(
-                        "vidq", [sys.executable, "-m", "vidq.cli", "similar", "1", "--top",
-                                 "10"])}, args.rounds)
+                    "numpy": partial(run, "numpy", [sys.executable, "-c", NUMPY_FLOOR, url]),
+                    "vidq": partial(run, "vidq", [sys.executable, "-m", "vidq.cli", "similar",
+                                                  "1", "--top", "10"])}, args.rounds)
             report = Report(f"{kind}, {n:,} vectors of 2048 x float16: seconds of a fresh "
                             "process, vidq similar --top 10 against numpy", "s")
             report.add("SELECT every vector + numpy", times["numpy"])

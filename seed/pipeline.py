@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import numbers
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -128,10 +127,7 @@ class CenterCropVideo:
     """The central (height, width) crop of a (C, T, H, W) clip."""
 
     def __init__(self, crop_size: int | tuple[int, int]) -> None:
-        if isinstance(crop_size, numbers.Number):
-            self.crop_size = (int(crop_size), int(crop_size))
-        else:
-            self.crop_size = crop_size
+        self.crop_size = (crop_size, crop_size) if isinstance(crop_size, int) else crop_size
 
     def __call__(self, clip: torch.Tensor) -> torch.Tensor:
         if clip.ndimension() != 4:
