@@ -104,15 +104,18 @@ def worker_rate(clf: Any, videos: list[Path], *, strategy: str, workdir: Path, t
                                                          strategy=strategy))
         assert len(report.job_ids) == len(videos)
         make = sessions(settings.database_url)
-        active = select(func.count()).where(Job.status.in_(("queued", "running")))
+        # (jobs not finished, jobs not yet claimed)
+        progress = select(
+            func.coalesce(func.sum(case((Job.status.in_(("queued", "running")), 1), else_=0)), 0),
+            func.coalesce(func.sum(case((Job.status == "queued", 1), else_=0)), 0))
         with vidq_worker.in_process_app(settings, pipe) as app, start_worker(
                 app, pool="threads", concurrency=info.inflight, perform_ping_check=False,
                 loglevel="WARNING", shutdown_timeout=60):
             cpu0 = None
             while True:
                 with make() as s:
-                    left = s.execute(active).scalar() or 0
-                if cpu0 is None and left < len(videos) + 1:
+                    left, unclaimed = s.execute(progress).one()
+                if cpu0 is None and unclaimed < len(videos):  # the first claim, within a poll
                     cpu0 = vidq_worker.process_cpu(pipe)
                 if left == 0:
                     break
