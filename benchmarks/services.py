@@ -436,7 +436,7 @@ def similar(args: argparse.Namespace) -> list[Report]:
     reports = []
     for kind in args.db:
         for n in args.n:
-            with contextmanager_for(kind, args.pg) as url:
+            with fresh_database(kind, args.pg) as url:
                 fill_vectors(url, n)
                 peaks: dict[str, float] = {}
 
@@ -462,7 +462,7 @@ def similar(args: argparse.Namespace) -> list[Report]:
 
 
 @contextmanager
-def contextmanager_for(kind: str, pg: str) -> Iterator[str]:
+def fresh_database(kind: str, pg: str) -> Iterator[str]:
     """A fresh database of ``kind``."""
     if kind == "postgresql":
         with postgres_database(pg, "vidq_similar") as url:
