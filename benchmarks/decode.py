@@ -1,32 +1,23 @@
-"""Decode-side effect of skipping unused frames, and its effect end to end.
+"""The decode side: skipping unused frames, and reading from object storage.
 
-    python benchmarks/decode.py [--seconds 30] [--rounds 8] [--dir /tmp/vidq-decode-bench]
+``decode``: a corpus of one H.264 file per size (360p, 720p, 1080p) written with
+libx264's own defaults (preset medium: 3 B-frames, b-pyramid, 250-frame GOP) and
+fresh per-frame grain of +-``--noise`` (with +-4, about 45% of frames are B-frames
+nothing references, as on ordinary camera video); kept in ``--dir`` between runs.
+Every sliding window is decoded and made into the model's input as each kind of
+host does it: a CPU host's decoder runs the transforms (one thread), a GPU host's
+copies the frames into one uint8 buffer. Skipping is on and off in alternating
+rounds, for slow_r50's sampling (8 of 64 frames) and x3d_xs's (4 of 48): windows per
+wall second and per CPU second (the work saved), and with one decoder process per
+core (``--decoders``) each with one FFmpeg thread, as a saturated host runs them.
+Then end to end: ``classify_many`` with skipping on and off, random weights, fp32.
 
-Corpus: one H.264 file per size (360p, 720p, 1080p) written with libx264's own
-defaults (preset medium: 3 B-frames, b-pyramid, 250-frame GOP), moving shapes plus
-fresh per-frame noise of +-``--noise`` (benchmarks/corpus.py); kept in ``--dir``
-between runs. How many frames nothing references is the encoder's choice: with
-the other benchmarks' +-12 grain, x264 writes few B-frames at 360p (39 of 240);
-with +-4 (the default here), about 45% of frames, as on ordinary camera video.
-
-Decode side: every sliding window of the file decoded (``VideoReader.clips`` with
-FFmpeg's own threads, as vidq's decoders run it) and made into the model's input
-as each kind of host does it, in two passes of their own: a CPU host's decoder
-transforms each clip (``clip_views`` on one thread); a GPU host's decoder only
-copies the clip's RGB frames into one uint8 buffer (its pinned memory or shared
-slot, worker/decoders.py) and the GPU transforms them. Skipping is on and off in
-alternating rounds, so a noisy moment on a shared machine hits both; each round
-prints both rates and their ratios, and the summary the median ratio per size,
-for slow_r50's sampling (8 of 64 frames) and x3d_xs's (4 of 48). Ratios of wall
-time and of the process's CPU time (all decoder threads: the work saved, which
-other jobs on a shared machine disturb less). Then the same with decoders on every
-core (``--decoders``, one process per core by default, each with one FFmpeg
-thread, as the pipeline runs several): the windows per wall second of all of them
-together, which is a saturated host's decode throughput.
-
-End to end: ``Classifier.classify_many`` over the corpus with on/off alternating,
-for x3d_xs and slow_r50 with random weights (the speed of a forward does not
-depend on the weights), fp32 on CPU unless --device says otherwise.
+``storage``: one 720p H.264 MP4 with its index at the end (FFmpeg seeks to the end
+and back) uploaded to moto's S3 server on 127.0.0.1, and decoded both ways with
+x3d_xs's sampling (sliding windows, and uniform clips that seek): wall time, bytes
+read against the object's size and GET requests. The frames are checked equal.
+Loopback has no latency: on a real store each request adds a round trip, which the
+8 MiB blocks amortise.
 """
 
 from __future__ import annotations
@@ -34,209 +25,233 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
+import tempfile
 import time
+import uuid
+from functools import partial
 from pathlib import Path
+from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks import vidq_worker
+from benchmarks.common import Report, alternate
+from benchmarks.corpus import make_video
 
 SIZES = {"360p": (640, 360), "720p": (1280, 720), "1080p": (1920, 1080)}
 
 
-def corpus(directory: Path, seconds: float, noise: int) -> dict[str, Path]:
-    from benchmarks.corpus import make_video
+def decode_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seconds", type=float, default=30.0,
+                        help="length of each corpus file (8 s files hold 3-4 windows: "
+                        "rounds too short)")
+    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--models", nargs="+", default=["slow_r50", "x3d_xs"])
+    parser.add_argument("--rounds", type=int, default=8, help="alternating rounds, decode side")
+    parser.add_argument("--e2e-rounds", type=int, default=2, help="alternating rounds end to end")
+    parser.add_argument("--noise", type=int, default=4, help="per-frame grain of the corpus")
+    parser.add_argument("--dir", type=Path,
+                        default=Path(tempfile.gettempdir()) / "vidq-decode-bench")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--decoders", type=int, default=0,
+                        help="decoder processes of the every-core passes (0: one per core)")
+    parser.add_argument("--skip-e2e", action="store_true", help="decode side only")
+    parser.add_argument("--quick", action="store_true",
+                        help="one 6 s 360p file, x3d_xs, two rounds each")
 
+
+def corpus(directory: Path, sizes: list[str], seconds: float, noise: int) -> dict[str, Path]:
     directory.mkdir(parents=True, exist_ok=True)
     out = {}
-    for name, (width, height) in SIZES.items():
+    for name in sizes:
+        width, height = SIZES[name]
         path = directory / f"default_x264_{name}_{seconds:g}s_noise{noise}.mp4"
         if not path.exists():
-            t = time.perf_counter()
-            tmp = path.with_suffix(".part.mp4")
-            make_video(tmp, frames=int(seconds * 30), width=width, height=height, options={},
+            part = path.with_suffix(f".{uuid.uuid4().hex[:6]}.mp4")
+            make_video(part, frames=int(seconds * 30), width=width, height=height, options={},
                        noise=noise)
-            tmp.rename(path)
-            print(f"wrote {path.name} in {time.perf_counter() - t:.0f}s", flush=True)
+            part.rename(path)
         out[name] = path
     return out
 
 
-def decode_rate(path: Path, *, model: str, skip: bool, host: str,
-                threads: int = 0) -> tuple[float, float, float]:
-    """Windows per second over every sliding window, decoded and prepared as a ``host``
-    ("cpu" or "gpu") host's decoder prepares them, with ``threads`` FFmpeg threads (0:
-    FFmpeg's choice): (per wall s, per CPU s, share of packets decoded)."""
+def decode_side(path: Path, *, model: str, size: str, every: vidq_worker.Decoders,
+                rounds: int) -> Report:
+    """Alternating rounds of skip on / off over one file, every kind of host."""
+    labels = ("CPU host, per wall s", "CPU host, per CPU s", "GPU host, per wall s",
+              "GPU host, per CPU s", f"{every.count} decoders, CPU host",
+              f"{every.count} decoders, GPU host")
+    rows: dict[str, list[float]] = {}
+
+    def measure(skip: bool) -> dict[str, float]:
+        cpu = vidq_worker.decode_windows(path, model=model, skip=skip, host="cpu")
+        gpu = vidq_worker.decode_windows(path, model=model, skip=skip, host="gpu")
+        many = [every.rate([path] * every.count, model=model, skip=skip, host=host,
+                           threads=1)[0] for host in ("cpu", "gpu")]
+        values = (cpu.windows / cpu.wall_s, cpu.windows / cpu.cpu_s, gpu.windows / gpu.wall_s,
+                  gpu.windows / gpu.cpu_s, *many)
+        return {**dict(zip(labels, values)), "decoded share": cpu.decoded_share}
+
+    def side(skip: bool) -> float:
+        tag = "on" if skip else "off"
+        got = measure(skip)
+        for label, value in got.items():
+            rows.setdefault(f"{label}, skip {tag}", []).append(value)
+        return got[labels[0]]
+
+    print(f"{model} {size}:", flush=True)
+    measure(True), measure(False)  # untimed: the cold file and allocator
+    alternate({"skip on": lambda: side(True), "skip off": lambda: side(False)}, rounds)
+    report = Report(f"decode side, {model} sampling, {size}: windows/s, skipping unused "
+                    "frames against decoding them all", "windows/s")
+    for label in labels:
+        report.add(f"{label}, skip off", rows[f"{label}, skip off"], baseline=True)
+        report.add(f"{label}, skip on", rows[f"{label}, skip on"], against=f"{label}, skip off")
+    share = statistics.median(rows["decoded share, skip on"])
+    report.notes.append(f"skip on decodes {share:.0%} of the packets")
+    return report
+
+
+def decode(args: argparse.Namespace) -> list[Report]:
+    """Skipping unused frames against decoding every frame: windows/s, clips/s."""
+    import torch
+
+    if args.quick:
+        args.seconds, args.sizes, args.models, args.rounds, args.e2e_rounds = \
+            6.0, ["360p"], ["x3d_xs"], 2, 2
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a decoder runs its transforms on one core
+    files = corpus(args.dir, args.sizes, args.seconds, args.noise)
+    every = vidq_worker.Decoders(args.decoders or os.cpu_count() or 1, "processes")
+    try:
+        reports = [decode_side(path, model=model, size=size, every=every, rounds=args.rounds)
+                   for model in args.models for size, path in files.items()]
+    finally:
+        every.close()
+    if not args.skip_e2e:
+        torch.set_num_threads(threads)
+        paths = list(files.values())
+        for model in args.models:
+            clfs = {skip: vidq_worker.classifier(model=model, device=args.device,
+                                                 precision="fp32", skip_unused_frames=skip)
+                    for skip in (True, False)}
+
+            def classify_rate(skip: bool, clfs: dict[bool, Any] = clfs) -> float:
+                t = time.perf_counter()
+                return vidq_worker.classify(clfs[skip], paths) / (time.perf_counter() - t)
+
+            print(f"end to end, {model}:", flush=True)
+            rates = alternate({"skip on": partial(classify_rate, True),
+                               "skip off": partial(classify_rate, False)}, args.e2e_rounds)
+            report = Report(f"end to end, {model} (classify_many, random weights, fp32, "
+                            f"{args.device}): clips/s", "clips/s")
+            report.add("skip off", rates["skip off"])
+            report.add("skip on", rates["skip on"])
+            reports.append(report)
+            del clfs
+    return reports
+
+
+# -- object storage ------------------------------------------------------------------
+S3_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",  # no instance-role lookups (a 1 s stall each)
+}
+
+
+def storage_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--noise", type=int, default=40, help="grain: sets the bitrate")
+    parser.add_argument("--quick", action="store_true", help="a 4 s video, two rounds")
+
+
+def storage_pass(path: Path, *, uri: str, config: Any, strategy: str, rounds: int,
+                 gets: list[int]) -> Report:
+    """Alternating local and S3 passes over one file's ``strategy`` windows; ``gets``
+    counts the store's GET requests."""
     import numpy as np
 
-    from vidq.sampling import Sampling, plan_windows
-    from worker.models import get_preset
-    from worker.transforms import clip_views
-    from worker.video import VideoReader
+    from vidq.media import open_video
+    from vidq.storage import BoundedReader
 
-    preset = get_preset(model)
-    slot: np.ndarray | None = None
-    t, cpu = time.perf_counter(), time.process_time()
-    with VideoReader(path, skip_unused_frames=skip, threads=threads) as reader:
-        windows = plan_windows(Sampling(strategy="sliding"), reader.info.duration_s, preset.clip_duration)
-        n = 0
-        for clip in reader.clips(windows, num_frames=preset.num_frames):
-            if host == "cpu":
-                clip_views(clip.rgb, preset)
-            else:
-                shape = (len(clip.rgb), *clip.rgb[0].shape)
-                if slot is None or slot.shape != shape:
-                    slot = np.empty(shape, np.uint8)
-                np.stack(clip.rgb, out=slot)  # as a decoder process fills its slot
-            n += 1
-        stats = reader.stats
-    wall, cpu = time.perf_counter() - t, time.process_time() - cpu
-    return n / wall, n / cpu, stats.decoded / stats.packets
+    size = path.stat().st_size
+    reference = vidq_worker.read_frames(str(path), source=str(path), strategy=strategy,
+                                        clips=3, model="x3d_xs")
+    read: list[float] = []
+    requests: list[int] = []
 
-
-def _one_core() -> None:
-    import torch
-
-    torch.set_num_threads(1)
-
-
-def _windows(path: Path, *, model: str, skip: bool, host: str) -> float:
-    """A decoder process's pass (one FFmpeg thread): its windows."""
-    rate, _cpu, _share = decode_rate(path, model=model, skip=skip, host=host, threads=1)
-    return rate
-
-
-class EveryCore:
-    """One decoder process per core, each with one FFmpeg thread, as the pipeline runs
-    several decoders (worker/pipeline.py: a core's share of threads each): windows per
-    wall second of all of them together, each decoding the file once. The processes
-    are started (and their imports done) before any pass is timed."""
-
-    def __init__(self, processes: int) -> None:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        self.processes = processes
-        self.pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
-                                        initializer=_one_core)
-        list(self.pool.map(time.sleep, [0.5] * processes))
-
-    def rate(self, path: Path, *, model: str, skip: bool, host: str) -> float:
-        from vidq.sampling import Sampling, plan_windows
-        from worker.models import get_preset
-        from worker.video import VideoReader
-
-        with VideoReader(path) as reader:
-            windows = len(plan_windows(Sampling(strategy="sliding"), reader.info.duration_s,
-                                       get_preset(model).clip_duration))
+    def local() -> float:
         t = time.perf_counter()
-        futures = [self.pool.submit(_windows, path, model=model, skip=skip, host=host)
-                   for _ in range(self.processes)]
-        for future in futures:
-            future.result()
-        return windows * self.processes / (time.perf_counter() - t)
+        vidq_worker.read_frames(str(path), source=str(path), strategy=strategy, clips=3,
+                                model="x3d_xs")
+        return time.perf_counter() - t
 
-    def close(self) -> None:
-        self.pool.shutdown()
+    def remote() -> float:
+        gets[0] = 0
+        t = time.perf_counter()
+        with open_video(uri, storage_config=config) as fh:
+            assert isinstance(fh, BoundedReader)
+            frames = vidq_worker.read_frames(uri, source=fh, strategy=strategy, clips=3,
+                                             model="x3d_xs")
+            read.append(fh.bytes_read / size)
+        elapsed = time.perf_counter() - t
+        requests.append(gets[0])
+        assert len(frames) == len(reference) and all(
+            np.array_equal(a, b) for a, b in zip(frames, reference)), "S3 frames differ"
+        return elapsed
 
-
-def end_to_end_rate(clf: object, paths: list[Path], *, skip: bool) -> tuple[float, float]:
-    """(clips per wall s, clips per CPU s of the whole process: model and decoder)."""
-    clf.skip_unused_frames = skip  # type: ignore[attr-defined]
-    t, cpu = time.perf_counter(), time.process_time()
-    clips = sum(len(r.clips) for r in clf.classify_many(paths))  # type: ignore[attr-defined, misc]
-    return clips / (time.perf_counter() - t), clips / (time.process_time() - cpu)
-
-
-def alternate(label: str, rounds: int, measure, names: list[str]) -> str:  # type: ignore[no-untyped-def]
-    """Rounds of on/off (order swapped each round); the median ratios as text. One
-    discarded pass of each first: whichever ran first would otherwise pay for the cold
-    file and allocator (a first round of 0.65-0.95x seen for that reason). ``names``:
-    what the leading values ``measure`` returns are; one more is a share decoded."""
-    ratios: list[list[float]] = [[] for _ in names]
-    measure(True), measure(False)
-    for i in range(rounds):
-        if i % 2 == 0:
-            on, off = measure(True), measure(False)
-        else:
-            off, on = measure(False), measure(True)
-        measured = min(len(on), len(names))
-        for k in range(measured):
-            ratios[k].append(on[k] / off[k])
-        line = f"  {label} round {i + 1}: skip on {on[0]:.2f}/s, off {off[0]:.2f}/s, " + ", ".join(
-            f"{names[k]} {ratios[k][-1]:.2f}x" for k in range(measured)
-        )
-        if len(on) > len(names):
-            line += f"; decoded {on[-1]:.0%} of packets"
-        print(line, flush=True)
-    return ", ".join(
-        f"{name} {statistics.median(r):.2f}x" for name, r in zip(names, ratios) if r
-    )
+    print(f"{strategy}:", flush=True)
+    times = alternate({"local": local, "s3": remote}, rounds)
+    report = Report(f"x3d_xs {strategy} windows of a 720p file, seconds per pass: S3 (moto "
+                    "on loopback) against the local file", "s")
+    report.add("local file", times["local"])
+    report.add("s3://", times["s3"])
+    report.notes.append(f"S3 reads {statistics.median(read):.2f}x the object's size in "
+                        f"{statistics.median(requests):.0f} GETs")
+    return report
 
 
-def decode_side(files: dict[str, Path], *, rounds: int, every: EveryCore) -> list[tuple[str, str]]:
-    """Alternating rounds per sampling and size; (label, median ratios) of each."""
-    print("decode side, windows/s (every sliding window; rates are the CPU host's):")
-    summary = []
-    for model in ("slow_r50", "x3d_xs"):
-        for name, path in files.items():
-            def measure(skip: bool, path: Path = path, model: str = model) -> tuple[float, ...]:
-                cpu_wall, cpu_cpu, share = decode_rate(path, model=model, skip=skip, host="cpu")
-                gpu_wall, gpu_cpu, _ = decode_rate(path, model=model, skip=skip, host="gpu")
-                rates = [every.rate(path, model=model, skip=skip, host=h) for h in ("cpu", "gpu")]
-                return cpu_wall, cpu_cpu, gpu_wall, gpu_cpu, *rates, share
+def storage(args: argparse.Namespace) -> list[Report]:
+    """Decoding from an S3-compatible store against the same local file: seconds."""
+    import logging
 
-            summary.append((f"decode {model} {name}", alternate(
-                f"{model} {name}", rounds, measure,
-                ["CPU host wall", "CPU", "GPU host wall", "CPU",
-                 f"{every.processes} decoders CPU host", "GPU host"])))
-    every.close()
-    return summary
+    import boto3
+    from moto.server import ThreadedMotoServer
 
+    from vidq.storage import StorageConfig
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seconds", type=float, default=30.0,
-                    help="length of each corpus file (8 s files hold 3-4 windows: rounds too short)")
-    ap.add_argument("--rounds", type=int, default=8, help="alternating on/off rounds (decode side)")
-    ap.add_argument("--e2e-rounds", type=int, default=2, help="alternating rounds end to end")
-    ap.add_argument("--noise", type=int, default=4, help="per-frame noise amplitude of the corpus")
-    ap.add_argument("--dir", type=Path, default=Path("/tmp/vidq-decode-bench"))
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--decoders", type=int, default=0,
-                    help="decoder processes of the every-core passes (default: one per core)")
-    ap.add_argument("--skip-e2e", action="store_true", help="decode side only")
-    ap.add_argument("--e2e-only", action="store_true", help="end to end only")
-    args = ap.parse_args()
+    if args.quick:
+        args.seconds, args.rounds = 4.0, 2
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    os.environ.update(S3_CREDENTIALS)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    reports = []
+    gets = [0]
 
-    import torch
+    def count(**_kw: object) -> None:
+        gets[0] += 1
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # vidq's decode thread runs its transforms on one core
-    files = corpus(args.dir, args.seconds, args.noise)
-    summary: list[tuple[str, str]] = []
-    if not args.e2e_only:
-        summary += decode_side(files, rounds=args.rounds,
-                               every=EveryCore(args.decoders or os.cpu_count() or 1))
-    if not args.skip_e2e:
-        from worker.inference import Classifier
-
-        torch.set_num_threads(threads)
-        print("end to end, clips/s (Classifier.classify_many, random weights, fp32):")
-        for model in ("x3d_xs", "slow_r50"):
-            clf = Classifier(model=model, weights="random", device=args.device, precision="fp32")
-            paths = list(files.values())
-
-            def measure_e2e(
-                skip: bool, clf: Classifier = clf, paths: list[Path] = paths
-            ) -> tuple[float, float]:
-                return end_to_end_rate(clf, paths, skip=skip)
-
-            summary.append((f"end to end {model}", alternate(model, args.e2e_rounds, measure_e2e, ["wall", "CPU"])))
-    print("median ratio, skip on / skip off:")
-    for label, ratio in summary:
-        print(f"  {label}: {ratio}")
-
-
-if __name__ == "__main__":
-    main()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = make_video(Path(tmp) / "bench.mp4", frames=int(args.seconds * 30),
+                              width=1280, height=720, noise=args.noise)
+            bucket = f"vidq-{uuid.uuid4().hex[:12]}"
+            s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+            s3.create_bucket(Bucket=bucket)
+            s3.put_object(Bucket=bucket, Key="bench.mp4", Body=path.read_bytes())
+            uri = f"s3://{bucket}/bench.mp4"
+            config = StorageConfig(s3_endpoint_url=endpoint)
+            fs = config.filesystem("s3")
+            fs.s3.meta.events.register("before-send.s3.GetObject", count)  # type: ignore[attr-defined]
+            print(f"{path.name}: {path.stat().st_size / 2**20:.1f} MiB, {args.seconds:g} s "
+                  "at 720p, index at the end", flush=True)
+            for strategy in ("sliding", "uniform"):
+                reports.append(storage_pass(path, uri=uri, config=config, strategy=strategy,
+                                            rounds=args.rounds, gets=gets))
+    finally:
+        server.stop()
+    return reports

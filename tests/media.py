@@ -4,7 +4,7 @@ Every video frame carries its own index, stamped as a row of black/white 8x8
 blocks (bit 0 first) in the top-left corner, so a test can read back which
 source frames a window picked (``frame_index``), through lossy codecs and after
 RGB conversion. The rest of the frame is moving, textured content (gradients, a
-disc, noise) like ``/work/shared/reference/make_video.py``, so resizing and
+disc, noise) like the benchmarks' corpus (benchmarks/corpus.py), so resizing and
 cropping see real image structure.
 
 The functions here import no pytest and no vidq code: tests/e2e can use them too.

@@ -1,15 +1,15 @@
 """slow_r50: our pipeline against the seed's own, on the same frames and weights.
 
-The seed (/work/shared/seed/slow_r50_hub_usage.md) is run here as written:
-PyTorchVideo's ``EncodedVideo.get_clip`` and the seed's ``Compose`` transform (its
-broken ``pytorchvideo.transforms`` import shimmed exactly as
-/work/shared/reference/seed_pipeline.py does), then ``model(inputs[None])`` on
-``pytorchvideo.models.hub.slow_r50``. The pretrained checkpoint cannot be fetched
-here, so both sides load one checkpoint this test writes: slow_r50 at its random
-init, with trained-like batch-norm parameters (see ``randomize_batch_norms``) and
-the final projection scaled x50. That spreads the logits over ~22 units, like a
-trained classifier's, instead of the near-uniform ~1/400 softmax of a random head,
-so probabilities and top-5 are decided by the network, not by ties.
+The seed (the PyTorch Hub usage of slow_r50) runs here as seed/pipeline.py writes it
+out: PyTorchVideo's ``EncodedVideo.get_clip``, the seed's transform (its
+PyTorchVideo transforms written with the same torch operations), then
+``model(inputs[None])`` on ``pytorchvideo.models.hub.slow_r50``. The pretrained
+checkpoint cannot be fetched here, so both sides load one checkpoint this test
+writes: slow_r50 at its random init, with trained-like batch-norm parameters (see
+``randomize_batch_norms``) and the final projection scaled x50. That spreads the
+logits over ~22 units, like a trained classifier's, instead of the near-uniform ~1/400
+softmax of a random head, so probabilities and top-5 are decided by the network, not
+by ties.
 
 Windows: start 0, an off-grid start, the seed's sliding starts i * clip_duration
 and our back-padded tail window, on a 24 fps landscape and a 60 fps portrait video.
@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from seed.pipeline import CLIP_DURATION, SeedPipeline
 from tests import media
 from vidq.sampling import Sampling, Window, plan_windows
 from worker.inference import Classifier, cpu_has_fast_bf16
@@ -78,14 +79,6 @@ float32 deviation above."""
 # of the seed's 5th.
 
 
-def seed_shim() -> None:
-    import sys
-
-    import torchvision.transforms._functional_tensor as functional_tensor
-
-    sys.modules.setdefault("torchvision.transforms.functional_tensor", functional_tensor)
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("fidelity")
@@ -135,7 +128,6 @@ def videos(workdir: Path) -> dict[str, Path]:
 
 
 SPAN = get_preset("slow_r50").clip_duration
-CLIP_DURATION = (8 * 8) / 30  # the seed's float
 
 
 @pytest.fixture(scope="module")
@@ -158,48 +150,16 @@ def seed_outputs(
     checkpoint: Path, videos: dict[str, Path], windows: list[tuple[str, Window]]
 ) -> list[dict[str, torch.Tensor]]:
     """The seed's input tensor and logits for each window, exactly as the seed computes them."""
-    seed_shim()
-    from pytorchvideo.data.encoded_video import EncodedVideo
-    from pytorchvideo.models.hub import slow_r50
-    from pytorchvideo.transforms import (
-        ApplyTransformToKey,
-        ShortSideScale,
-        UniformTemporalSubsample,
-    )
-    from torchvision.transforms import Compose, Lambda
-    from torchvision.transforms._transforms_video import CenterCropVideo, NormalizeVideo
-
-    model = slow_r50(pretrained=False)
-    model.load_state_dict(torch.load(checkpoint, map_location="cpu")["model_state"])
-    model = model.eval()
+    seed = SeedPipeline(checkpoint)
     # The seed's pooled activations: what its head's pool hands to the projection
     # (2048 x 1 x 2 x 2 at 256 px), kept as they are; the test averages the positions.
     pooled: list[torch.Tensor] = []
-    model.blocks[5].pool.register_forward_hook(lambda _m, _i, out: pooled.append(out))
-    side_size, mean, std, crop_size = 256, [0.45, 0.45, 0.45], [0.225, 0.225, 0.225], 256
-    transform = ApplyTransformToKey(
-        key="video",
-        transform=Compose(
-            [
-                UniformTemporalSubsample(8),
-                Lambda(lambda x: x / 255.0),
-                NormalizeVideo(mean, std),
-                ShortSideScale(size=side_size),
-                CenterCropVideo(crop_size=(crop_size, crop_size)),
-            ]
-        ),
-    )
-    opened = {name: EncodedVideo.from_path(str(path)) for name, path in videos.items()}
+    seed.model.blocks[5].pool.register_forward_hook(lambda _m, _i, out: pooled.append(out))
+    opened = {name: seed.open(path) for name, path in videos.items()}
     out = []
     for name, w in windows:
-        start_sec = w.start_sec
-        end_sec = start_sec + CLIP_DURATION
-        video_data = transform(opened[name].get_clip(start_sec=start_sec, end_sec=end_sec))
-        inputs = video_data["video"]
-        with torch.no_grad():
-            logits = model(inputs[None, ...])
-        probs = torch.nn.Softmax(dim=1)(logits)
-        out.append({"inputs": inputs, "logits": logits[0], "probs": probs[0],
+        clip = seed.clip(opened[name], w.start_sec)
+        out.append({"inputs": clip.inputs, "logits": clip.logits, "probs": clip.probs,
                     "pooled": pooled.pop()[0]})
     for video in opened.values():
         video.close()
@@ -238,7 +198,7 @@ def test_input_tensor_matches_the_seeds(
     for seed, ours in zip(seed_outputs, our_outputs):
         assert ours["inputs"].shape == seed["inputs"].shape == (3, 8, 256, 256)
         diffs.append((ours["inputs"] - seed["inputs"]).abs().max().item())
-    print(f"input max abs diff per window: {['%.1e' % d for d in diffs]}")
+    print(f"input max abs diff per window: {[f'{d:.1e}' for d in diffs]}")
     assert max(diffs) <= INPUT_TOLERANCE
 
 
@@ -252,7 +212,7 @@ def test_fp32_logits_and_top5_match_the_seeds(
         ranked = seed["logits"].sort(descending=True).values
         gaps.append((ranked[:5] - ranked[1:6]).min().item())
         spread.append(ranked[0].item() - ranked[-1].item())
-    print(f"fp32 logit max abs diff per window: {['%.1e' % d for d in diffs]}; logit spread "
+    print(f"fp32 logit max abs diff per window: {[f'{d:.1e}' for d in diffs]}; logit spread "
           f"{min(spread):.1f}..{max(spread):.1f}; smallest gap among the top 6: {min(gaps):.1e}")
     # The top 6 are separated by far more than the tolerance: agreement is meaningful.
     assert min(gaps) > 10 * LOGIT_TOLERANCE
@@ -336,7 +296,7 @@ def test_bf16_fast_path_stays_within_bounds_of_the_seeds_fp32(
     print(f"bf16 vs seed fp32: max |dp| {max(prob_diffs):.2e}, "
           f"max |dlogit| {max(logit_diffs):.3f}, "
           f"top-1 agree {top1_agree}/{len(prob_diffs)}, top-5 overlap {overlaps}, "
-          f"swapped classes' seed logit below the 5th by {['%.4f' % m for m in swap_margins]}")
+          f"swapped classes' seed logit below the 5th by {[f'{m:.4f}' for m in swap_margins]}")
     assert max(prob_diffs) <= BF16_PROB_TOLERANCE
     assert max(logit_diffs) <= BF16_LOGIT_TOLERANCE
     assert top1_agree == len(prob_diffs)
@@ -388,7 +348,7 @@ def test_fp32_features_match_the_seeds_pooled_activations(
         stored_excess.append(((stored - seed_feature).abs() / bound).max().item())
         cosines.append(torch.nn.functional.cosine_similarity(stored, seed_feature, dim=0).item())
     assert len(stored_excess) == len(windows) - 1
-    print(f"fp32 feature max abs diff per window: {['%.1e' % d for d in diffs]} (values up "
+    print(f"fp32 feature max abs diff per window: {[f'{d:.1e}' for d in diffs]} (values up "
           f"to {max(s['pooled'].max().item() for s in seed_outputs):.2f}); stored float16 "
           f"vs seed, worst fraction of its bound {max(stored_excess):.2f}, cosine >= "
           f"{min(cosines):.7f}")
