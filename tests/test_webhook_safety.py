@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -48,9 +49,11 @@ class Receiver:
     """A real HTTP server on 127.0.0.1 that records every request it gets.
 
     ``slow_first_s``: the first request waits this long before it is answered;
-    ``redirect_to``: every request is answered 302 with this Location."""
+    ``redirect_to``: every request is answered 302 with this Location;
+    ``tls``: (certificate, key) to serve HTTPS with."""
 
-    def __init__(self, *, slow_first_s: float = 0.0, redirect_to: str | None = None) -> None:
+    def __init__(self, *, slow_first_s: float = 0.0, redirect_to: str | None = None,
+                 tls: tuple[Path, Path] | None = None) -> None:
         self.requests: list[tuple[str, dict[str, str], bytes]] = []
         receiver = self
 
@@ -75,6 +78,10 @@ class Receiver:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        if tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
         self.port = self.server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}/hook"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
@@ -369,6 +376,38 @@ def test_the_request_goes_to_the_address_that_was_checked(
     assert notify_if_done(settings, batch_id, retries=1) == "sent"
     assert [(method, headers["Host"]) for method, headers, _ in receiver.requests] == [
         ("POST", f"allowed.example.test:{receiver.port}")]
+
+
+def test_https_is_sent_to_the_checked_address_with_the_url_hosts_certificate(
+    db_url: str, videos: list[Path], tmp_path: Path, fake_dns: dict[str, list[list[str]]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """TLS to the address that was checked, the certificate verified against the URL's
+    host name: a certificate for another name is refused."""
+    from vidq.notify import notify_if_done
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=tls.example.test",
+                    "-addext", "subjectAltName=DNS:tls.example.test"],
+                   check=True, capture_output=True)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # trusted like a public CA's
+    fake_dns["tls.example.test"] = [["127.0.0.1"]]
+    fake_dns["other.example.test"] = [["127.0.0.1"]]
+    secure = Receiver(tls=(cert, key))
+    try:
+        settings, batch_id = completed_batch(
+            db_url, videos[0], url=f"https://tls.example.test:{secure.port}/hook",
+            allow="127.0.0.0/8")
+        assert notify_if_done(settings, batch_id, retries=1) == "sent"
+        assert len(secure.requests) == 1
+        _, other = completed_batch(
+            db_url, videos[1], url=f"https://other.example.test:{secure.port}/hook",
+            allow="127.0.0.0/8", name="other")
+        assert notify_if_done(settings, other, retries=1) == "failed"
+        assert len(secure.requests) == 1
+    finally:
+        secure.close()
 
 
 def test_a_redirect_is_not_followed(db_url: str, videos: list[Path],
