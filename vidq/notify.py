@@ -348,7 +348,7 @@ def _post(target: WebhookTarget, body: bytes, headers: dict[str, str]) -> int | 
                 continue  # not sent: the next address may answer
             connection.request("POST", target.path, body=body, headers=headers)
             return int(connection.getresponse().status)
-        except (OSError, http.client.HTTPException):
+        except (OSError, ValueError, http.client.HTTPException):
             return None  # sent, perhaps: another address would make it twice
         finally:
             connection.close()
