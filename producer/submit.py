@@ -24,6 +24,7 @@ from vidq import storage
 from vidq.db import ACTIVE, BATCH_NAME_MAX, Batch, Job, JobStatus, db_now, sessions
 from vidq.errors import InputError, VidqError
 from vidq.media import VIDEO_EXTENSIONS, check_video_path, sha256_file
+from vidq.notify import WebhookRefused, check_url
 from vidq.queue import make_celery, new_task_id, publish_jobs
 from vidq.sampling import Sampling
 from vidq.settings import Settings
@@ -244,9 +245,12 @@ def submit(
     """Record and enqueue one job per acceptable video. A video with an active job
     (queued or running) for the same content and configuration is a duplicate, even
     when another producer records it at the same moment: the database decides.
-    ``notify``: a URL the batch's completion is POSTed to (vidq/notify.py)."""
+    ``notify``: a URL the batch's completion is POSTed to (vidq/notify.py): http(s) to a
+    public address or an allowed network, and the batch's own URL if it has one already."""
     report = SubmitReport(batch=batch or default_batch_name())
     check_batch_name(report.batch)
+    if notify:
+        check_url(notify, allow_networks=settings.webhook_networks)
     candidates: list[tuple[str, int, int]] = []
     uris: list[str] = []
     for raw in paths:
@@ -299,10 +303,14 @@ def submit(
     with make_session() as session, session.begin():
         batch_id = _batch_id(session, report.batch)
         report.batch_id = batch_id
-        if notify:
-            session.execute(update(Batch).where(Batch.id == batch_id).values(
+        if notify and not session.execute(
+            update(Batch).where(Batch.id == batch_id, Batch.notify_url.is_(None)
+                                | (Batch.notify_url == notify)).values(
                 notify_url=notify, notify_status="pending", notify_attempts=0,
-                notify_sent_at=None))
+                notify_sent_at=None)).rowcount:
+            raise WebhookRefused(
+                f"batch {report.batch} already sends its completion webhook to another URL; "
+                "give the same --notify URL, none, or another --batch.")
         known: set[str] = set()
         if not force:
             unique = sorted(set(digests))

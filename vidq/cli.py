@@ -630,10 +630,14 @@ def cancel(batch: str | None, job_ids: tuple[int, ...]) -> None:
 @run_cli
 def reconcile(older_than: float | None, dry_run: bool) -> None:
     """Re-enqueue jobs no live task will finish (stale running, or lost from Redis)."""
+    from vidq.notify import wait_for_deliveries
     from vidq.reconcile import reconcile as run_reconcile
 
     settings = Settings.from_env()
     report = run_reconcile(settings, older_than_s=older_than, dry_run=dry_run)
+    # Webhooks go out in the background; this process sends them before it exits
+    # (what is still unsent then, the next reconcile sends).
+    wait_for_deliveries(timeout_s=150)
     verb = "would re-enqueue" if dry_run else "re-enqueued"
     click.echo(f"{verb} {len(report.stale_running)} stale running and "
                f"{len(report.lost_queued)} lost queued jobs")

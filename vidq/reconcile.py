@@ -28,7 +28,7 @@ from sqlalchemy import select, update
 
 from vidq.db import Job, JobStatus, db_now, sessions
 from vidq.faultpoints import pause_point
-from vidq.notify import due_batches, notify_if_done
+from vidq.notify import deliver_later, due_batches
 from vidq.queue import PRIORITY_LEVELS, make_celery, new_task_id, publish_jobs
 from vidq.settings import Settings
 
@@ -167,7 +167,7 @@ def reconcile(
                 report.lost_queued.append(row.id)
                 tasks.append((row.id, row.priority, task_id))
     for batch_id in due_batches(settings):  # completions whose sender died or never came
-        notify_if_done(settings, batch_id)
+        deliver_later(settings, batch_id)  # in the background: a receiver never delays this
     if tasks:
         report.published = publish_jobs(make_celery(settings), tasks, queue=settings.queue)
         log.warning("reconcile: re-enqueued %d stale running and %d lost queued jobs",

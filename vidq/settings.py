@@ -8,10 +8,12 @@ Nothing here connects to anything: building settings has no side effects.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Mapping
+from typing import Any
 
 from vidq.errors import ConfigError
 
@@ -20,6 +22,7 @@ EMBEDDING_MODES = ("off", "video", "clip")
 """``VIDQ_EMBEDDINGS``: keep nothing, one vector per video, or per video and per clip."""
 DECODER_KINDS = ("auto", "threads", "processes")
 """``VIDQ_DECODERS``: see ``Settings.decoders``."""
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True)
@@ -181,7 +184,14 @@ class Settings:
 
     webhook_secret: str = ""
     """Shared secret that signs batch-completion webhooks (``X-Vidq-Signature``, an
-    HMAC-SHA256 of the body). Empty: webhooks are sent unsigned."""
+    HMAC-SHA256 of ``X-Vidq-Timestamp`` and the body; ``vidq.notify.verify_signature``
+    checks it). Empty: webhooks are sent unsigned."""
+
+    webhook_allow_networks: str = ""
+    """Comma-separated networks (CIDRs: ``10.20.0.0/16,fd00:1::/64``) a webhook may
+    reach besides public addresses. Empty: loopback, link-local (cloud metadata at
+    169.254.169.254), private, multicast and reserved addresses are refused, at submit
+    and again at delivery, whatever a webhook's host name resolves to."""
 
     metrics_port: int = 0
     """``vidq worker`` serves Prometheus metrics (/metrics) and a health check (/healthz)
@@ -222,6 +232,12 @@ class Settings:
         if self.embeddings not in EMBEDDING_MODES:
             raise ConfigError(f"VIDQ_EMBEDDINGS={self.embeddings!r} is not one of "
                               f"{', '.join(EMBEDDING_MODES)}.")
+        parse_networks(self.webhook_allow_networks)
+
+    @property
+    def webhook_networks(self) -> tuple[IPNetwork, ...]:
+        """``webhook_allow_networks`` parsed."""
+        return parse_networks(self.webhook_allow_networks)
 
     @property
     def stale_after_s(self) -> float:
@@ -255,6 +271,21 @@ class Settings:
         out["webhook_secret"] = "***" if self.webhook_secret else ""
         out["storage_options"] = "***" if self.storage_options else ""
         return out
+
+
+def parse_networks(raw: str) -> tuple[IPNetwork, ...]:
+    """``"10.0.0.0/8, ::1/128"`` -> its networks; a bare address is its own network."""
+    networks: list[IPNetwork] = []
+    for part in raw.split(","):
+        if not part.strip():
+            continue
+        try:
+            networks.append(ipaddress.ip_network(part.strip(), strict=False))
+        except ValueError:
+            raise ConfigError(
+                f"VIDQ_WEBHOOK_ALLOW_NETWORKS: {part.strip()!r} is not a network; give CIDRs "
+                "separated by commas, such as 10.0.0.0/8,fd00::/8.") from None
+    return tuple(networks)
 
 
 def decoder_kind(setting: str, decode_workers: int) -> str:

@@ -1,10 +1,9 @@
 """Batch-completion webhooks against a real HTTP receiver on 127.0.0.1: one signed
-POST per completion even with two workers, retried with backoff, recorded on the batch."""
+POST per completion even with two workers, retried with backoff, recorded on the batch.
+Loopback is refused unless an operator allows it: these tests allow it."""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import threading
 import time
@@ -19,6 +18,8 @@ from tests.cluster import Cluster
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 SECRET = "s3cret-for-tests"
+LOOPBACK = "127.0.0.0/8,::1/128"
+"""VIDQ_WEBHOOK_ALLOW_NETWORKS for a receiver on this host."""
 
 
 class Receiver:
@@ -58,8 +59,10 @@ def receiver() -> Iterator[Receiver]:
 
 
 def verify(headers: dict[str, str], body: bytes) -> dict[str, object]:
-    expected = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
-    assert hmac.compare_digest(headers["X-Vidq-Signature"], expected)
+    from vidq.notify import verify_signature
+
+    assert verify_signature(SECRET, headers["X-Vidq-Timestamp"], body,
+                            headers["X-Vidq-Signature"])
     return json.loads(body)
 
 
@@ -73,6 +76,7 @@ def test_two_workers_send_one_signed_webhook_per_completion(
     cluster: Cluster, corpus: Path, receiver: Receiver
 ) -> None:
     cluster.env["VIDQ_WEBHOOK_SECRET"] = SECRET
+    cluster.env["VIDQ_WEBHOOK_ALLOW_NETWORKS"] = LOOPBACK
     cluster.start_worker("--inflight", "2")
     cluster.start_worker("--inflight", "2")
     cluster.vidq("submit", str(corpus), "--recursive", "--batch", "hooked", "--notify",
@@ -101,6 +105,7 @@ def test_a_failed_delivery_is_retried_and_recorded(cluster: Cluster, corpus: Pat
     receiver = Receiver(replies=[503])
     try:
         cluster.env["VIDQ_WEBHOOK_SECRET"] = SECRET
+        cluster.env["VIDQ_WEBHOOK_ALLOW_NETWORKS"] = LOOPBACK
         cluster.vidq("run", str(corpus / "v1.mp4"), "--batch", "flaky", "--notify", receiver.url)
         assert len(receiver.posts) == 2  # 503, then 200 after a backoff
         assert receiver.posts[0][1] == receiver.posts[1][1]
@@ -113,6 +118,7 @@ def test_a_failed_delivery_is_retried_and_recorded(cluster: Cluster, corpus: Pat
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_cancelling_the_last_jobs_completes_the_batch(cluster: Cluster, corpus: Path,
                                                       receiver: Receiver) -> None:
+    cluster.env["VIDQ_WEBHOOK_ALLOW_NETWORKS"] = LOOPBACK
     cluster.vidq("submit", str(corpus), "--recursive", "--batch", "dropped", "--notify",
                  receiver.url)
     assert receiver.posts == []  # no worker: still queued
@@ -136,7 +142,8 @@ def test_a_webhook_added_to_a_batch_seen_without_one_is_still_sent(
     from vidq.db import sessions
     from vidq.settings import Settings
 
-    settings = Settings.from_env({}, database_url=database_url)
+    settings = Settings.from_env({}, database_url=database_url,
+                                 webhook_allow_networks=LOOPBACK)
     request = JobRequest(model="x3d_xs", weights="random")
     first, second = tmp_path / "a.mp4", tmp_path / "b.mp4"
     make_video(first, seconds=1)
