@@ -115,6 +115,8 @@ class Proxy:
     def close(self) -> None:
         """Close every connection (reset) and the listener, and stop the thread."""
         if not self._thread.is_alive():
+            if not self._loop.is_closed():  # never started
+                self._loop.close()
             return
         with contextlib.suppress(Exception):
             self._call(self._shutdown())
@@ -249,14 +251,12 @@ class Proxy:
         chunks: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue()
         deliver = asyncio.create_task(self._deliver(chunks, writer))
         try:
-            while True:
-                data = await reader.read(CHUNK_BYTES)
-                chunks.put_nowait((time.monotonic(), data) if data else None)
-                if not data:
-                    break
-        except (ConnectionError, OSError):
+            try:
+                while data := await reader.read(CHUNK_BYTES):
+                    chunks.put_nowait((time.monotonic(), data))
+            except (ConnectionError, OSError):
+                pass
             chunks.put_nowait(None)
-        try:
             await deliver  # what was read before the end still goes out
         finally:
             deliver.cancel()

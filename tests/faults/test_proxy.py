@@ -56,6 +56,9 @@ def test_redis_pass(redis_proxy: tuple[Proxy, str]) -> None:
     client = redis.Redis.from_url(url, socket_timeout=5)
     client.set("vidq-proxy-test", "through")
     assert client.get("vidq-proxy-test") == b"through"
+    big = bytes(range(256)) * 20_000  # 5 MB: many chunks, in order, each way
+    client.set("vidq-proxy-big", big)
+    assert client.get("vidq-proxy-big") == big
     assert proxy.mode is Mode.PASS and proxy.connections_made >= 1
 
 
