@@ -27,6 +27,7 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
+    make_url,
     text,
 )
 from sqlalchemy.engine import Engine
@@ -394,7 +395,8 @@ def make_engine(
     s = settings or Settings.from_env()
     connect_args: dict[str, Any] = {}
     if url.startswith("postgresql"):
-        connect_args.update(PG_KEEPALIVES)
+        in_url = make_url(url).query  # an operator's own keepalive settings win
+        connect_args.update({k: v for k, v in PG_KEEPALIVES.items() if k not in in_url})
         if s.db_connect_timeout_s > 0:
             connect_args["connect_timeout"] = s.db_connect_timeout_s
         options = []
