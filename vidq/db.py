@@ -10,7 +10,8 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import time
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -26,6 +27,7 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
+    make_url,
     text,
 )
 from sqlalchemy.engine import Engine
@@ -79,7 +81,7 @@ class db_now(FunctionElement[dt.datetime]):
 
     type = DateTime(timezone=True)
     # ago_s is rendered into the SQL text, so it must be part of the statement cache key.
-    _traverse_internals: ClassVar = [("ago_s", InternalTraversal.dp_plain_obj)]
+    _traverse_internals = [("ago_s", InternalTraversal.dp_plain_obj)]
     inherit_cache = True
 
     def __init__(self, ago_s: float = 0.0) -> None:
@@ -363,9 +365,29 @@ def wait_for_database(
             attempt += 1
 
 
-def make_engine(url: str, *, settings: Settings | None = None) -> Engine:
+PG_KEEPALIVES: dict[str, int] = {
+    "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
+}
+"""libpq TCP keepalives: a connection to a database host that vanished (no FIN, no RST:
+powered off, partitioned) fails after about 25 s without an answer, instead of the
+kernel's two hours, so a worker's query or heartbeat does not hang on it."""
+
+IDLE_IN_TRANSACTION_TIMEOUT_S = 60.0
+"""PostgreSQL ends a session that sits this long in an open transaction without sending
+a statement (``idle_in_transaction_session_timeout``). vidq's transactions last
+milliseconds; one left open is a worker host that froze or vanished between its UPDATE
+and its COMMIT, and its row locks would otherwise stop reconcile and other workers for
+as long as the server keeps the dead connection (hours)."""
+
+
+def make_engine(
+    url: str, *, settings: Settings | None = None,
+    idle_in_transaction_timeout_s: float = IDLE_IN_TRANSACTION_TIMEOUT_S,
+) -> Engine:
     """An engine with vidq's connection settings, and no schema check (``vidq db``).
-    Pool size and timeouts come from ``settings`` (default: the ``VIDQ_DB_*`` variables)."""
+    Pool size and timeouts come from ``settings`` (default: the ``VIDQ_DB_*`` variables);
+    on PostgreSQL every connection has TCP keepalives and the idle-in-transaction
+    timeout (0: none)."""
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
@@ -373,10 +395,18 @@ def make_engine(url: str, *, settings: Settings | None = None) -> Engine:
     s = settings or Settings.from_env()
     connect_args: dict[str, Any] = {}
     if url.startswith("postgresql"):
+        in_url = make_url(url).query  # an operator's own keepalive settings win
+        connect_args.update({k: v for k, v in PG_KEEPALIVES.items() if k not in in_url})
         if s.db_connect_timeout_s > 0:
             connect_args["connect_timeout"] = s.db_connect_timeout_s
+        options = []
         if s.db_statement_timeout_s > 0:
-            connect_args["options"] = f"-c statement_timeout={int(s.db_statement_timeout_s * 1000)}"
+            options.append(f"-c statement_timeout={int(s.db_statement_timeout_s * 1000)}")
+        if idle_in_transaction_timeout_s > 0:
+            options.append("-c idle_in_transaction_session_timeout="
+                           f"{int(idle_in_transaction_timeout_s * 1000)}")
+        if options:
+            connect_args["options"] = " ".join(options)
     return create_engine(url, pool_pre_ping=True, pool_size=s.db_pool_size,
                          max_overflow=s.db_max_overflow, pool_timeout=s.db_pool_timeout_s,
                          connect_args=connect_args)

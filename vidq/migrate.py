@@ -201,6 +201,10 @@ def _schema_lock(engine: Engine) -> Iterator[None]:
         with engine.connect() as conn:
             conn.exec_driver_sql("SET statement_timeout = 0")  # waiting for another upgrade
             conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _PG_LOCK_KEY})
+            # The lock is the session's: end the transaction, or the server's
+            # idle_in_transaction_session_timeout would end the session (and the lock)
+            # under a migration that runs longer.
+            conn.commit()
             try:
                 yield
             finally:

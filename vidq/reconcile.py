@@ -13,7 +13,9 @@ submit) are looked at, and they go back to that queue: another model's jobs, on
 another queue, are neither "lost" here nor sent to workers that cannot run them.
 Ages are measured on the database's clock (``db_now``), never this host's.
 Each is re-queued with a conditional update, so two reconcilers (or a worker
-finishing the job meanwhile) cannot both act on it. A stray duplicate message is
+finishing the job meanwhile) cannot both act on it, in small transactions that skip
+a row another session holds locked (``FOR UPDATE SKIP LOCKED`` on PostgreSQL): one
+frozen session never delays the recovery of the other jobs. A stray duplicate message is
 harmless: the job's lease and its succeeded status stop a second run.
 """
 
@@ -22,9 +24,11 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import ColumnElement, Row, select, update
 
 from vidq.db import Job, JobStatus, db_now, sessions
 from vidq.faultpoints import pause_point
@@ -35,6 +39,9 @@ from vidq.settings import Settings
 log = logging.getLogger("vidq.reconcile")
 UNACKED_KEY = "unacked"  # kombu's Redis transport defaults
 UNACKED_INDEX_KEY = "unacked_index"  # delivery tag -> Unix time it was delivered
+CHUNK_JOBS = 100
+"""Jobs re-queued per transaction: row locks are held for moments, and a failure part
+way through keeps what was done before it."""
 
 
 # Kept on the row: if the job uses up VIDQ_MAX_ATTEMPTS, this is why it failed.
@@ -95,6 +102,22 @@ def _task_id(raw: bytes | str) -> str:
         return ""
 
 
+def _chunks(rows: Sequence[Row[Any]]) -> Iterator[Sequence[Row[Any]]]:
+    for start in range(0, len(rows), CHUNK_JOBS):
+        yield rows[start:start + CHUNK_JOBS]
+
+
+def _unless_locked(job_id: int, *still: ColumnElement[bool]) -> list[ColumnElement[bool]]:
+    """WHERE terms for an UPDATE of job ``job_id`` if it still matches ``still`` and no
+    other transaction holds its row: a locked row (a frozen worker's, a session of a
+    host that died mid-transaction) is skipped for the next run, never waited for.
+    SQLite has no row locks (no FOR UPDATE is rendered): there the UPDATE is the plain
+    conditional one, its one writer at a time making check and change one step."""
+    lockable = (select(Job.id).where(Job.id == job_id, *still)
+                .with_for_update(skip_locked=True))
+    return [Job.id == job_id, *still, Job.id.in_(lockable)]
+
+
 def reconcile(
     settings: Settings, *, older_than_s: float | None = None, dry_run: bool = False
 ) -> ReconcileReport:
@@ -140,32 +163,35 @@ def reconcile(
         report.lost_queued = [r.id for r in lost]
         return report
     tasks: list[tuple[int, int, str]] = []
-    with make_session() as session, session.begin():
-        for row in stale:
-            task_id = new_task_id()
-            done = session.execute(
-                update(Job)
-                .where(Job.id == row.id, Job.status == JobStatus.RUNNING.value,
-                       Job.heartbeat_at < db_now(ago_s=stale_after_s))
-                .values(status=JobStatus.QUEUED.value, lease_token=None, heartbeat_at=None,
-                        task_id=task_id, enqueued_at=db_now(), error_kind="crashed",
-                        error_message=STALE_MESSAGE)
-            ).rowcount
-            if done:
-                report.stale_running.append(row.id)
-                tasks.append((row.id, row.priority, task_id))
-        for row in lost:
-            task_id = new_task_id()
-            done = session.execute(
-                update(Job)
-                .where(Job.id == row.id, Job.status == JobStatus.QUEUED.value,
-                       Job.task_id.is_(None) if row.task_id is None
-                       else Job.task_id == row.task_id)
-                .values(task_id=task_id, enqueued_at=db_now())
-            ).rowcount
-            if done:
-                report.lost_queued.append(row.id)
-                tasks.append((row.id, row.priority, task_id))
+    for chunk in _chunks(stale):
+        with make_session() as session, session.begin():
+            for row in chunk:
+                task_id = new_task_id()
+                done = session.execute(
+                    update(Job)
+                    .where(*_unless_locked(row.id, Job.status == JobStatus.RUNNING.value,
+                                           Job.heartbeat_at < db_now(ago_s=stale_after_s)))
+                    .values(status=JobStatus.QUEUED.value, lease_token=None,
+                            heartbeat_at=None, task_id=task_id, enqueued_at=db_now(),
+                            error_kind="crashed", error_message=STALE_MESSAGE)
+                ).rowcount
+                if done:
+                    report.stale_running.append(row.id)
+                    tasks.append((row.id, row.priority, task_id))
+    for chunk in _chunks(lost):
+        with make_session() as session, session.begin():
+            for row in chunk:
+                task_id = new_task_id()
+                done = session.execute(
+                    update(Job)
+                    .where(*_unless_locked(row.id, Job.status == JobStatus.QUEUED.value,
+                                           Job.task_id.is_(None) if row.task_id is None
+                                           else Job.task_id == row.task_id))
+                    .values(task_id=task_id, enqueued_at=db_now())
+                ).rowcount
+                if done:
+                    report.lost_queued.append(row.id)
+                    tasks.append((row.id, row.priority, task_id))
     for batch_id in due_batches(settings):  # completions whose sender died or never came
         deliver_later(settings, batch_id)  # in the background: a receiver never delays this
     if tasks:

@@ -1,0 +1,174 @@
+"""Several worker "hosts" on one PostgreSQL and one Redis, each reaching them through
+fault proxies of its own (tests/faults/proxy.py), so a test can cut off, slow down or
+partition one host while the others carry on.
+
+A host is a ``vidq worker`` process tree started with the cluster's environment, except
+that VIDQ_DATABASE_URL and VIDQ_BROKER_URL point at the host's proxies. Optionally:
+- ``isolate``: its own mount and UTS namespaces (``unshare``, root only), so it has a
+  hostname of its own (jobs' ``worker_host`` says which host ran them) and ``hidden``
+  directories (a media mount this host lacks) are covered by an empty tmpfs there;
+- ``clock_offset_s``: its clock set off by that much (libfaketime, from Debian's
+  ``faketime``/``libfaketime`` packages). A test that asks for either where it cannot
+  be had is skipped, saying why.
+
+    def test_one_host_cut_off(fleet: Fleet) -> None:
+        a, b = fleet.add_host("a"), fleet.add_host("b")
+        a.database.blackhole()
+        ...
+"""
+
+from __future__ import annotations
+
+import glob
+import shlex
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import READY_LINE
+from tests.faults.harness import FaultCluster
+from tests.faults.proxy import Mode, Proxy
+
+
+@dataclass
+class Host:
+    """One worker host: its worker process tree and the proxies it reaches services by."""
+
+    name: str
+    database: Proxy
+    broker: Proxy
+    env: dict[str, str]
+    """The host's environment: the cluster's, with the proxied URLs and the clock offset."""
+    isolated: bool = False
+    worker: subprocess.Popen[bytes] | None = None
+    log: Path | None = None
+
+    def set_mode(self, mode: Mode | str, *, latency_ms: float = 0.0) -> None:
+        """The same fault on the host's links to both services (a host-wide partition)."""
+        for proxy in (self.database, self.broker):
+            proxy.set_mode(mode, latency_ms=latency_ms)
+
+    def heal(self) -> None:
+        self.set_mode(Mode.PASS)
+
+    def run(self, *cmd: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """A command as this host sees the world: its namespaces, environment, clock."""
+        prefix: list[str] = []
+        if self.isolated:
+            assert self.worker is not None, "an isolated host's namespaces live with its worker"
+            prefix = ["nsenter", f"--target={self.worker.pid}", "--mount", "--uts", "--"]
+        return subprocess.run([*prefix, *cmd], env=self.env, capture_output=True, text=True,
+                              timeout=timeout)
+
+    def close(self) -> None:
+        for proxy in (self.database, self.broker):
+            proxy.close()
+
+
+class Fleet:
+    """Hosts of one FaultCluster. The cluster's teardown kills their workers; ``close``
+    (the fixture's teardown) closes their proxies."""
+
+    def __init__(self, cluster: FaultCluster) -> None:
+        self.cluster = cluster
+        self.hosts: list[Host] = []
+
+    def add_host(
+        self, name: str, *worker_args: str, isolate: bool = False,
+        hidden: Sequence[Path] = (), clock_offset_s: float = 0.0, ready: bool = True,
+        **env: str,
+    ) -> Host:
+        """Start host ``name``'s proxies and its ``vidq worker`` (with ``worker_args`` and
+        ``env`` added), waiting until it is ready unless ``ready`` is False."""
+        if hidden and not isolate:
+            raise ValueError("hidden directories need an isolated host (isolate=True)")
+        if isolate:
+            require_namespaces()
+        cluster = self.cluster
+        database = Proxy.to_url(cluster.env["VIDQ_DATABASE_URL"], name=f"{name}-database")
+        broker = Proxy.to_url(cluster.env["VIDQ_BROKER_URL"], name=f"{name}-broker")
+        host_env = {**cluster.env, **env}
+        if clock_offset_s:
+            host_env.update(faketime_env(clock_offset_s))
+        host = Host(name=name, database=database.start(), broker=broker.start(),
+                    env=host_env, isolated=isolate)
+        self.hosts.append(host)
+        host.env.update(VIDQ_DATABASE_URL=database.url(cluster.env["VIDQ_DATABASE_URL"]),
+                        VIDQ_BROKER_URL=broker.url(cluster.env["VIDQ_BROKER_URL"]))
+        command = [sys.executable, "-m", "vidq.cli", "worker", "--loglevel", "INFO",
+                   *worker_args]
+        if isolate:
+            setup = "".join(f"mount -t tmpfs -o size=1m,mode=0755 vidq-hidden {shlex.quote(str(p))}"
+                            " && " for p in hidden)
+            # sh's $0 is the hostname; exec keeps the worker's pid the process's pid.
+            command = ["unshare", "--mount", "--uts", "--propagation", "private", "--",
+                       "sh", "-c", f'hostname "$0" && {setup}exec "$@"', name, *command]
+        host.log = cluster.workdir / f"worker-{len(cluster.workers)}-{name}.log"
+        host.worker = worker = subprocess.Popen(
+            command, env=host.env, cwd=cluster.workdir, stdout=open(host.log, "wb"),
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        cluster.workers.append((worker, host.log))
+        if isolate:  # once python runs, the namespaces are made and set up
+            cluster.wait_for(lambda: _running_python(worker), timeout=30,
+                             what=f"host {name}'s namespaces", poll_s=0.05)
+        if ready:
+            cluster.wait_log(host.log, READY_LINE, proc=worker)
+        return host
+
+    def close(self) -> None:
+        for host in self.hosts:
+            host.close()
+
+
+def _running_python(proc: subprocess.Popen[bytes]) -> bool:
+    if proc.poll() is not None:
+        raise AssertionError(f"the worker exited {proc.returncode} while starting")
+    try:
+        argv = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return argv[:3] == [sys.executable.encode(), b"-m", b"vidq.cli"]  # unshare and sh done
+
+
+def require_namespaces() -> None:
+    """Skip the test unless this process may make mount and UTS namespaces."""
+    try:
+        ok = subprocess.run(["unshare", "--mount", "--uts", "--", "true"],
+                            capture_output=True, timeout=30).returncode == 0
+    except FileNotFoundError:
+        ok = False
+    if not ok:
+        pytest.skip("per-host namespaces need `unshare --mount --uts` (root, util-linux)")
+
+
+def faketime_library() -> Path | None:
+    found = sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1"))
+    return Path(found[-1]) if found else None
+
+
+def faketime_env(offset_s: float) -> dict[str, str]:
+    """The environment that sets a process tree's wall clock off by ``offset_s``;
+    monotonic clocks (timeouts, intervals) stay true. Skips the test without libfaketime."""
+    library = faketime_library()
+    if library is None:
+        pytest.skip("a host clock offset needs libfaketime: "
+                    "apt-get install -y faketime libfaketime")
+    return {"LD_PRELOAD": str(library), "FAKETIME": f"{offset_s:+.0f}s",
+            "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+
+
+@pytest.fixture
+def fleet(cluster: FaultCluster) -> Iterator[Fleet]:
+    """Worker hosts on the ``cluster``'s services; import it into a test module to use,
+    with ``database_url`` narrowed to PostgreSQL (hosts share a database server)."""
+    made = Fleet(cluster)
+    try:
+        yield made
+    finally:
+        cluster.kill_all()
+        made.close()
