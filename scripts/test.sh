@@ -8,11 +8,16 @@ cd "$(dirname "$0")/.."
 
 bash scripts/setup.sh worker,test
 . .venv/bin/activate
-# docker-compose.yml is validated by Debian's docker-compose (no Docker engine needed).
-if ! command -v docker-compose >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-    (apt-get install -y -q docker-compose >/dev/null 2>&1 || \
-     (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q docker-compose >/dev/null 2>&1)) || \
-        echo "test.sh: could not install docker-compose; the compose check will say so" >&2
+# Debian packages the tests use: docker-compose validates docker-compose.yml (no
+# Docker engine needed); libfaketime gives a fault-test host its own clock.
+missing=""
+command -v docker-compose >/dev/null 2>&1 || missing="$missing docker-compose"
+ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || missing="$missing faketime libfaketime"
+if [ -n "$missing" ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    # shellcheck disable=SC2086
+    (apt-get install -y -q $missing >/dev/null 2>&1 || \
+     (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q $missing >/dev/null 2>&1)) || \
+        echo "test.sh: could not install$missing; the tests that need them say so" >&2
 fi
 # A run of tests/unit alone (every argument that names a file or directory is under
 # it) needs no Redis or PostgreSQL: the services are neither checked nor started.

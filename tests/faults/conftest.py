@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.faults.harness import FaultCluster, FaultMedia, PostgresServer, RedisServer
+from tests.faults.hosts import Fleet
 from tests.media import make_video
 from vidq.db import dispose_engines, make_engine
 from vidq.migrate import upgrade
@@ -93,3 +94,15 @@ def make_cluster(tmp_path: Path) -> Iterator[Callable[..., FaultCluster]]:
     yield make
     for c in made:
         c.kill_all()
+
+
+@pytest.fixture
+def fleet(cluster: FaultCluster) -> Iterator[Fleet]:
+    """Worker hosts on the ``cluster``'s services, for a test
+    with ``database_url`` narrowed to PostgreSQL (hosts share a database server)."""
+    made = Fleet(cluster)
+    try:
+        yield made
+    finally:
+        cluster.kill_all()
+        made.close()

@@ -23,13 +23,13 @@ import glob
 import shlex
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import READY_LINE
+from tests.cluster import READY_LINE
 from tests.faults.harness import FaultCluster
 from tests.faults.proxy import Mode, Proxy
 
@@ -160,15 +160,3 @@ def faketime_env(offset_s: float) -> dict[str, str]:
                     "apt-get install -y faketime libfaketime")
     return {"LD_PRELOAD": str(library), "FAKETIME": f"{offset_s:+.0f}s",
             "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
-
-
-@pytest.fixture
-def fleet(cluster: FaultCluster) -> Iterator[Fleet]:
-    """Worker hosts on the ``cluster``'s services; import it into a test module to use,
-    with ``database_url`` narrowed to PostgreSQL (hosts share a database server)."""
-    made = Fleet(cluster)
-    try:
-        yield made
-    finally:
-        cluster.kill_all()
-        made.close()

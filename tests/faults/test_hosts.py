@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.conftest import FaultMedia
-from tests.faults.hosts import Fleet, fleet  # noqa: F401  (fixture)
+from tests.faults.harness import FaultMedia
+from tests.faults.hosts import Fleet
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
 

@@ -15,9 +15,8 @@ import redis
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import OperationalError
 
-from tests.e2e.conftest import PG_ADMIN_URL
-from tests.faults.conftest import redis_url  # noqa: F401  (fixture)
 from tests.faults.proxy import Mode, Proxy
+from tests.services import PG_ADMIN_URL
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(60)]
 

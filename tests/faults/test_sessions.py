@@ -120,7 +120,7 @@ def test_the_schema_lock_outlives_the_idle_in_transaction_timeout() -> None:
     """``vidq db upgrade`` holds its advisory lock on a connection of its own while the
     migration runs on another: that connection must not sit in a transaction, or the
     server would end it (and free the lock) under a migration longer than the timeout."""
-    from tests.e2e.conftest import PG_ADMIN_URL
+    from tests.services import PG_ADMIN_URL
     from vidq.migrate import _schema_lock
 
     engine = make_engine(PG_ADMIN_URL, idle_in_transaction_timeout_s=1)
