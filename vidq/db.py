@@ -10,7 +10,8 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import time
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import Any, cast
 
 from sqlalchemy import (
     BigInteger,
@@ -28,7 +29,7 @@ from sqlalchemy import (
     event,
     text,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import CursorResult, Engine, Result
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
@@ -79,7 +80,7 @@ class db_now(FunctionElement[dt.datetime]):
 
     type = DateTime(timezone=True)
     # ago_s is rendered into the SQL text, so it must be part of the statement cache key.
-    _traverse_internals: ClassVar = [("ago_s", InternalTraversal.dp_plain_obj)]
+    _traverse_internals = [("ago_s", InternalTraversal.dp_plain_obj)]
     inherit_cache = True
 
     def __init__(self, ago_s: float = 0.0) -> None:
@@ -403,3 +404,9 @@ def sessions(url: str, *, auto_migrate: bool | None = None) -> sessionmaker:
 def first_line(exc: BaseException) -> str:
     text = str(getattr(exc, "orig", None) or exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def rowcount(result: Result[Any]) -> int:
+    """The rows an UPDATE or DELETE matched. ``Session.execute`` types its result as a
+    plain ``Result``; for such a statement it is a ``CursorResult``."""
+    return cast(CursorResult[Any], result).rowcount
