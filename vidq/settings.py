@@ -9,8 +9,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Mapping
+from typing import Any
 
 from vidq.errors import ConfigError
 
@@ -101,7 +102,7 @@ class Settings:
     of their own (each with its own GIL; clips come back in shared memory). ``auto``:
     processes when there are several decode workers (one-clip jobs 1.1x faster with
     two, benchmarks/feed_rate.py), a thread for one (as fast, and no extra process).
-    See worker/decoders.py."""
+    See worker/decoder_process.py; resolved in worker/plan.py."""
 
     batch_wait_ms: float = 5.0
     """How long the model loop waits for a fuller batch before it runs what it has."""
@@ -254,14 +255,6 @@ class Settings:
         out["webhook_secret"] = "***" if self.webhook_secret else ""
         out["storage_options"] = "***" if self.storage_options else ""
         return out
-
-
-def decoder_kind(setting: str, decode_workers: int) -> str:
-    """``threads`` or ``processes`` for VIDQ_DECODERS: ``auto`` is processes when there
-    are several decoders (they share no GIL), threads for one (as fast, no process)."""
-    if setting == "auto":
-        return "processes" if decode_workers > 1 else "threads"
-    return setting
 
 
 def _split_roots(raw: str) -> tuple[str, ...]:
