@@ -329,6 +329,7 @@ def get_engine(url: str, *, auto_migrate: bool | None = None) -> Engine:
     engine = _ENGINES.get(url)
     if engine is not None:
         return engine
+    # Here, not at the top: alembic is loaded only by a process that opens a database.
     from vidq.migrate import ensure_schema
 
     engine = make_engine(url)
