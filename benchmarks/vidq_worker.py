@@ -3,10 +3,10 @@ pipeline, the decoders' bare loop, the Celery task in this process and the
 embedded runner. A benchmark holds the objects these functions return and passes
 them back here; it never reaches into them.
 
-Two things the benchmarks need are put together here from worker/'s public
-functions: a Celery app whose classify task runs on a given pipeline
-(``in_process_app``), and a pipeline built around any object with the classifier's
-interface (``SimulatedAccelerator``).
+Two hooks of worker/ make the feed benchmark possible without private state: a
+Celery app whose classify task runs on a given pipeline (``worker.tasks.in_process``),
+and a pipeline built around any object with the model's interface
+(``SimulatedAccelerator``).
 """
 
 from __future__ import annotations
@@ -30,20 +30,35 @@ Settings = Any
 
 
 # -- the model -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Loaded:
+    """A loaded model with the plan a worker process would size its pipeline by, and
+    how its decoders open inputs: what a benchmark holds and passes back here."""
+
+    model: Any
+    """worker.inference.Classifier, or any object with its interface (the simulation)."""
+    plan: Any
+    """worker.plan.Plan."""
+    inputs: Any
+    """worker.decoders.InputPolicy."""
+
+
 def classifier(*, model: str = "slow_r50", weights: str = "random", device: str = "cpu",
-               precision: str = "auto", batch_size: int = 0, **options: Any) -> Classifier:
-    """A loaded classifier (vidq's fast path); ``options``: the classifier's other
-    settings (decode_workers, inflight, decoders, skip_unused_frames, ...)."""
+               precision: str = "auto", batch_size: int = 0, decode_workers: int = 0,
+               inflight: int = 0, decoders: str = "auto", skip_unused_frames: bool = True,
+               **options: Any) -> Loaded:
+    """A loaded classifier (vidq's fast path) and its plan; the sizes left at 0 (and
+    ``decoders`` at auto) take the worker's defaults. ``options``: the classifier's
+    other arguments (int8_calibration, embeddings, ...)."""
+    from worker.decoders import InputPolicy
     from worker.inference import Classifier
+    from worker.plan import Plan
 
-    return Classifier(model=model, weights=weights, device=device, precision=precision,
-                      batch_size=batch_size, **options)
-
-
-def classifier_from_settings(settings: Settings) -> Classifier:
-    from worker.inference import Classifier
-
-    return Classifier.from_settings(settings)
+    clf = Classifier(model=model, weights=weights, device=device, precision=precision,
+                     **options)
+    plan = Plan.build(on_gpu=clf.device.type == "cuda", batch_size=batch_size,
+                      decoder_count=decode_workers, inflight=inflight, decoder_kind=decoders)
+    return Loaded(clf, plan, InputPolicy(skip_unused_frames=skip_unused_frames))
 
 
 @dataclass(frozen=True)
@@ -58,20 +73,21 @@ class ModelInfo:
     crop_size: int
 
 
-def describe(clf: Classifier) -> ModelInfo:
+def describe(loaded: Loaded) -> ModelInfo:
+    clf, plan = loaded.model, loaded.plan
     p = clf.preset
     return ModelInfo(model=p.name, precision=clf.precision, device=str(clf.device),
-                     batch_size=clf.batch_size, decode_workers=clf.decode_workers,
-                     inflight=clf.inflight, num_frames=p.num_frames, crop_size=p.crop_size)
+                     batch_size=plan.batch_size, decode_workers=plan.decoder_count,
+                     inflight=plan.inflight, num_frames=p.num_frames, crop_size=p.crop_size)
 
 
-def random_views(clf: Classifier, batch: int = 0) -> Any:
-    """(batch, 3, T, S, S) random input on the classifier's device (batch 0: its own)."""
+def random_views(loaded: Loaded, batch: int = 0) -> Any:
+    """(batch, 3, T, S, S) random input on the model's device (batch 0: its plan's)."""
     import torch
 
-    p = clf.preset
-    return torch.randn(batch or clf.batch_size, 3, p.num_frames, p.crop_size, p.crop_size,
-                       device=clf.device)
+    p = loaded.model.preset
+    return torch.randn(batch or loaded.plan.batch_size, 3, p.num_frames, p.crop_size,
+                       p.crop_size, device=loaded.model.device)
 
 
 def real_views(videos: Sequence[Path], *, model: str, clips: int) -> Iterator[Any]:
@@ -83,36 +99,39 @@ def real_views(videos: Sequence[Path], *, model: str, clips: int) -> Iterator[An
     return quantize.calibration_views(videos, preset=get_preset(model), clips=clips)
 
 
-def forward(clf: Classifier, views: Any) -> Any:
+def forward(loaded: Loaded, views: Any) -> Any:
     """One forward pass (softmax included): the model floor's unit of work."""
-    return clf.forward(views)
+    return loaded.model.forward(views)
 
 
-def forward_rate(clf: Classifier, views: Any, *, iters: int = 0,
+def forward_rate(loaded: Loaded, views: Any, *, iters: int = 0,
                  seconds: float = 0.0) -> float:
     """Clips/s of bare forward passes on ``views``: ``iters`` of them, or as many as
     fit in ``seconds`` (at least 3). The output comes back to the CPU: synchronised."""
     n, t0 = 0, time.perf_counter()
     while (n < iters) if iters else (n < 3 or time.perf_counter() - t0 < seconds):
-        clf.forward(views)
+        loaded.model.forward(views)
         n += 1
     return n * views.shape[0] / (time.perf_counter() - t0)
 
 
-def classify(clf: Classifier, videos: Sequence[Path], strategy: str = "sliding") -> int:
+def classify(loaded: Loaded, videos: Sequence[Path], strategy: str = "sliding") -> int:
     """``vidq classify`` in this process (decoders, batching, assembly): the clips
     classified. Exits on a video it could not classify."""
     from vidq.sampling import Sampling
+    from worker.pipeline import classify_many
 
     clips = 0
-    for result in clf.classify_many([str(v) for v in videos], Sampling(strategy=strategy)):
+    for result in classify_many(loaded.model, [str(v) for v in videos],
+                                Sampling(strategy=strategy), plan=loaded.plan,
+                                inputs=loaded.inputs):
         if not hasattr(result, "clips"):
             raise SystemExit(f"vidq could not classify a video: {result}")
         clips += len(result.clips)
     return clips
 
 
-def int8_classifier(*, videos: Sequence[Path], calibration: Path, clips: int) -> Classifier:
+def int8_classifier(*, videos: Sequence[Path], calibration: Path, clips: int) -> Loaded:
     """vidq's int8 slow_r50 (random weights), calibrated on ``clips`` clips of
     ``videos`` into ``calibration`` first."""
     from worker import quantize
@@ -249,20 +268,24 @@ class SimulatedAccelerator:
 
 
 def simulated_accelerator(*, batch_ms: float, batch_size: int, decode_workers: int,
-                          inflight: int, decoders: str) -> SimulatedAccelerator:
+                          inflight: int, decoders: str) -> Loaded:
     """slow_r50's real input side; its forward pass a sleep of ``batch_ms`` a batch."""
     real = classifier(model="slow_r50", precision="fp32", batch_size=batch_size,
                       decode_workers=decode_workers, inflight=inflight, decoders=decoders)
-    return SimulatedAccelerator(real, batch_ms / 1000)
+    return Loaded(SimulatedAccelerator(real.model, batch_ms / 1000), real.plan, real.inputs)
 
 
-def pipeline(clf: Classifier | SimulatedAccelerator, *, decoder_threads: int = 0) -> Pipeline:
-    """A worker's pipeline around ``clf`` with its decoders and batching;
-    ``decoder_threads``: FFmpeg threads per decoder (0: the worker's default)."""
+def pipeline(loaded: Loaded, *, decoder_threads: int = 0) -> Pipeline:
+    """A worker's pipeline around the loaded model with its plan's decoders and
+    batching; ``decoder_threads``: FFmpeg threads per decoder (0: the plan's)."""
+    from dataclasses import replace
+
     from worker.pipeline import Pipeline
 
-    return Pipeline(clf, decode_workers=clf.decode_workers, batch_wait_ms=clf.batch_wait_ms,
-                    decoder_threads=decoder_threads, decoders=clf.decoders)
+    plan = loaded.plan
+    if decoder_threads:
+        plan = replace(plan, ffmpeg_threads=decoder_threads)
+    return Pipeline(loaded.model, plan, inputs=loaded.inputs)
 
 
 def batch_stats(pipe: Pipeline) -> dict[str, float]:
@@ -272,7 +295,7 @@ def batch_stats(pipe: Pipeline) -> dict[str, float]:
 
 def process_cpu(pipe: Pipeline) -> float:
     """CPU seconds of this process and of the pipeline's decoder processes."""
-    from worker.decoders import cpu_seconds
+    from worker.decoder_process import cpu_seconds
 
     return time.process_time() + sum(cpu_seconds(pid) for pid in pipe.decoder_pids())
 
@@ -280,44 +303,32 @@ def process_cpu(pipe: Pipeline) -> float:
 @contextlib.contextmanager
 def in_process_app(settings: Settings, pipe: Pipeline) -> Iterator[Any]:
     """A Celery app of ``settings`` whose classify task runs on ``pipe`` in this
-    process (claim, classify, commit: worker/jobs.py's ``execute_job``), for
-    ``start_worker``.
+    process (claim, classify, commit), for ``start_worker``."""
+    from worker.tasks import in_process
 
-    worker.tasks is not imported here: its worker_init handler would load a model of
-    its own settings into the same process. Once worker.tasks offers
-    ``in_process(settings, pipeline)``, this body is ``with tasks.in_process(settings,
-    pipe) as app: yield app``."""
-    from vidq.queue import TASK_CLASSIFY, make_celery
-    from worker.jobs import JobStore, execute_job
-
-    app = make_celery(settings)
-    store = JobStore.from_settings(settings)
-
-    @app.task(name=TASK_CLASSIFY, acks_late=True, shared=False)  # this app only
-    def classify(job_id: int, transient: int = 0) -> str:
-        return execute_job(job_id, pipeline=pipe, settings=settings, store=store).status
-
-    yield app
+    with in_process(settings, pipe) as app:
+        yield app
 
 
-def run_embedded(job_ids: Sequence[int], *, settings: Settings, clf: Classifier) -> int:
-    """``vidq run``'s path (SQLite, no broker): the jobs that succeeded."""
+def run_embedded(job_ids: Sequence[int], *, settings: Settings, clf: Loaded) -> int:
+    """``vidq run``'s path (SQLite, no broker, sized by ``settings``): the jobs that
+    succeeded."""
     from worker.embedded import run_jobs
 
-    outcomes = run_jobs(job_ids, settings=settings, classifier=clf)
+    outcomes = run_jobs(job_ids, settings=settings, classifier=clf.model)
     return sum(o.status == "succeeded" for o in outcomes)
 
 
 def cpu_cores() -> int:
-    from worker.supervisor import cpu_cores
+    from worker.plan import cpu_cores
 
     return cpu_cores()
 
 
 def default_decode_workers() -> int:
-    from worker.supervisor import default_decode_workers
+    from worker.plan import default_decoder_count
 
-    return default_decode_workers()
+    return default_decoder_count()
 
 
 def read_frames(name: str, *, source: Any, strategy: str, clips: int, model: str

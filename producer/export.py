@@ -31,28 +31,40 @@ import io
 import itertools
 import json
 import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator, Sequence
+from typing import IO, Any, TypeAlias
 
 from sqlalchemy import Boolean, DateTime, Float, Integer, SmallInteger, func, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import InstrumentedAttribute
 from sqlalchemy.sql import Select
 from sqlalchemy.sql.elements import ColumnElement
 
 from vidq import storage
 from vidq.db import (
-    Batch, ClipEmbedding, ClipPrediction, Job, LabelSegment, VideoEmbedding, VideoLabel, aware,
+    Batch,
+    ClipEmbedding,
+    ClipPrediction,
+    Job,
+    LabelSegment,
+    VideoEmbedding,
+    VideoLabel,
+    aware,
 )
-from vidq.embeddings import decode
+from vidq.embeddings import floats_from_float16
 from vidq.errors import InputError, VidqError
 
 FORMATS = ("parquet", "jsonl", "csv")
 PAGE_ROWS = 65_536
 """Rows fetched per database page and written per Parquet row group."""
 
-VIDEO_COLUMNS: tuple[ColumnElement[Any], ...] = (
+Column: TypeAlias = "ColumnElement[Any] | InstrumentedAttribute[Any]"
+"""A selected column: a labelled expression, or a mapped attribute as it is."""
+
+VIDEO_COLUMNS: tuple[Column, ...] = (
     Job.id.label("job_id"), Batch.name.label("batch"), Job.path, Job.content_sha256,
     Job.size_bytes, Job.status, Job.attempts, Job.error_kind, Job.error_message, Job.model,
     Job.weights, Job.weights_id, Job.precision, Job.device, Job.strategy, Job.clips_requested,
@@ -97,7 +109,7 @@ class ExportReport:
     rows: dict[str, int]
 
 
-def _kind(column: ColumnElement[Any]) -> str:
+def _kind(column: Column) -> str:
     t = column.type
     if isinstance(t, Boolean):
         return "bool"
@@ -112,7 +124,7 @@ def _kind(column: ColumnElement[Any]) -> str:
     return "string"
 
 
-def _fields(columns: Sequence[ColumnElement[Any]]) -> list[Field]:
+def _fields(columns: Sequence[Column]) -> list[Field]:
     return [Field(c.name, _kind(c)) for c in columns]
 
 
@@ -328,7 +340,7 @@ def _text(value: Any) -> Any:
 
 def _json_value(value: Any) -> Any:
     """A vector as its numbers (each float16 value exactly), anything else as text."""
-    return list(decode(value)) if isinstance(value, bytes) else _text(value)
+    return list(floats_from_float16(value)) if isinstance(value, bytes) else _text(value)
 
 
 def _csv_value(value: Any) -> Any:

@@ -3,18 +3,35 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from sqlalchemy import Select, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from vidq.db import (
-    ACTIVE, Batch, ClipPrediction, Job, JobStatus, LabelSegment, VideoLabel, aware, db_now, utcnow,
+    ACTIVE,
+    Batch,
+    ClipPrediction,
+    Job,
+    JobStatus,
+    LabelSegment,
+    VideoLabel,
+    aware,
+    db_now,
+    rowcount,
+    utcnow,
 )
 from vidq.errors import InputError
 from vidq.queue import new_task_id
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    Rows: TypeAlias = Select[Unpack[tuple[Any, ...]]]
+    """A select of any columns (``Select`` is generic in each column's type)."""
 
 RATE_WINDOW_S = 600
 
@@ -59,14 +76,17 @@ def status_summary(session: Session, batch: str | None = None) -> StatusSummary:
         )
     ) or 0
     since = utcnow() - dt.timedelta(seconds=RATE_WINDOW_S)
-    recent = select(func.count(), func.coalesce(func.sum(Job.clips_done), 0), func.min(Job.started_at)).where(
-        *scope, Job.finished_at >= since, Job.status.in_((JobStatus.SUCCEEDED.value, JobStatus.FAILED.value))
+    recent = select(
+        func.count(), func.coalesce(func.sum(Job.clips_done), 0), func.min(Job.started_at)
+    ).where(
+        *scope, Job.finished_at >= since,
+        Job.status.in_((JobStatus.SUCCEEDED.value, JobStatus.FAILED.value)),
     )
     n_recent, clips_recent, first_start = session.execute(recent).one()
     jobs_per_s = clips_per_s = 0.0
     if n_recent and first_start is not None:
         span = max((utcnow() - max(aware(first_start), since)).total_seconds(), 1e-3)
-        jobs_per_s, clips_per_s = n_recent / span, clips_recent / span
+        jobs_per_s, clips_per_s = n_recent / span, (clips_recent or 0) / span
     left = counts[JobStatus.QUEUED.value] + counts[JobStatus.RUNNING.value]
     eta = left / jobs_per_s if jobs_per_s > 0 else (0.0 if left == 0 else None)
     oldest = session.scalar(
@@ -77,7 +97,7 @@ def status_summary(session: Session, batch: str | None = None) -> StatusSummary:
     return StatusSummary(counts, int(clips_done), jobs_per_s, clips_per_s, eta, oldest_s)
 
 
-def succeeded_jobs(session: Session, stmt: Select[Any], *, batch: str | None) -> Select[Any]:
+def succeeded_jobs(session: Session, stmt: Rows, *, batch: str | None) -> Rows:
     """The scope every results query shares: ``stmt`` (which selects from ``jobs``)
     limited to succeeded jobs, of ``batch`` when given, with the batch's name joinable."""
     stmt = stmt.outerjoin(Batch, Batch.id == Job.batch_id).where(
@@ -102,7 +122,7 @@ def iter_results(
     limit: int | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Video-level labels of succeeded jobs, streamed (constant memory for any size)."""
-    stmt = (
+    stmt: Rows = (
         select(
             Job.id, Job.path, Batch.name, VideoLabel.rank, VideoLabel.label, VideoLabel.score,
             VideoLabel.class_id, Job.model, Job.weights_id, Job.precision, Job.duration_s,
@@ -144,7 +164,7 @@ def iter_segments(
 ) -> Iterator[dict[str, Any]]:
     """Stored segments of succeeded jobs, streamed. ``min_score`` filters on the
     segment's mean score, ``min_duration_s`` on end - start."""
-    stmt = (
+    stmt: Rows = (
         select(LabelSegment.job_id, Job.path, Batch.name, LabelSegment.label,
                LabelSegment.class_id, LabelSegment.start_sec, LabelSegment.end_sec,
                LabelSegment.duration_s, LabelSegment.mean_score, LabelSegment.peak_score,
@@ -211,14 +231,14 @@ def requeue(
     for jid, prio, tid in candidates:
         try:
             with session.begin_nested():  # the unique index refuses a second active job
-                done = session.execute(
+                done = rowcount(session.execute(
                     update(Job)
                     .where(Job.id == jid, Job.status.in_(statuses), Job.queue == queue)
                     .values(status=JobStatus.QUEUED.value, error_kind=None, error_message=None,
                             lease_token=None, heartbeat_at=None, finished_at=None,
                             task_id=tid, enqueued_at=db_now(),
                             attempts=0)  # asked again: a fresh VIDQ_MAX_ATTEMPTS budget
-                ).rowcount
+                ))
         except IntegrityError:
             continue
         if done:
@@ -256,8 +276,8 @@ def cancel(session: Session, *, batch: str | None, job_ids: list[int] | None = N
         stmt = stmt.where(Job.batch_id == bid)
     if job_ids:
         stmt = stmt.where(Job.id.in_(job_ids))
-    return session.execute(stmt.values(status=JobStatus.CANCELLED.value, finished_at=db_now(),
-                                       lease_token=None)).rowcount
+    return rowcount(session.execute(stmt.values(
+        status=JobStatus.CANCELLED.value, finished_at=db_now(), lease_token=None)))
 
 
 def active_count(session: Session, batch: str | None) -> int:

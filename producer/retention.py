@@ -10,15 +10,22 @@ answering. A batch left with no jobs is deleted too.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
-from sqlalchemy import delete, exists, func, select
+from sqlalchemy import ColumnElement, delete, exists, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from vidq.db import (
-    ACTIVE, Batch, ClipEmbedding, ClipPrediction, Job, LabelSegment, VideoEmbedding,
-    VideoLabel, utcnow,
+    ACTIVE,
+    Batch,
+    ClipEmbedding,
+    ClipPrediction,
+    Job,
+    LabelSegment,
+    VideoEmbedding,
+    VideoLabel,
+    utcnow,
 )
 from vidq.errors import InputError
 
@@ -75,7 +82,7 @@ def purge(
         if older_than_days is not None:
             cutoff = utcnow() - dt.timedelta(days=older_than_days)
             scope.append(Job.finished_at < cutoff)
-        active_scope = [Job.status.in_(ACTIVE)]
+        active_scope: list[ColumnElement[bool]] = [Job.status.in_(ACTIVE)]
         if batch_id is not None:
             active_scope.append(Job.batch_id == batch_id)
         if cutoff is not None:

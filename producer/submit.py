@@ -12,10 +12,11 @@ import csv
 import datetime as dt
 import json
 import os
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
@@ -23,7 +24,8 @@ from sqlalchemy.orm import Session
 from vidq import storage
 from vidq.db import ACTIVE, BATCH_NAME_MAX, Batch, Job, JobStatus, db_now, sessions
 from vidq.errors import InputError, VidqError
-from vidq.media import VIDEO_EXTENSIONS, check_video_path, sha256_file
+from vidq.formats import VIDEO_EXTENSIONS
+from vidq.media import check_video_path, sha256_file
 from vidq.notify import WebhookRefused, check_url
 from vidq.queue import make_celery, new_task_id, publish_jobs
 from vidq.sampling import Sampling
@@ -91,7 +93,8 @@ def read_manifest(path: str, *, storage_config: storage.StorageConfig | None = N
             if suffix == ".csv":
                 reader = csv.DictReader(fh)
                 if not reader.fieldnames or "path" not in reader.fieldnames:
-                    raise InputError(f"{path}: CSV manifest needs a 'path' column.", kind="manifest")
+                    raise InputError(f"{path}: CSV manifest needs a 'path' column.",
+                                     kind="manifest")
                 yield from (row["path"] for row in reader if row.get("path"))
             elif suffix in (".jsonl", ".ndjson"):
                 for n, line in enumerate(fh, 1):
@@ -109,7 +112,8 @@ def read_manifest(path: str, *, storage_config: storage.StorageConfig | None = N
                     if line and not line.startswith("#"):
                         yield line
     except OSError as exc:
-        raise InputError(f"{path}: cannot read manifest ({exc.strerror}).", kind="manifest") from None
+        raise InputError(f"{path}: cannot read manifest ({exc.strerror}).",
+                         kind="manifest") from None
 
 
 def discover(
@@ -396,7 +400,8 @@ def insert_jobs(session: Session, rows: list[dict[str, object]]) -> list[int | N
                 insert(Job).returning(Job.id, sort_by_parameter_order=True), rows))
         stmt = dialect_insert(Job).on_conflict_do_nothing().returning(Job.id)
         return [session.execute(stmt, row).scalar() for row in rows]
-    dbapi = session.connection().connection.dbapi_connection
+    # A psycopg 3 connection (its cursor's COPY): more than the DB-API types describe.
+    dbapi: Any = session.connection().connection.dbapi_connection
     assert dbapi is not None
     columns = ", ".join(["id", *rows[0]])
     with dbapi.cursor() as cur:

@@ -34,10 +34,12 @@ from sqlalchemy import create_engine, text
 
 from tests import media
 from tests.cli import run_vidq
-from vidq.embeddings import decode, encode, norm
+from vidq.embeddings import float16_from_floats, floats_from_float16, norm
 from vidq.errors import ConfigError
 from vidq.sampling import Sampling
 from worker.inference import Classifier
+from worker.pipeline import Pipeline, classify, classify_many
+from worker.plan import Plan
 from worker.transforms import clip_views
 from worker.video import VideoReader
 
@@ -140,13 +142,14 @@ def test_batched_across_videos_and_three_crops_give_each_clip_its_own_features(
 ) -> None:
     paths = [videos["original"], videos["inverted"], videos["swapped"]]
     one = Classifier(model="x3d_xs", weights="random", device="cpu", precision="fp32",
-                     embeddings="clip", batch_size=1, decode_workers=1, inflight=1)
+                     embeddings="clip")
     many = Classifier(model="x3d_xs", weights="random", device="cpu", precision="fp32",
-                      embeddings="clip", batch_size=8, decode_workers=2, inflight=3,
-                      batch_wait_ms=500)
+                      embeddings="clip")
     sliding3 = Sampling(strategy="sliding", crops=3)
-    alone = list(one.classify_many(paths, sliding3))
-    with many.pipeline() as pipeline:
+    alone = list(classify_many(one, paths, sliding3, plan=Plan.build(
+        on_gpu=False, batch_size=1, decoder_count=1, inflight=1)))
+    with Pipeline(many, Plan.build(on_gpu=False, batch_size=8, decoder_count=2, inflight=3,
+                                   batch_wait_ms=500)) as pipeline:
         futures = [pipeline.submit(str(p), sliding3) for p in paths]
         together = [f.result(timeout=300) for f in futures]
         assert pipeline.stats.batches < pipeline.stats.views / 3  # clips really shared batches
@@ -180,7 +183,7 @@ def test_video_mode_keeps_no_clip_vectors_and_off_keeps_none(videos: dict[str, P
     for mode in ("video", "off"):
         clf = Classifier(model="x3d_xs", weights="random", device="cpu", precision="fp32",
                          embeddings=mode)
-        result = clf.classify(videos["original"], Sampling(strategy="sliding"))
+        result = classify(clf, videos["original"], Sampling(strategy="sliding"))
         assert (result.embedding is not None) == (mode == "video")
         assert all(c.embedding is None for c in result.clips)
         assert ("embedding" in result.to_json()) == (mode == "video")
@@ -307,7 +310,7 @@ def check_exports(root: Path, url: str) -> None:
                       for r in csv.DictReader(f)}
         assert set(stored) == set(as_parquet) == set(as_json) == set(as_csv) and stored
         for k, blob in stored.items():
-            values = list(decode(blob))
+            values = list(floats_from_float16(blob))
             assert as_parquet[k] == values and as_json[k] == values and as_csv[k] == blob
 
 
@@ -330,7 +333,7 @@ def insert_videos(url: str, vectors_by_path: list[tuple[str, str, np.ndarray | N
                 {"p": path, "sha": f"{i:064x}", "w": weights_id, "l": f"label{i}"}).scalar_one()
             ids.append(job_id)
             if vector is not None:
-                blob = encode(vector.tolist())
+                blob = float16_from_floats(vector.tolist())
                 conn.execute(text(
                     "insert into video_embeddings (job_id, model, weights_id, dim, norm, vector)"
                     " values (:j, 'slow_r50', :w, :d, :n, :v)"),
@@ -360,7 +363,7 @@ def test_similar_ranks_known_vectors_by_cosine_within_one_model_and_weights(
     env = {"VIDQ_DATABASE_URL": database_url}
     out = vidq("similar", str(ids[0]), "--top", "10", "--format", "jsonl", env=env)
     got = [json.loads(line) for line in out.stdout.splitlines()]
-    stored = {ids[i]: np.frombuffer(encode(v.tolist()), "<f2").astype(np.float64)
+    stored = {ids[i]: np.frombuffer(float16_from_floats(v.tolist()), "<f2").astype(np.float64)
               for i, (_, w, v) in enumerate(made) if v is not None and w == "sha256:a"}
     want = sorted(((cosine(stored[ids[0]], v), j) for j, v in stored.items() if j != ids[0]),
                   key=lambda t: (-t[0], t[1]))
@@ -433,9 +436,9 @@ def test_a_worker_writes_the_vectors_of_each_clip_and_video_once(
     # One video's vectors, recomputed in this process with the same random weights:
     # the worker stored the features of the clips it scored, not anything else.
     job_id, path = jobs[0][:2]
-    reference = Classifier(model="x3d_xs", weights="random", device="cpu", precision="fp32",
-                           embeddings="clip").classify(path, Sampling(strategy="uniform",
-                                                                      clips=3, crops=3))
+    reference = classify(Classifier(model="x3d_xs", weights="random", device="cpu",
+                                    precision="fp32", embeddings="clip"),
+                         path, Sampling(strategy="uniform", clips=3, crops=3))
     stored = cluster.sql("select vector from clip_embeddings where job_id = :j "
                          "order by clip_index", j=job_id)
     want = vectors([c.embedding for c in reference.clips])  # type: ignore[misc]

@@ -27,6 +27,8 @@ from tests import media
 from vidq.sampling import Sampling, Window, plan_windows
 from worker.inference import Classifier, cpu_has_fast_bf16
 from worker.models import get_preset
+from worker.pipeline import classify_many
+from worker.plan import Plan
 from worker.transforms import clip_views
 from worker.video import VideoReader
 
@@ -241,7 +243,7 @@ def test_fp32_classify_end_to_end_gives_the_seeds_top5_per_window(
 ) -> None:
     """The real path: pipelined decode thread, batching, sliding windows."""
     expected = {w.start_sec: s for (name, w), s in zip(windows, seed_outputs) if name == "60fps"}
-    (result,) = list(fp32.classify_many([videos["60fps"]], Sampling(strategy="sliding")))
+    (result,) = list(classify_many(fp32, [videos["60fps"]], Sampling(strategy="sliding")))
     assert not isinstance(result, Exception), result
     assert len(result.clips) == len(expected) == 2
     for clip, (start, seed) in zip(result.clips, sorted(expected.items())):
@@ -269,7 +271,7 @@ def test_bf16_fast_path_stays_within_bounds_of_the_seeds_fp32(
     # End to end: the probabilities vidq reports for each sliding window.
     probs: dict[tuple[str, float], torch.Tensor] = {}
     for name, path in videos.items():
-        (result,) = list(fast.classify_many([path], Sampling(strategy="sliding")))
+        (result,) = list(classify_many(fast, [path], Sampling(strategy="sliding")))
         assert not isinstance(result, Exception), result
         for clip in result.clips:
             p = torch.zeros(400)
@@ -323,7 +325,7 @@ def test_fp32_features_match_the_seeds_pooled_activations(
     diffs, stored_excess, cosines = [], [], []
     by_start: dict[tuple[str, float], torch.Tensor] = {}
     for name, path in videos.items():
-        (result,) = list(ours.classify_many([path], Sampling(strategy="sliding")))
+        (result,) = list(classify_many(ours, [path], Sampling(strategy="sliding")))
         assert not isinstance(result, Exception), result
         for clip in result.clips:
             assert clip.embedding is not None
@@ -399,11 +401,12 @@ def test_gpu_pipeline_matches_the_cpu_fp32_pipeline(
     decoders: str
 ) -> None:
     gpu = Classifier(model="slow_r50", weights=str(checkpoint), device="cuda",
-                     precision=precision, decode_workers=2, decoders=decoders)
+                     precision=precision)
     sampling = Sampling(strategy="sliding")
     paths = list(videos.values())
-    cpu_results = list(fp32.classify_many(paths, sampling))
-    gpu_results = list(gpu.classify_many(paths, sampling))
+    cpu_results = list(classify_many(fp32, paths, sampling))
+    gpu_results = list(classify_many(gpu, paths, sampling, plan=Plan.build(
+        on_gpu=True, decoder_count=2, decoder_kind=decoders)))
     worst, same_top1 = 0.0, 0
     for ours, ref in zip(gpu_results, cpu_results):
         assert not isinstance(ours, Exception) and not isinstance(ref, Exception)

@@ -35,7 +35,7 @@ class StandIn:
     """The pipeline's interface; ``run`` decides what a submitted video does."""
 
     def __init__(self, run: Callable[[Callable[[], VidqError | None]], Any]) -> None:
-        self.classifier = type("C", (), {"preset": get_preset("x3d_xs")})()
+        self.model = type("C", (), {"preset": get_preset("x3d_xs")})()
         self._run = run
         self.submitted = 0
 
@@ -213,11 +213,12 @@ def test_a_finished_result_survives_a_failing_commit(
     job: tuple[Settings, int], tmp_path: Path
 ) -> None:
     from worker.inference import Classifier
+    from worker.pipeline import classify
 
     settings, job_id = job
     classifier = Classifier(model="x3d_xs", weights="random", device="cpu", precision="fp32")
     video = str(tmp_path / "v.mp4")
-    result = classifier.classify(video, Sampling())
+    result = classify(classifier, video, Sampling())
 
     class FlakyStore(JobStore):
         failures = 2

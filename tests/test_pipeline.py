@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -19,6 +20,9 @@ from tests.media import make_video
 from vidq.errors import VidqError
 from vidq.sampling import Sampling
 from worker.inference import Classifier
+from worker.messages import ClipReady
+from worker.pipeline import Pipeline, classify_many
+from worker.plan import Plan
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +34,13 @@ def clips(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return paths
 
 
-def classifier(**kw: Any) -> Classifier:
+def classifier() -> Classifier:
     torch.manual_seed(0)
-    return Classifier(model="x3d_xs", weights="random", device="cpu", precision="fp32", **kw)
+    return Classifier(model="x3d_xs", weights="random", device="cpu", precision="fp32")
+
+
+def plan(**kw: Any) -> Plan:
+    return Plan.build(on_gpu=False, **kw)
 
 
 KINDS = ["threads", "processes"]
@@ -41,11 +49,11 @@ KINDS = ["threads", "processes"]
 @pytest.mark.parametrize("kind", KINDS)
 def test_batches_across_videos_route_each_clip_to_its_video(clips: list[Path], kind: str) -> None:
     sampling = Sampling(strategy="uniform", clips=2)
-    one = classifier(batch_size=1, inflight=1, decode_workers=1)
-    many = classifier(batch_size=4, inflight=6, decode_workers=2, batch_wait_ms=200,
-                      decoders=kind)
-    alone = list(one.classify_many(clips, sampling))
-    with many.pipeline() as pipeline:
+    one, many = classifier(), classifier()
+    alone = list(classify_many(one, clips, sampling,
+                               plan=plan(batch_size=1, inflight=1, decoder_count=1)))
+    with Pipeline(many, plan(batch_size=4, inflight=6, decoder_count=2, batch_wait_ms=200,
+                             decoder_kind=kind)) as pipeline:
         futures = [pipeline.submit(str(p), sampling) for p in clips]
         together = [f.result(timeout=120) for f in futures]
         stats = pipeline.stats
@@ -59,7 +67,8 @@ def test_batches_across_videos_route_each_clip_to_its_video(clips: list[Path], k
 
 
 def test_a_slow_model_holds_the_decoders_back(clips: list[Path]) -> None:
-    clf = classifier(batch_size=1, inflight=6, decode_workers=2, decoders="threads")
+    clf = classifier()
+    clf_plan = plan(batch_size=1, inflight=6, decoder_count=2, decoder_kind="threads")
     live: list[int] = []
     created = [0]
     lock = threading.Lock()
@@ -77,19 +86,20 @@ def test_a_slow_model_holds_the_decoders_back(clips: list[Path]) -> None:
         return real_predict(prepared, crops=crops)
 
     clf.prepare, clf.predict = prepare, predict  # type: ignore[method-assign]
-    with clf.pipeline() as pipeline:
-        bound = pipeline.clip_slots
+    with Pipeline(clf, clf_plan) as pipeline:
+        bound = pipeline.plan.clip_slots
         futures = [pipeline.submit(str(p), Sampling(strategy="sliding", stride_s=0.25))
                    for p in clips]
         for f in futures:
             f.result(timeout=300)
     # Queue + one clip in each decoder's hand + the one being scored, never more.
-    assert max(live) <= bound + pipeline.decode_workers + 1, (max(live), bound)
+    assert max(live) <= bound + pipeline.plan.decoder_count + 1, (max(live), bound)
     assert len(live) > bound + 3  # there was enough work to overflow an unbounded queue
 
 
 def test_a_slow_model_holds_decoder_processes_back(clips: list[Path]) -> None:
-    clf = classifier(batch_size=1, inflight=6, decode_workers=2, decoders="processes")
+    clf = classifier()
+    clf_plan = plan(batch_size=1, inflight=6, decoder_count=2, decoder_kind="processes")
     live: list[int] = []
     made = [0]
     real_predict = clf.predict
@@ -99,16 +109,15 @@ def test_a_slow_model_holds_decoder_processes_back(clips: list[Path]) -> None:
         time.sleep(0.3)
         return real_predict(prepared, crops=crops)
 
+    real_put = Pipeline._put
+
+    def put(self: Pipeline, message: Any) -> None:
+        made[0] += isinstance(message, ClipReady)
+        real_put(self, message)
+
     clf.predict = predict  # type: ignore[method-assign]
-    with clf.pipeline() as pipeline:
-        real_put = pipeline._put_clip
-
-        def put_clip(*args: Any) -> None:
-            made[0] += 1
-            real_put(*args)
-
-        pipeline._put_clip = put_clip  # type: ignore[method-assign]
-        bound = pipeline.decode_workers * pipeline.process_slots
+    with mock.patch.object(Pipeline, "_put", put), Pipeline(clf, clf_plan) as pipeline:
+        bound = pipeline.plan.decoder_count * pipeline.plan.process_slots
         futures = [pipeline.submit(str(p), Sampling(strategy="sliding", stride_s=0.25))
                    for p in clips]
         for f in futures:
@@ -122,15 +131,17 @@ def test_a_slow_model_holds_decoder_processes_back(clips: list[Path]) -> None:
 def test_a_bad_video_fails_alone(clips: list[Path], tmp_path: Path, kind: str) -> None:
     bad = tmp_path / "bad.mp4"
     bad.write_bytes(b"\x00" * 4096)
-    clf = classifier(batch_size=2, inflight=4, decode_workers=2, decoders=kind)
-    results = list(clf.classify_many([clips[0], bad, clips[1]], Sampling()))
+    clf = classifier()
+    clf_plan = plan(batch_size=2, inflight=4, decoder_count=2, decoder_kind=kind)
+    results = list(classify_many(clf, [clips[0], bad, clips[1]], Sampling(), plan=clf_plan))
     assert not isinstance(results[0], VidqError) and not isinstance(results[2], VidqError)
     assert isinstance(results[1], VidqError) and results[1].kind == "not_a_video"
 
 
 @pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs 2 intra-op threads")
 def test_the_model_thread_keeps_its_creators_threads(clips: list[Path]) -> None:
-    clf = classifier(batch_size=1, decode_workers=2)
+    clf = classifier()
+    clf_plan = plan(batch_size=1, decoder_count=2)
     seen: list[int] = []
     real = clf.forward_with_features  # what the model loop's predict calls
 
@@ -139,17 +150,19 @@ def test_the_model_thread_keeps_its_creators_threads(clips: list[Path]) -> None:
         return real(views)
 
     clf.forward_with_features = forward  # type: ignore[method-assign]
-    list(clf.classify_many(clips[:3], Sampling()))
+    list(classify_many(clf, clips[:3], Sampling(), plan=clf_plan))
     assert seen and set(seen) == {torch.get_num_threads()}
 
 
 @pytest.mark.parametrize("crops", [1, 3])
 def test_threads_and_processes_give_identical_results(clips: list[Path], crops: int) -> None:
     sampling = Sampling(strategy="uniform", clips=3, crops=crops)
-    threads = classifier(batch_size=3, decode_workers=2, decoders="threads")
-    processes = classifier(batch_size=3, decode_workers=2, decoders="processes")
-    a = list(threads.classify_many(clips[:4], sampling))
-    b = list(processes.classify_many(clips[:4], sampling))
+    threads = classifier()
+    threads_plan = plan(batch_size=3, decoder_count=2, decoder_kind="threads")
+    processes = classifier()
+    processes_plan = plan(batch_size=3, decoder_count=2, decoder_kind="processes")
+    a = list(classify_many(threads, clips[:4], sampling, plan=threads_plan))
+    b = list(classify_many(processes, clips[:4], sampling, plan=processes_plan))
     for x, y in zip(a, b):
         assert not isinstance(x, VidqError) and not isinstance(y, VidqError)
         assert x.clips == y.clips  # windows, frames used, labels and scores, exactly
@@ -159,35 +172,42 @@ def test_threads_and_processes_give_identical_results(clips: list[Path], crops: 
 def test_a_decoder_process_hands_a_gpu_host_the_readers_frames(clips: list[Path]) -> None:
     """For an accelerator the decoder process writes a clip's uint8 frames, not views,
     into its slot: they must be the reader's frames byte for byte (run here on CPU)."""
-    import dataclasses
-
-    from worker.decoders import DecodeConfig, DecoderProcess
+    from worker.decoder_process import (
+        ClipArrived,
+        DecodeRequest,
+        DecoderProcess,
+        Failed,
+        Finished,
+    )
+    from worker.decoders import DecodeConfig, InputPolicy
     from worker.video import read_clips
 
     clf = classifier()
-    config = dataclasses.replace(DecodeConfig.of(clf, 1), frames_only=True)
+    config = DecodeConfig(preset=clf.preset, ffmpeg_threads=1, frames_only=True)
     sampling = Sampling(strategy="uniform", clips=3)
     proc = DecoderProcess(config, 4, "frames-only")
     proc.start()
     try:
-        proc.send(("video", 1, str(clips[0]), sampling))
+        proc.send(DecodeRequest(1, str(clips[0]), sampling))
         got = []
-        while (message := proc.recv())[0] not in ("end", "error"):
-            if message[0] == "clip":
-                got.append(message[3].numpy().copy())
-                proc.release(message[4], proc.generation)
-        assert message[0] == "end", message
+        while not isinstance(message := proc.recv(), (Finished, Failed)):
+            if isinstance(message, ClipArrived):
+                got.append(message.tensor.numpy().copy())
+                proc.release(message.slot, proc.generation)
+        assert isinstance(message, Finished), message
     finally:
         proc.stop()
     _info, expected = read_clips(clips[0], sampling, num_frames=clf.preset.num_frames,
-                                 clip_duration=clf.preset.clip_duration, limits=clf.limits)
+                                 clip_duration=clf.preset.clip_duration,
+                                 limits=InputPolicy().limits)
     assert len(got) == len(expected) == 3
     for frames, clip in zip(got, expected):
         assert frames.dtype == np.uint8 and np.array_equal(frames, clip.frames)
 
 
 def test_a_decoder_process_that_dies_fails_only_its_video(clips: list[Path]) -> None:
-    clf = classifier(batch_size=1, decode_workers=1, decoders="processes")
+    clf = classifier()
+    clf_plan = plan(batch_size=1, decoder_count=1, decoder_kind="processes")
     killed: list[int] = []
     real_predict = clf.predict
 
@@ -200,7 +220,7 @@ def test_a_decoder_process_that_dies_fails_only_its_video(clips: list[Path]) -> 
         return real_predict(prepared, crops=crops)
 
     clf.predict = predict  # type: ignore[method-assign]
-    with clf.pipeline() as pipeline:
+    with Pipeline(clf, clf_plan) as pipeline:
         long = pipeline.submit(str(clips[0]), Sampling(strategy="sliding", stride_s=0.1))
         after = pipeline.submit(str(clips[1]), Sampling())
         with pytest.raises(VidqError) as died:
@@ -216,14 +236,15 @@ def test_a_decoder_process_that_dies_fails_only_its_video(clips: list[Path]) -> 
 def test_a_stopped_video_ends_and_the_next_one_runs(clips: list[Path], kind: str) -> None:
     """``should_stop`` (a cancel, a lost claim) ends a video between clips; a decoder
     process drops the rest of it and takes the next."""
-    clf = classifier(batch_size=1, decode_workers=2, decoders=kind)
+    clf = classifier()
+    clf_plan = plan(batch_size=1, decoder_count=2, decoder_kind=kind)
     seen = [0]
 
     def stop_after_two() -> VidqError | None:
         seen[0] += 1
         return VidqError("cancelled", kind="cancelled") if seen[0] > 2 else None
 
-    with clf.pipeline() as pipeline:
+    with Pipeline(clf, clf_plan) as pipeline:
         stopped = pipeline.submit(str(clips[0]), Sampling(strategy="sliding", stride_s=0.1),
                                   should_stop=stop_after_two)
         with pytest.raises(VidqError) as cancelled:
@@ -235,8 +256,9 @@ def test_a_stopped_video_ends_and_the_next_one_runs(clips: list[Path], kind: str
 
 
 def test_a_decoder_process_that_died_idle_is_replaced(clips: list[Path]) -> None:
-    clf = classifier(batch_size=1, decode_workers=1, decoders="processes")
-    with clf.pipeline() as pipeline:
+    clf = classifier()
+    clf_plan = plan(batch_size=1, decoder_count=1, decoder_kind="processes")
+    with Pipeline(clf, clf_plan) as pipeline:
         first = pipeline._procs[0]._proc
         first.kill()
         first.wait()
@@ -246,9 +268,10 @@ def test_a_decoder_process_that_died_idle_is_replaced(clips: list[Path]) -> None
 
 
 def test_decoder_processes_outlive_the_thread_that_built_the_pipeline(clips: list[Path]) -> None:
-    clf = classifier(batch_size=1, decode_workers=1, decoders="processes")
+    clf = classifier()
+    clf_plan = plan(batch_size=1, decoder_count=1, decoder_kind="processes")
     built: list[Any] = []
-    builder = threading.Thread(target=lambda: built.append(clf.pipeline()))
+    builder = threading.Thread(target=lambda: built.append(Pipeline(clf, clf_plan)))
     builder.start()
     builder.join()
     (pipeline,) = built

@@ -27,11 +27,10 @@ def _result(scores: list[float], *, span: float = 2.0) -> object:
     """A VideoResult as a worker hands it to JobStore.succeed: archery at ``scores`` per
     window of ``span`` seconds, bowling at (1 - score) / 2 beside it."""
     from vidq.sampling import Sampling
-    from worker.inference import ClipPrediction, LabelScore, VideoResult
-    from worker.video import VideoInfo
+    from worker.results import ClipScores, LabelScore, VideoInfo, VideoResult
 
     clips = [
-        ClipPrediction(index=i, start_sec=i * span, end_sec=(i + 1) * span, source_frames=60,
+        ClipScores(index=i, start_sec=i * span, end_sec=(i + 1) * span, source_frames=60,
                        top=sorted([LabelScore(5, "archery", s),
                                    LabelScore(31, "bowling", (1 - s) / 2)],
                                   key=lambda t: -t.score))

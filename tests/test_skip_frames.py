@@ -23,8 +23,10 @@ from tests import media
 from vidq.sampling import Sampling, Window, plan_windows
 from vidq.settings import Settings
 from worker.bitstream import ReferenceReader
+from worker.decoders import InputPolicy
 from worker.inference import Classifier
 from worker.models import get_preset
+from worker.pipeline import Pipeline, classify
 from worker.transforms import clip_views
 from worker.video import ClipFrames, DecodeStats, VideoReader
 
@@ -275,11 +277,8 @@ def test_classify_results_identical_with_and_without_skipping(
     sampling = dataclasses.replace(PLANS["sliding"], crops=3)
     results = []
     for skip in (True, False):
-        x3d_xs.skip_unused_frames = skip
-        try:
-            results.append(x3d_xs.classify(path, sampling))
-        finally:
-            x3d_xs.skip_unused_frames = True
+        results.append(classify(x3d_xs, path, sampling,
+                                inputs=InputPolicy(skip_unused_frames=skip)))
     assert results[0].decode_stats.skipped > 0 and results[1].decode_stats.skipped == 0
     for r in results:
         r.timing, r.decode_stats = {}, DecodeStats()
@@ -302,13 +301,13 @@ def test_decode_stats_are_in_the_result_and_the_setting_turns_skipping_off(
     videos: dict[str, Path]
 ) -> None:
     path = videos["h264_default.mp4"]
-    on = Classifier.from_settings(
-        Settings.from_env({}, model="x3d_xs", weights="random", device="cpu"))
-    assert on.skip_unused_frames
-    stats = on.classify(path).to_json()["decode_stats"]
+    on = Settings.from_env({}, model="x3d_xs", weights="random", device="cpu")
+    assert InputPolicy.from_settings(on).skip_unused_frames
+    with Pipeline.from_settings(Classifier.from_settings(on), on) as pipeline:
+        stats = pipeline.classify(path).to_json()["decode_stats"]
     assert stats["skipped"] > 0 and stats["decoded"] + stats["skipped"] == stats["packets"]
     env = {"VIDQ_SKIP_UNUSED_FRAMES": "false"}
-    off = Classifier.from_settings(
-        Settings.from_env(env, model="x3d_xs", weights="random", device="cpu"))
-    stats = off.classify(path).to_json()["decode_stats"]
+    off = Settings.from_env(env, model="x3d_xs", weights="random", device="cpu")
+    with Pipeline.from_settings(Classifier.from_settings(off), off) as pipeline:
+        stats = pipeline.classify(path).to_json()["decode_stats"]
     assert stats["skipped"] == 0 and stats["decoded"] == stats["packets"] > 0

@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import click
 
 from vidq.errors import VidqError
-from vidq.settings import DECODER_KINDS, EMBEDDING_MODES, Settings, decoder_kind
+from vidq.settings import DECODER_KINDS, EMBEDDING_MODES, Settings
 
 
 def fail(message: str) -> None:
@@ -110,7 +111,10 @@ def classify(
     from vidq.media import check_input
     from vidq.sampling import Sampling
     from vidq.storage import StorageConfig
+    from worker.decoders import InputPolicy
     from worker.inference import Classifier
+    from worker.pipeline import classify_many
+    from worker.plan import Plan
 
     settings = Settings.from_env(
         model=model, weights=weights, device=device, precision=precision,
@@ -138,7 +142,9 @@ def classify(
             warn("random weights (--weights random): predictions are meaningless.")
         t0 = time.perf_counter()
         n_clips = 0
-        for result in classifier.classify_many(good, sampling):
+        plan = Plan.from_settings(settings, on_gpu=classifier.device.type == "cuda")
+        for result in classify_many(classifier, good, sampling, plan=plan,
+                                    inputs=InputPolicy.from_settings(settings)):
             if isinstance(result, VidqError):
                 fail(result.message)
                 failures += 1
@@ -153,7 +159,8 @@ def classify(
         if n_clips:
             click.echo(
                 f"vidq: {n_clips} clips in {elapsed:.2f}s ({n_clips / elapsed:.2f} clips/s, "
-                f"{classifier.precision} on {classifier.device}, weights {classifier.weights_id[:19]}"
+                f"{classifier.precision} on {classifier.device}, "
+                f"weights {classifier.weights_id[:19]}"
                 + (f", calibration {classifier.calibration_id[:19]}" if classifier.calibration_id
                    else "") + ")",
                 err=True,
@@ -213,7 +220,8 @@ def _submit(settings: Settings, inputs: tuple[str, ...], *, recursive: bool, pat
                         publish=publish, on_reject=fail, progress=bar.update, notify=notify)
     click.echo(
         f"batch {report.batch}: {len(report.job_ids)} jobs recorded, {report.duplicates} already "
-        f"classified or in flight (use --force to redo what is done), {len(report.rejected)} rejected", err=True,
+        f"classified or in flight (use --force to redo what is done), "
+        f"{len(report.rejected)} rejected", err=True,
     )
     if report.publish_error:
         fail(report.publish_error)
@@ -394,7 +402,8 @@ def metrics_cmd(batch: str | None) -> None:
         lines.append("# TYPE vidq_broker_queue_depth gauge")
         for queue, depths in summary.queue_depth.items():
             for priority, n in depths.items():
-                lines.append(f'vidq_broker_queue_depth{{queue="{queue}",priority="{priority}"}} {n}')
+                lines.append(
+                    f'vidq_broker_queue_depth{{queue="{queue}",priority="{priority}"}} {n}')
     click.echo("\n".join(lines))
 
 
@@ -403,7 +412,7 @@ def write_rows(rows: Iterable[dict[str, Any]], *, fmt: str, columns: Sequence[st
     """Rows to stdout as they stream: CSV, JSON lines, or a table of ``header`` and ``line``."""
     import csv
 
-    out = click.get_text_stream("stdout")
+    out = sys.stdout  # (click.get_text_stream is deprecated)
     if fmt == "csv":
         writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
@@ -563,10 +572,12 @@ def show(job_id: int, as_json: bool) -> None:
         if job.get(key) is not None:
             click.echo(f"{key:14s} {job[key]}")
     if job["labels"]:
-        click.echo("labels         " + ", ".join(f"{v['label']} ({v['score']:.3f})" for v in job["labels"]))
+        click.echo("labels         "
+                   + ", ".join(f"{v['label']} ({v['score']:.3f})" for v in job["labels"]))
     for clip in job["clips"]:
         top = ", ".join(f"{t['label']} ({t['score']:.3f})" for t in clip["top"][:3])
-        click.echo(f"  clip {clip['clip_index']:3d} {clip['start_sec']:8.2f}-{clip['end_sec']:8.2f}s  {top}")
+        click.echo(f"  clip {clip['clip_index']:3d} "
+                   f"{clip['start_sec']:8.2f}-{clip['end_sec']:8.2f}s  {top}")
 
 
 def _publish(settings: Settings, tasks: list[Any]) -> None:
@@ -592,7 +603,8 @@ def retry(batch: str | None, only_failed: bool, cancelled: bool, job_ids: tuple[
 
     settings = Settings.from_env()
     statuses = (JobStatus.FAILED.value,) + ((JobStatus.CANCELLED.value,) if cancelled else ())
-    with sessions(settings.database_url, auto_migrate=settings.auto_migrate)() as session, session.begin():
+    make = sessions(settings.database_url, auto_migrate=settings.auto_migrate)
+    with make() as session, session.begin():
         tasks = requeue(session, batch=batch, statuses=statuses, job_ids=list(job_ids),
                         queue=settings.queue)
     _publish(settings, tasks)
@@ -614,7 +626,8 @@ def cancel(batch: str | None, job_ids: tuple[int, ...]) -> None:
     from vidq.notify import notify_if_done
 
     settings = Settings.from_env()
-    with sessions(settings.database_url, auto_migrate=settings.auto_migrate)() as session, session.begin():
+    make = sessions(settings.database_url, auto_migrate=settings.auto_migrate)
+    with make() as session, session.begin():
         n = cancel_jobs(session, batch=batch, job_ids=list(job_ids))
         touched = batches_of(session, batch=batch, job_ids=list(job_ids))
     click.echo(f"{n} jobs cancelled")
@@ -666,7 +679,8 @@ def worker(device: str | None, concurrency: int | None, inflight: int | None,
     """Start worker processes (one per GPU): each loads the model once and keeps
     VIDQ_INFLIGHT jobs in flight through its decoders and model."""
     from vidq.db import dispose_engines, wait_for_database
-    from worker.supervisor import WorkerPlan, run_workers
+    from worker.plan import Plan
+    from worker.supervisor import run_workers
 
     settings = Settings.from_env(device=device, inflight=inflight,
                                  decode_workers=decode_workers, decoders=decoders)
@@ -674,10 +688,9 @@ def worker(device: str | None, concurrency: int | None, inflight: int | None,
     # wait out a database that is down rather than failing messages.
     wait_for_database(settings.database_url, auto_migrate=settings.auto_migrate, on_wait=warn)
     dispose_engines()
-    plan = WorkerPlan.for_host(settings, processes=concurrency)
-    kind = decoder_kind(settings.decoders, plan.decode_workers)
+    plan = Plan.for_host(settings, processes=concurrency)
     click.echo(f"vidq worker: {plan.processes} process(es), {plan.inflight} jobs in flight "
-               f"and {plan.decode_workers} decoders ({kind}) each, batches of "
+               f"and {plan.decoder_count} decoders ({plan.decoder_kind}) each, batches of "
                f"{plan.batch_size}", err=True)
     sys.exit(run_workers(settings, plan, queues=queues or settings.queue, loglevel=loglevel))
 

@@ -11,7 +11,7 @@ import datetime as dt
 import enum
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     BigInteger,
@@ -30,7 +30,7 @@ from sqlalchemy import (
     make_url,
     text,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import CursorResult, Engine, Result
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
@@ -330,6 +330,7 @@ def get_engine(url: str, *, auto_migrate: bool | None = None) -> Engine:
     engine = _ENGINES.get(url)
     if engine is not None:
         return engine
+    # Here, not at the top: alembic is loaded only by a process that opens a database.
     from vidq.migrate import ensure_schema
 
     engine = make_engine(url)
@@ -433,3 +434,9 @@ def sessions(url: str, *, auto_migrate: bool | None = None) -> sessionmaker:
 def first_line(exc: BaseException) -> str:
     text = str(getattr(exc, "orig", None) or exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def rowcount(result: Result[Any]) -> int:
+    """The rows an UPDATE or DELETE matched. ``Session.execute`` types its result as a
+    plain ``Result``; for such a statement it is a ``CursorResult``."""
+    return cast(CursorResult[Any], result).rowcount

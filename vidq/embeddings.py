@@ -23,8 +23,8 @@ import heapq
 import math
 import operator
 import struct
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 from sqlalchemy import delete, insert, select
 from sqlalchemy.engine import Connection
@@ -37,12 +37,12 @@ CHUNK_ROWS = 2000
 """Vectors fetched per database round trip by ``nearest`` (8 MiB at 2048 x float16)."""
 
 
-def decode(blob: bytes) -> tuple[float, ...]:
+def floats_from_float16(blob: bytes) -> tuple[float, ...]:
     """Little-endian float16 bytes -> floats."""
     return struct.unpack(f"<{len(blob) // 2}e", blob)
 
 
-def encode(values: Sequence[float]) -> bytes:
+def float16_from_floats(values: Sequence[float]) -> bytes:
     """Floats -> little-endian float16 bytes (rounded to nearest; the worker encodes
     with numpy, which rounds the same way)."""
     return struct.pack(f"<{len(values)}e", *values)
@@ -50,7 +50,7 @@ def encode(values: Sequence[float]) -> bytes:
 
 def norm(blob: bytes) -> float:
     """L2 norm of a stored vector, as decoded (so stored vectors compare exactly)."""
-    return math.sqrt(math.fsum(v * v for v in decode(blob)))
+    return math.sqrt(math.fsum(v * v for v in floats_from_float16(blob)))
 
 
 @dataclass(frozen=True)
@@ -126,7 +126,7 @@ def nearest(conn: Connection, job_id: int, *, top: int = 10) -> Search:
             "VIDQ_EMBEDDINGS=off or has not succeeded; run it again with "
             "VIDQ_EMBEDDINGS=video (or clip).", kind="not_found")
     model, weights_id, query_norm, blob = query
-    q = decode(blob)
+    q = floats_from_float16(blob)
     best: list[tuple[float, int]] = []  # a min-heap of (similarity, -job_id)
     compared = 0
     rows = conn.execute(

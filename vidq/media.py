@@ -13,15 +13,13 @@ import hashlib
 import os
 import re
 import stat
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 
 from vidq import storage
 from vidq.errors import InputError
 
-VIDEO_EXTENSIONS = frozenset(
-    ".mp4 .m4v .mov .mkv .webm .avi .mpg .mpeg .ts .m2ts .mts .wmv .flv .3gp .ogv".split()
-)
 # "scheme:" at the start, as FFmpeg's protocol detection reads it (a Windows drive letter aside).
 _PROTOCOL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:")
 
@@ -76,7 +74,8 @@ def check_video_path(
     if roots is not None:
         if not any(resolved == r or r in resolved.parents for r in roots):
             raise InputError(
-                f"{raw}: refused: resolves outside VIDQ_MEDIA_ROOTS ({os.pathsep.join(media_roots)}).",
+                f"{raw}: refused: resolves outside VIDQ_MEDIA_ROOTS "
+                f"({os.pathsep.join(media_roots)}).",
                 kind="refused_path",
             )
     try:

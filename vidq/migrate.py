@@ -17,9 +17,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import io
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from alembic import command
 from alembic.config import Config

@@ -9,7 +9,7 @@ redelivered while its task still runs.
 from __future__ import annotations
 
 import uuid
-from typing import Iterable
+from collections.abc import Iterable
 
 from celery import Celery
 from kombu import Queue

@@ -24,8 +24,9 @@ one definition. The rules, precisely:
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Protocol, Sequence
+from typing import Any, Protocol
 
 from sqlalchemy import Connection, delete, insert
 from sqlalchemy.orm import Session
@@ -61,7 +62,7 @@ class Scored(Protocol):
 
 
 class Window(Protocol):
-    """A classified clip: ``ClipRow`` here, ``worker.inference.ClipPrediction`` in a worker."""
+    """A classified clip: ``ClipRow`` here, ``worker.results.ClipScores`` in a worker."""
 
     @property
     def index(self) -> int: ...
@@ -137,14 +138,14 @@ def derive_segments(clips: Iterable[Window], rules: SegmentRules) -> list[Segmen
         for scored in clip.top:
             if scored.score < rules.min_score:
                 continue
-            run = open_runs.get(scored.class_id)
-            if run is None:
+            extended = open_runs.get(scored.class_id)
+            if extended is None:
                 open_runs[scored.class_id] = _Run(scored.class_id, scored.label, clip.start_sec,
                                                   clip.end_sec, [scored.score], position)
             else:
-                run.end_sec = max(run.end_sec, clip.end_sec)
-                run.scores.append(scored.score)
-                run.last_position = position
+                extended.end_sec = max(extended.end_sec, clip.end_sec)
+                extended.scores.append(scored.score)
+                extended.last_position = position
     done.extend(run.close() for run in open_runs.values())
     kept = [s for s in done if s.duration_s + GAP_EPSILON_S >= rules.min_s]
     return sorted(kept, key=lambda s: (s.start_sec, s.label, s.end_sec))

@@ -105,7 +105,7 @@ class Settings:
     of their own (each with its own GIL; clips come back in shared memory). ``auto``:
     processes when there are several decode workers (one-clip jobs 1.1x faster with
     two, benchmarks/feed_rate.py), a thread for one (as fast, and no extra process).
-    See worker/decoders.py."""
+    See worker/decoder_process.py; resolved in worker/plan.py."""
 
     batch_wait_ms: float = 5.0
     """How long the model loop waits for a fuller batch before it runs what it has."""
@@ -286,14 +286,6 @@ def parse_networks(raw: str) -> tuple[IPNetwork, ...]:
                 f"VIDQ_WEBHOOK_ALLOW_NETWORKS: {part.strip()!r} is not a network; give CIDRs "
                 "separated by commas, such as 10.0.0.0/8,fd00::/8.") from None
     return tuple(networks)
-
-
-def decoder_kind(setting: str, decode_workers: int) -> str:
-    """``threads`` or ``processes`` for VIDQ_DECODERS: ``auto`` is processes when there
-    are several decoders (they share no GIL), threads for one (as fast, no process)."""
-    if setting == "auto":
-        return "processes" if decode_workers > 1 else "threads"
-    return setting
 
 
 def _split_roots(raw: str) -> tuple[str, ...]:

@@ -37,11 +37,13 @@ import hashlib
 import json
 import re
 import tempfile
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import IO, TYPE_CHECKING, Any, Iterator, Mapping
+from typing import IO, TYPE_CHECKING, Any
 
 from vidq.errors import ConfigError, InputError, TransientError, VidqError
+from vidq.formats import VIDEO_EXTENSIONS
 
 if TYPE_CHECKING:
     from fsspec import AbstractFileSystem
@@ -294,7 +296,8 @@ def _s3_head(fs: AbstractFileSystem, uri: ObjectURI) -> ObjectMeta:
     sha256 = None
     checksum = head.get("ChecksumSHA256")
     # Multipart uploads carry a checksum of the parts' checksums ("...-N", COMPOSITE).
-    if checksum and "-" not in checksum and head.get("ChecksumType", "FULL_OBJECT") == "FULL_OBJECT":
+    full_object = head.get("ChecksumType", "FULL_OBJECT") == "FULL_OBJECT"
+    if checksum and "-" not in checksum and full_object:
         try:
             raw = base64.b64decode(checksum, validate=True)
             sha256 = raw.hex() if len(raw) == 32 else None
@@ -352,8 +355,6 @@ def list_objects(
 ) -> list[str] | None:
     """The URIs of the video objects under prefix ``raw`` (sorted; by extension, or
     matching ``pattern``), or None when ``raw`` names a single object."""
-    from vidq.media import VIDEO_EXTENSIONS
-
     uri = ObjectURI.parse(raw, prefix=True)
     fs = storage.filesystem(uri.scheme)
     with storage_errors(raw):

@@ -87,7 +87,8 @@ class ReferenceReader:
         for _ in range(count):
             if pos + 3 > len(extradata):
                 return
-            nal_type, units = extradata[pos] & 0x3F, int.from_bytes(extradata[pos + 1 : pos + 3], "big")
+            nal_type = extradata[pos] & 0x3F
+            units = int.from_bytes(extradata[pos + 1 : pos + 3], "big")
             pos += 3
             for _ in range(units):
                 length = int.from_bytes(extradata[pos : pos + 2], "big")

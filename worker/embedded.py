@@ -10,14 +10,14 @@ uses every core, and there is no server to install.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from typing import Callable, Iterable
 
 from vidq.errors import TransientError
 from vidq.settings import Settings
 from worker.inference import Classifier
 from worker.jobs import JobStore, Outcome, backoff_s, execute_job
-from worker.pipeline import Pipeline
+from worker.pipeline import Model, Pipeline
 
 
 def run_jobs(
@@ -25,14 +25,15 @@ def run_jobs(
     *,
     settings: Settings,
     on_outcome: Callable[[Outcome], None] = lambda _o: None,
-    classifier: Classifier | None = None,
+    classifier: Model | None = None,
 ) -> list[Outcome]:
-    """Execute jobs, ``inflight`` at once; transient errors retry with backoff."""
-    classifier = classifier or Classifier.from_settings(settings)
+    """Execute jobs, ``inflight`` at once; transient errors retry with backoff.
+    ``classifier``: a model already loaded (by default, the settings' own)."""
+    model = classifier or Classifier.from_settings(settings)
     store = JobStore.from_settings(settings)
     outcomes = []
-    with classifier.pipeline() as pipeline, ThreadPoolExecutor(
-        max_workers=classifier.inflight, thread_name_prefix="vidq-job"
+    with Pipeline.from_settings(model, settings) as pipeline, ThreadPoolExecutor(
+        max_workers=pipeline.plan.inflight, thread_name_prefix="vidq-job"
     ) as pool:
         futures = [pool.submit(_run_one, job_id, pipeline=pipeline, settings=settings,
                                store=store) for job_id in job_ids]

@@ -1,30 +1,39 @@
-"""The classifier a worker holds: device and precision choice, batching, pipelining.
+"""The model a worker holds, in LitServe's four verbs: load, prepare, predict, assemble.
 
-``Classifier`` is LitServe-shaped: built once per process (``setup``), then
-``classify(path)`` per video. Decoding runs on a background thread so the CPU
-decoder overlaps the model's forward pass; clips are batched across videos.
+``Classifier`` is built once per process (``setup``: device and precision chosen,
+weights loaded, batch norms folded, int8 quantized), then called by the pipeline
+(worker/pipeline.py) for every clip and every batch:
+
+- ``prepare``: a decoded clip's frames -> the model's input (``decode_request``);
+- ``predict``: prepared clips of any videos -> one forward pass (``predict``);
+- ``assemble``: a video's scored clips -> its ``VideoResult`` (``encode_response``).
+
+It does not size, decode or batch: the plan (worker/plan.py) sizes the pipeline,
+and the pipeline decodes and batches. To classify files from Python::
+
+    from worker.inference import Classifier
+    from worker.pipeline import classify, classify_many
+
+    model = Classifier(model="x3d_xs", weights="random", device="cpu")
+    result = classify(model, "video.mp4")
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections import deque
-from concurrent.futures import Future
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 import torch
 
-from vidq.embeddings import ClipVector, decode
-from vidq.errors import ConfigError, TransientError, VidqError
+from vidq.errors import ConfigError, TransientError
 from vidq.sampling import Sampling
 from vidq.settings import EMBEDDING_MODES, Settings
-from vidq.storage import StorageConfig
 from worker import quantize
 from worker.features import PooledFeatures, head_pool_name
+from worker.messages import ScoredClip
 from worker.models import (
     LoadedModel,
     fold_batch_norms,
@@ -32,9 +41,8 @@ from worker.models import (
     kinetics400_labels,
     load_model,
 )
-from worker.supervisor import default_decode_workers, default_inflight
-from worker.transforms import clip_views, frames_to_views
-from worker.video import ClipFrames, DecodeStats, Limits, VideoInfo
+from worker.results import ClipScores, DecodeStats, LabelScore, VideoInfo, VideoResult
+from worker.transforms import frames_to_views, prepare_clip
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -82,63 +90,8 @@ def oom_errors() -> tuple[type[BaseException], ...]:
     return (torch.OutOfMemoryError,)
 
 
-@dataclass(frozen=True)
-class LabelScore:
-    class_id: int
-    label: str
-    score: float
-
-
-@dataclass
-class ClipPrediction:
-    index: int
-    start_sec: float
-    end_sec: float
-    source_frames: int
-    top: list[LabelScore]
-    embedding: bytes | None = None
-    """The clip's pooled features (mean over its crops), float16 bytes; ``clip`` mode only."""
-
-
-@dataclass
-class VideoResult:
-    path: str
-    model: str
-    weights_id: str
-    precision: str
-    device: str
-    info: VideoInfo
-    sampling: Sampling
-    clips: list[ClipPrediction]
-    top: list[LabelScore]
-    timing: dict[str, float] = field(default_factory=dict)
-    decode_stats: DecodeStats = field(default_factory=DecodeStats)
-    """Packets read, skipped and decoded: ``decoded / packets`` is the decode work done."""
-    calibration_id: str | None = None
-    """The int8 calibration the model was quantized with; None at float precisions."""
-    embedding: bytes | None = None
-    """The mean of the clips' pooled features, float16 bytes, not normalised
-    (``VIDQ_EMBEDDINGS=video|clip``; vidq/embeddings.py)."""
-
-    def to_json(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["sampling"] = asdict(self.sampling)
-        # Vectors as JSON numbers (each float16 value exactly), not bytes.
-        for holder in (out, *out["clips"]):
-            if holder.get("embedding") is not None:
-                holder["embedding"] = list(decode(holder["embedding"]))
-            else:
-                holder.pop("embedding", None)
-        return out
-
-    def clip_vectors(self) -> list[ClipVector]:
-        """The per-clip embeddings, as ``vidq.embeddings.write_embeddings`` takes them."""
-        return [ClipVector(c.index, c.start_sec, c.end_sec, c.embedding)
-                for c in self.clips if c.embedding is not None]
-
-
 class Classifier:
-    """A loaded model plus the input pipeline of its preset."""
+    """A loaded model: ``prepare``, ``predict`` and ``assemble`` for the pipeline."""
 
     def __init__(
         self,
@@ -147,21 +100,11 @@ class Classifier:
         weights: str = "pretrained",
         device: str = "auto",
         precision: str = "auto",
-        batch_size: int = 0,
         top_k: int = 5,
-        limits: Limits = Limits(),
         compile: bool = False,
-        decode_workers: int = 0,
-        inflight: int = 0,
-        decoders: str = "auto",
-        batch_wait_ms: float = 5.0,
-        skip_unused_frames: bool = True,
-        media_roots: tuple[str, ...] = (),
-        max_file_bytes: int = 0,
         int8_calibration: str = "",
         weights_sha256: str = "",
         embeddings: str = "off",
-        storage: StorageConfig | None = None,
     ) -> None:
         if embeddings not in EMBEDDING_MODES:
             raise ConfigError(f"Unknown embeddings mode {embeddings!r}; use "
@@ -175,18 +118,7 @@ class Classifier:
         if self.precision == "int8":
             quantize.check_int8_supported(self.preset, int8_calibration)
         self.calibration_id: str | None = None
-        self.batch_size = batch_size or (16 if self.device.type == "cuda" else 1)
         self.top_k = top_k
-        self.limits = limits
-        self.skip_unused_frames = skip_unused_frames
-        self.decode_workers = decode_workers or default_decode_workers()
-        self.inflight = inflight or default_inflight(self.decode_workers, self.batch_size)
-        self.batch_wait_ms = batch_wait_ms
-        self.decoders = decoders
-        self.media_roots = media_roots
-        self.max_file_bytes = max_file_bytes
-        self.storage = storage or StorageConfig()
-        """How decoders reach object-store inputs (s3://...)."""
         self.labels = kinetics400_labels()
         loaded: LoadedModel = load_model(self.preset, weights, sha256=weights_sha256)
         self.weights_id = loaded.weights_id
@@ -216,8 +148,8 @@ class Classifier:
             torch.backends.cudnn.benchmark = True
         # Hooked before compiling, so a compiled graph runs the hook too.
         self.features = (PooledFeatures(module, pool_name) if embeddings != "off" else None)
-        if compile:
-            module = torch.compile(module, dynamic=False)
+        if compile:  # an OptimizedModule: called like the module it wraps
+            module = cast(torch.nn.Module, torch.compile(module, dynamic=False))
         self.module = module
 
     @classmethod
@@ -227,28 +159,18 @@ class Classifier:
             weights=settings.weights,
             device=settings.device,
             precision=settings.precision,
-            batch_size=settings.batch_size,
             top_k=settings.top_k,
-            limits=Limits(
-                max_duration_s=settings.max_duration_s,
-                max_pixels=settings.max_pixels,
-                max_frames=settings.max_frames,
-                max_window_frames=settings.max_window_frames,
-                max_decode_s=settings.max_decode_s,
-            ),
             compile=settings.compile,
-            decode_workers=settings.decode_workers,
-            inflight=settings.inflight,
-            decoders=settings.decoders,
-            batch_wait_ms=settings.batch_wait_ms,
-            media_roots=settings.media_roots,
-            max_file_bytes=settings.max_file_bytes,
-            skip_unused_frames=settings.skip_unused_frames,
             int8_calibration=settings.int8_calibration,
             weights_sha256=settings.weights_sha256,
             embeddings=settings.embeddings,
-            storage=StorageConfig.from_settings(settings),
         )
+
+    @property
+    def takes_frames(self) -> bool:
+        """Whether ``prepare`` hands over uint8 frames (an accelerator transforms them
+        itself) rather than the normalized views a CPU model takes."""
+        return self.device.type != "cpu"
 
     # -- one batch -----------------------------------------------------------------
     def forward(self, views: torch.Tensor) -> torch.Tensor:
@@ -285,22 +207,16 @@ class Classifier:
 
     # -- the pipeline's steps (worker/pipeline.py) -----------------------------------
     def prepare(self, frames: np.ndarray | Sequence[np.ndarray], *, crops: int) -> torch.Tensor:
-        """Decoder side, on a clip's uint8 (T, H, W, 3) frames or its T (H, W, 3) frames.
-        On CPU: the normalized views (crops, 3, T, S, S). On CUDA: the uint8 frames in
-        pinned memory; ``predict`` uploads and transforms them on the GPU."""
-        if self.device.type == "cuda":
-            pinned = torch.empty((len(frames), *frames[0].shape), dtype=torch.uint8,
-                                 pin_memory=True)
-            np.stack(list(frames), out=pinned.numpy())  # one copy, into pinned memory
-            return pinned
-        return clip_views(frames, self.preset, crops=crops)
+        """Decoder side, on a clip's uint8 (T, H, W, 3) frames or its T (H, W, 3) frames:
+        ``prepare_clip`` (worker/transforms.py) for this model's preset and device."""
+        return prepare_clip(frames, self.preset, crops=crops, frames_only=self.takes_frames)
 
     def predict(self, prepared: list[torch.Tensor], *, crops: list[int]
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Prepared clips (from any videos) -> one forward pass -> (views, classes) softmax
         and (views, C) pooled features, or None when embeddings are off."""
         try:
-            if self.device.type == "cuda":
+            if self.takes_frames:
                 views = torch.cat([
                     frames_to_views(p.to(self.device, non_blocking=True), self.preset, crops=c)
                     for p, c in zip(prepared, crops)
@@ -312,55 +228,25 @@ class Classifier:
             raise TransientError(f"out of accelerator memory ({exc})".splitlines()[0],
                                  kind="out_of_memory") from None
 
-    # -- videos --------------------------------------------------------------------
-    def pipeline(self) -> Any:
-        """A Pipeline around this model, with this classifier's decoders and batching."""
-        from worker.pipeline import Pipeline
-
-        return Pipeline(self, decode_workers=self.decode_workers,
-                        batch_wait_ms=self.batch_wait_ms,
-                        decoder_threads=getattr(self, "decoder_threads", 0),
-                        decoders=self.decoders)
-
-    def classify_many(
-        self, paths: Iterable[str | Path], sampling: Sampling = Sampling()
-    ) -> Iterator[VideoResult | VidqError]:
-        """Classify videos, ``inflight`` at a time; yield a VideoResult or the error for
-        each, in input order."""
-        with self.pipeline() as pipeline:
-            window: deque[Future[Any]] = deque()
-            for p in paths:
-                window.append(pipeline.submit(str(p), sampling))
-                if len(window) >= self.inflight:
-                    yield _outcome(window.popleft())
-            while window:
-                yield _outcome(window.popleft())
-
-    def classify(self, path: str | Path, sampling: Sampling = Sampling()) -> VideoResult:
-        """One video; raises the InputError of a bad one."""
-        (result,) = list(self.classify_many([path], sampling))
-        if isinstance(result, VidqError):
-            raise result
-        return result
-
     def assemble(
         self,
         *,
         path: str,
         info: VideoInfo,
         sampling: Sampling,
-        scored: list[tuple[ClipFrames, torch.Tensor, torch.Tensor | None]],
+        scored: list[ScoredClip],
         decode_s: float,
         model_s: float,
         started: float,
         decode_stats: DecodeStats | None = None,
     ) -> VideoResult:
         """Every clip of a video scored: its clips' and the video's top-k (and embeddings)."""
-        scored = sorted(scored, key=lambda c: c[0].window.index)
+        scored = sorted(scored, key=lambda s: s.clip.window.index)
         clip_preds = []
         all_views = []
         clip_features = []
-        for clip, probs, features in scored:
+        for one in scored:
+            clip, probs, features = one.clip, one.probs, one.features
             all_views.append(probs)
             w = clip.window
             # A clip's features, like its probabilities, are the mean over its crops.
@@ -368,7 +254,7 @@ class Classifier:
             if feature is not None:
                 clip_features.append(feature)
             clip_preds.append(
-                ClipPrediction(
+                ClipScores(
                     index=w.index,
                     start_sec=round(w.start_sec, 4),
                     end_sec=round(w.end_sec, 4),
@@ -417,10 +303,3 @@ def float16_bytes(vector: torch.Tensor) -> bytes:
     half = vector.detach().float().clamp(-FLOAT16_MAX, FLOAT16_MAX).to(torch.float16).cpu()
     return half.numpy().astype("<f2", copy=False).tobytes()
 
-
-def _outcome(future: Future[Any]) -> VideoResult | VidqError:
-    try:
-        result: VideoResult = future.result()
-        return result
-    except VidqError as exc:
-        return exc

@@ -15,20 +15,40 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import (
-    String, bindparam, case, cast, delete, func, insert, literal, or_, select, update,
+    String,
+    bindparam,
+    case,
+    cast,
+    delete,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    update,
 )
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from vidq import metrics
 from vidq.db import (
-    ClipPrediction, Job, JobStatus, VideoLabel, aware, db_now, first_line, sessions, utcnow,
+    ClipPrediction,
+    Job,
+    JobStatus,
+    VideoLabel,
+    aware,
+    db_now,
+    first_line,
+    rowcount,
+    sessions,
+    utcnow,
 )
 from vidq.embeddings import write_embeddings
 from vidq.errors import Cancelled, InputError, PermanentError, TransientError, VidqError
@@ -38,6 +58,7 @@ from vidq.sampling import Sampling
 from vidq.segments import SegmentRules, write_segments
 from vidq.settings import Settings
 from vidq.storage import StorageConfig
+from worker.results import VideoResult
 
 if TYPE_CHECKING:
     from worker.pipeline import Pipeline
@@ -150,7 +171,7 @@ class JobStore:
                     .where(Job.id == job_id, stale_running)
                     .values(error_kind="crashed", error_message=crashed_message)
                 )
-                gave_up = s.execute(
+                gave_up = rowcount(s.execute(
                     update(Job)
                     .where(Job.id == job_id, claimable, Job.attempts >= self.max_attempts)
                     .values(
@@ -160,7 +181,7 @@ class JobStore:
                                               "(VIDQ_MAX_ATTEMPTS); the last: ")
                         + func.coalesce(Job.error_message, literal("no error recorded")),
                     )
-                ).rowcount
+                ))
                 if gave_up:
                     return Outcome(job_id, "failed", "attempts exhausted")
             status = s.scalar(select(Job.status).where(Job.id == job_id))
@@ -184,8 +205,9 @@ class JobStore:
         items = list(leases.items())
         for i in range(0, len(items), 500):
             chunk = dict(items[i : i + 500])
-            ours |= self._run(
-                lambda s, chunk=chunk: set(s.scalars(
+
+            def refresh(s: Session, chunk: dict[int, str] = chunk) -> set[int]:
+                return set(s.scalars(
                     update(Job)
                     .where(Job.id.in_(list(chunk)), Job.lease_token.in_(list(chunk.values())),
                            Job.status == JobStatus.RUNNING.value)
@@ -193,7 +215,8 @@ class JobStore:
                     .returning(Job.id)
                     .execution_options(synchronize_session=False)
                 ))
-            )
+
+            ours |= self._run(refresh)
         return ours
 
     def heartbeats(self, every_s: float) -> Heartbeats:
@@ -234,7 +257,7 @@ class JobStore:
                     lease_token=None,
                 )
             )
-            return res.rowcount == 1
+            return rowcount(res) == 1
 
         return self._run(op)
 
@@ -250,7 +273,7 @@ class JobStore:
             self.fail(job.id, token, changed)
         return changed
 
-    def succeed(self, job_id: int, token: str, result: object) -> bool:
+    def succeed(self, job_id: int, token: str, result: VideoResult) -> bool:
         """Write the job's results in one transaction, only while our lease holds.
 
         Rows of an earlier result of the same job are replaced. They exist only when a
@@ -258,9 +281,6 @@ class JobStore:
         and then the insert of its labels collides with them. So the results are first
         written without the five deletes, and again with them after such a collision:
         the common case saves five statements of Python per job."""
-        from worker.inference import VideoResult
-
-        assert isinstance(result, VideoResult)
         info = result.info
         top = result.top[0]
 
@@ -429,7 +449,7 @@ def execute_job(
                               "attempt": job.attempts, "path": job.path}
     metrics.ATTEMPTS.inc()
     metrics.QUEUE_WAIT.observe(max(0.0, (utcnow() - aware(job.submitted_at)).total_seconds()))
-    preset = pipeline.classifier.preset.name
+    preset = pipeline.model.preset.name
     limit_s = max(1.0, settings.task_time_limit_s - 60.0)
     deadline = time.monotonic() + limit_s
     try:
@@ -512,7 +532,7 @@ def _release(store: JobStore, job_id: int, token: str, error: VidqError) -> None
         pass  # the heartbeat goes stale; the retry reclaims the job
 
 
-def commit_result(store: JobStore, job_id: int, token: str, result: object, *,
+def commit_result(store: JobStore, job_id: int, token: str, result: VideoResult, *,
                   horizon_s: float) -> bool:
     """Write a finished result, retrying with backoff while the database is down (up to
     ``horizon_s``): an outage must not throw away work already done. The heartbeat

@@ -11,11 +11,12 @@ import logging
 import os
 import socket
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -72,7 +73,8 @@ class ModelPreset:
         # The X3D hub heads end in a Softmax (slow_r50's does not). The classifier
         # applies softmax itself, so every preset must return logits: a second
         # softmax would squash all scores towards 1/400.
-        head = module.blocks[-1]
+        blocks = cast(nn.ModuleList, module.get_submodule("blocks"))  # the hub's Net
+        head: Any = blocks[-1]
         if getattr(head, "activation", None) is not None:
             head.activation = None
         return module

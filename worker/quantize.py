@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.fx import GraphModule
 
 from vidq.errors import ConfigError, VidqError
 from vidq.sampling import Sampling, plan_windows
@@ -102,7 +103,7 @@ def _qconfig_mapping() -> Any:
     return mapping
 
 
-def prepare(module: nn.Module, *, preset: ModelPreset) -> nn.Module:
+def prepare(module: nn.Module, *, preset: ModelPreset) -> GraphModule:
     """A copy of the (BN-folded, eval) float ``module`` with observers inserted."""
     from torch.ao.quantization.quantize_fx import prepare_fx
 
@@ -111,7 +112,8 @@ def prepare(module: nn.Module, *, preset: ModelPreset) -> nn.Module:
     with warnings.catch_warnings():
         # torch 2.10+ points FX quantization users at torchao; the API still works.
         warnings.simplefilter("ignore")
-        return prepare_fx(copy.deepcopy(module).eval(), _qconfig_mapping(), example_inputs=(example,))
+        return prepare_fx(copy.deepcopy(module).eval(), _qconfig_mapping(),
+                          example_inputs=(example,))
 
 
 def _observer_state(prepared: nn.Module) -> dict[str, torch.Tensor]:
@@ -191,7 +193,8 @@ def save_calibration(calibration: Calibration, path: str | Path) -> None:
         model=calibration.model, weights_id=calibration.weights_id, clips=calibration.clips
     )
     torch.save(
-        {**header, "observers": calibration.observers, "calibration_id": calibration.calibration_id},
+        {**header, "observers": calibration.observers,
+         "calibration_id": calibration.calibration_id},
         str(path),
     )
 

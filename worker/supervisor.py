@@ -27,9 +27,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 
 from vidq.settings import Settings
+from worker.plan import Plan
 
 log = logging.getLogger("vidq.supervisor")
 CONFIG_EXIT = 2
@@ -37,60 +37,7 @@ CONFIG_EXIT = 2
 restarting it cannot help, so the supervisor stops too."""
 
 
-def cpu_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def default_decode_workers(processes: int = 1) -> int:
-    """The CPU cores one worker process may use, less one for the model (at least one)."""
-    return max(1, cpu_cores() // max(1, processes) - 1)
-
-
-def default_inflight(decode_workers: int, batch_size: int) -> int:
-    """A batch of one-clip videos in the model, the next batch decoded and waiting, and
-    a video in each decoder's hands."""
-    return 2 * batch_size + 2 * decode_workers
-
-
-def count_gpus(settings: Settings) -> int:
-    """GPUs on this host, without initialising CUDA in this (parent) process."""
-    if settings.device not in ("auto", "cuda") or not shutil.which("nvidia-smi"):
-        return 0
-    listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
-    return listed.stdout.count("GPU ")
-
-
-@dataclass(frozen=True)
-class WorkerPlan:
-    """How this host's worker processes are sized."""
-
-    processes: int
-    gpus: int
-    decode_workers: int
-    inflight: int
-    batch_size: int
-
-    @classmethod
-    def for_host(cls, settings: Settings, *, processes: int | None = None) -> WorkerPlan:
-        gpus = count_gpus(settings)
-        n = processes or settings.worker_concurrency or max(1, gpus)
-        on_gpu = gpus > 0 or settings.device.startswith("cuda")
-        batch = settings.batch_size or (16 if on_gpu else 1)
-        decoders = settings.decode_workers or default_decode_workers(n)
-        inflight = settings.inflight or default_inflight(decoders, batch)
-        return cls(processes=n, gpus=gpus, decode_workers=decoders, inflight=inflight,
-                   batch_size=batch)
-
-    def device_for(self, index: int, settings: Settings) -> str:
-        if self.gpus and settings.device in ("auto", "cuda"):
-            return f"cuda:{index % self.gpus}"
-        return settings.device
-
-
-def run_workers(settings: Settings, plan: WorkerPlan, *, queues: str, loglevel: str) -> int:
+def run_workers(settings: Settings, plan: Plan, *, queues: str, loglevel: str) -> int:
     """Start, supervise and stop the worker processes; returns the exit status."""
     stopping = False
     children: dict[int, tuple[subprocess.Popen[bytes], float]] = {}
@@ -113,11 +60,7 @@ def run_workers(settings: Settings, plan: WorkerPlan, *, queues: str, loglevel: 
         env = {
             **os.environ,
             "VIDQ_DEVICE": plan.device_for(index, settings),
-            "VIDQ_WORKER_PROCESSES": str(plan.processes),
-            "VIDQ_DECODE_WORKERS": str(plan.decode_workers),
-            "VIDQ_DECODERS": settings.decoders,
-            "VIDQ_INFLIGHT": str(plan.inflight),
-            "VIDQ_BATCH_SIZE": str(plan.batch_size),
+            **plan.environment(),
             **metrics_env,
         }
         cmd = [

@@ -5,6 +5,11 @@ Each worker *process* loads the model once and keeps it, with its pipeline
 (worker/pipeline.py), for every job it takes: with the threads pool that
 ``vidq worker`` runs (worker/supervisor.py), before it takes a message; with
 prefork, in each child after the fork (CUDA is never touched in a parent).
+``in_process`` gives a Celery app whose task runs on a pipeline already built
+(the benchmarks' worker, with no model load and no module state).
+
+torch is imported only where a model is loaded: ``celery -A worker.tasks`` (what
+flower runs) must import on a host without it.
 """
 
 from __future__ import annotations
@@ -14,22 +19,29 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from billiard.process import current_process
-from celery import signals
+from celery import Celery, signals
 from celery.exceptions import InvalidTaskError, Reject
 from celery.worker.request import Request
 
 from vidq import metrics
 from vidq.db import dispose_engines, wait_for_database
 from vidq.errors import TransientError, VidqError
+from vidq.logs import use_json
 from vidq.notify import notify_soon
 from vidq.queue import TASK_CLASSIFY, make_celery
+from vidq.reconcile import reconcile
 from vidq.settings import Settings
 from worker.jobs import JobStore, backoff_s, execute_job
 from worker.supervisor import CONFIG_EXIT
+
+if TYPE_CHECKING:
+    from worker.pipeline import Pipeline
 
 log = logging.getLogger("vidq.worker")
 
@@ -37,20 +49,23 @@ settings = Settings.from_env()
 app = make_celery(settings)
 
 
-@dataclass
-class _ProcessState:
-    pipeline: Any
+@dataclass(frozen=True)
+class ProcessState:
+    """What a worker process holds for every job: its pipeline (around its model) and
+    its job store."""
+
+    pipeline: Pipeline
     store: JobStore
 
 
-_state: _ProcessState | None = None
+_state: ProcessState | None = None
 _state_lock = threading.Lock()
 
 
 def _device_for_this_process(s: Settings) -> str:
     if s.device != "auto":
         return s.device
-    import torch
+    import torch  # here, not at the top: see the module's docstring
 
     gpus = torch.cuda.device_count()  # in the child: CUDA is initialised only here
     if gpus == 0:
@@ -59,14 +74,16 @@ def _device_for_this_process(s: Settings) -> str:
     return f"cuda:{index % gpus}"
 
 
-def load_process_state() -> _ProcessState:
-    """Build this process's classifier, pipeline and job store (once, thread-safe)."""
+def load_process_state() -> ProcessState:
+    """Build this process's model, pipeline and job store (once, thread-safe)."""
     global _state
     with _state_lock:
         if _state is None:
+            # Here, not at the top: torch is imported only where a model is loaded.
             import torch
 
             from worker.inference import Classifier
+            from worker.pipeline import Pipeline
 
             procs = int(os.environ.get("VIDQ_WORKER_PROCESSES", "1") or 1)
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // procs))
@@ -76,22 +93,29 @@ def load_process_state() -> _ProcessState:
             metrics.MODEL_LOAD_SECONDS.set(time.perf_counter() - t)
             wait_for_database(settings.database_url, auto_migrate=settings.auto_migrate,
                               on_wait=log.warning)
-            _state = _ProcessState(classifier.pipeline(), JobStore.from_settings(settings))
+            _state = ProcessState(Pipeline.from_settings(classifier, settings),
+                                  JobStore.from_settings(settings))
             metrics.MODEL_LOADED.set(1)
             if current_process().name != "MainProcess":  # a prefork child: logging is set up
                 _log_ready(_state)
         return _state
 
 
-def _log_ready(state: _ProcessState) -> None:
-    classifier = state.pipeline.classifier
+def _log_ready(state: ProcessState) -> None:
+    model, plan = state.pipeline.model, state.pipeline.plan
+    weights_id = getattr(model, "weights_id", "?")
     log.info(
         "vidq worker process %s ready: %s weights %s, %s on %s, %d decoders, batches of %d",
-        os.getpid(), classifier.preset.name, classifier.weights_id, classifier.precision,
-        classifier.device, state.pipeline.decode_workers, state.pipeline.batch_size,
+        os.getpid(), model.preset.name, weights_id, getattr(model, "precision", "?"),
+        model.device, plan.decoder_count, plan.batch_size,
     )
-    if classifier.weights_id == "random-init":
+    if weights_id == "random-init":
         log.warning("RANDOM WEIGHTS: every result row will carry weights_id=random-init")
+
+
+def _ours(sender: Any) -> bool:
+    """Whether a worker signal comes from this module's app (not an ``in_process`` one)."""
+    return getattr(sender, "app", app) is app
 
 
 @signals.worker_init.connect
@@ -101,6 +125,8 @@ def _init_threaded_worker(sender: Any = None, **_: Any) -> None:
     ``worker_process_init`` instead (after the fork)."""
     from celery import concurrency
 
+    if not _ours(sender):
+        return
     pool = concurrency.get_implementation(getattr(sender, "pool_cls", None) or "prefork")
     if pool.__module__.endswith(".thread"):
         try:
@@ -113,19 +139,19 @@ def _init_threaded_worker(sender: Any = None, **_: Any) -> None:
 @signals.after_setup_logger.connect
 def _log_format(logger: Any = None, **_: Any) -> None:
     if settings.log_format == "json":
-        from vidq.logs import use_json
-
         use_json(logger)
 
 
 @signals.worker_shutdown.connect
-def _close_pipeline(**_: Any) -> None:
-    if _state is not None:
+def _close_pipeline(sender: Any = None, **_: Any) -> None:
+    if _state is not None and _ours(sender):
         _state.pipeline.close()
 
 
 @signals.worker_ready.connect
-def _start_reconciler(**_: Any) -> None:
+def _start_reconciler(sender: Any = None, **_: Any) -> None:
+    if not _ours(sender):
+        return
     if _state is not None and current_process().name == "MainProcess":
         _log_ready(_state)  # loaded in worker_init, before Celery set up logging
     if settings.reconcile_every_s > 0:
@@ -134,8 +160,6 @@ def _start_reconciler(**_: Any) -> None:
 
 def _reconcile_loop() -> None:
     """Every worker host offers; a Redis lock lets one reconcile per period."""
-    from vidq.reconcile import reconcile
-
     lock = None
     if settings.broker_url.startswith(("redis://", "rediss://")):
         import redis
@@ -164,6 +188,11 @@ class ClassifyRequest(Request):
     headers Celery cannot use is an invalid message (logged, dropped once), not an
     error that stops the whole worker ("Unrecoverable error")."""
 
+    time_limit_s: int = settings.task_time_limit_s
+    """The worker's hard limit (``VIDQ_TASK_TIME_LIMIT_S``), whatever the message says."""
+    time_limits: Any
+    """(hard, soft) seconds, as Celery reads them (its class leaves them untyped)."""
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         try:
             super().__init__(*args, **kwargs)
@@ -185,56 +214,88 @@ class ClassifyRequest(Request):
             )
         # Limits are the worker's, not the sender's: anyone who can write to the broker
         # could otherwise give a job one second, or no limit at all (prefork pools).
-        hard = settings.task_time_limit_s
+        hard = self.time_limit_s
         self.time_limits = (hard, max(hard - 60, 1))
 
 
-@app.task(name=TASK_CLASSIFY, bind=True, acks_late=True, Request=ClassifyRequest)
+# Not shared: a shared task would join every app made later (an ``in_process`` one).
+@app.task(name=TASK_CLASSIFY, bind=True, acks_late=True, Request=ClassifyRequest, shared=False)
 def classify(self: Any, job_id: Any = None, transient: int = 0) -> str:
+    return run_classify(self, job_id, transient, settings=settings,
+                        state=load_process_state)
+
+
+@contextmanager
+def in_process(settings: Settings, pipeline: Pipeline) -> Iterator[Celery]:
+    """A Celery app for ``settings`` whose classify task runs on ``pipeline``, already
+    built (a real or a simulated model), in this process: for
+    ``celery.contrib.testing.worker.start_worker(app, pool="threads", ...)``. Nothing
+    of this module's own app or process state is touched; the pipeline stays the
+    caller's to close."""
+    state = ProcessState(pipeline, JobStore.from_settings(settings))
+    request = type("ClassifyRequest", (ClassifyRequest,),
+                   {"time_limit_s": settings.task_time_limit_s})
+    celery_app = make_celery(settings)
+
+    @celery_app.task(name=TASK_CLASSIFY, bind=True, acks_late=True, Request=request,
+                     shared=False)
+    def classify_here(self: Any, job_id: Any = None, transient: int = 0) -> str:
+        return run_classify(self, job_id, transient, settings=settings, state=lambda: state)
+
+    try:
+        yield celery_app
+    finally:
+        celery_app.close()
+
+
+def run_classify(task: Any, job_id: Any, transient: Any, *, settings: Settings,
+                 state: Callable[[], ProcessState]) -> str:
+    """The classify task's body: run the job, then retry, give up or report.
+    ``state`` gives the process's pipeline and store (loaded on first use)."""
     if not isinstance(job_id, int) or isinstance(job_id, bool) or not isinstance(transient, int):
         # A foreign or malformed message: drop it once, never loop on it.
-        log.error("rejecting malformed message %s: args=%r", self.request.id, self.request.args)
+        log.error("rejecting malformed message %s: args=%r", task.request.id, task.request.args)
         raise Reject("malformed vidq message", requeue=False)
     # The retry counter rides in the message: bound it by this worker's settings, so a
     # crafted value can neither retry forever (negative) nor skip the retries.
     transient = min(max(transient, 0), settings.max_retries)
-    state = load_process_state()
+    held = state()
     try:
-        outcome = execute_job(job_id, pipeline=state.pipeline, settings=settings,
-                              store=state.store)
+        outcome = execute_job(job_id, pipeline=held.pipeline, settings=settings,
+                              store=held.store)
     except TransientError as exc:
         if transient >= settings.max_retries:
             give_up = TransientError(
                 f"gave up after {transient + 1} attempts: {exc.message}", kind="retries_exhausted"
             )
             try:
-                state.store.fail(job_id, None, give_up)
+                held.store.fail(job_id, None, give_up)
             except VidqError:
                 log.error("job %s: %s (and the database is still unreachable)", job_id,
                           give_up.message)
             return "failed"
         delay = backoff_s(transient)
         log.warning("job %s: %s; retry %d in %.0fs", job_id, exc.message, transient + 1, delay)
-        raise self.retry(kwargs={"job_id": job_id, "transient": transient + 1}, args=(),
-                         countdown=delay, max_retries=None)
+        raise task.retry(kwargs={"job_id": job_id, "transient": transient + 1}, args=(),
+                         countdown=delay, max_retries=None) from None
     if outcome.status == "busy":
         # Another delivery holds a live lease (a duplicate message, or a crashed
         # child's job whose heartbeat has not gone stale yet): look again later.
-        raise self.retry(kwargs={"job_id": job_id, "transient": transient}, args=(),
+        raise task.retry(kwargs={"job_id": job_id, "transient": transient}, args=(),
                          countdown=settings.stale_after_s, max_retries=None)
     if outcome.status in ("succeeded", "failed", "skipped"):
         notify_soon(settings, outcome.fields.get("batch_id"))  # the batch may be complete
     log.info("job %s %s %s", job_id, outcome.status, outcome.detail,
              extra={"vidq": {"job_id": job_id, "status": outcome.status, **outcome.fields,
-                             "task_id": self.request.id, "transient_retries": transient}})
-    _recycle_if_over_memory()
+                             "task_id": task.request.id, "transient_retries": transient}})
+    _recycle_if_over_memory(settings, held)
     return outcome.status
 
 
 _recycling = threading.Event()
 
 
-def _recycle_if_over_memory() -> None:
+def _recycle_if_over_memory(settings: Settings, state: ProcessState) -> None:
     """``VIDQ_WORKER_MAX_MEMORY_MB`` for pools without children (prefork has Celery's own
     ``worker_max_memory_per_child``): a warm shutdown, after which the supervisor
     starts a fresh process."""
@@ -242,9 +303,9 @@ def _recycle_if_over_memory() -> None:
     if not limit or _recycling.is_set() or current_process().name != "MainProcess":
         return
     rss = resident_mb()
-    if rss is not None and _state is not None:  # and its decoder processes', if any
+    if rss is not None:  # and its decoder processes', if any
         rss += sum(resident_mb(pid, shared=False) or 0.0
-                   for pid in _state.pipeline.decoder_pids())
+                   for pid in state.pipeline.decoder_pids())
     if rss is not None and rss > limit:
         _recycling.set()
         log.warning("worker process %s uses %.0f MiB > VIDQ_WORKER_MAX_MEMORY_MB=%d: "

@@ -11,8 +11,8 @@ pixels; the fidelity test measures that difference.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Union
+from collections.abc import Callable, Sequence
+from typing import TypeAlias
 
 import numpy as np
 import torch
@@ -51,7 +51,7 @@ def uniform_crop(x: torch.Tensor, size: int, spatial_idx: int) -> torch.Tensor:
     return x[..., y : y + size, xo : xo + size]
 
 
-Frames = Union[torch.Tensor, Sequence[np.ndarray]]
+Frames: TypeAlias = torch.Tensor | Sequence[np.ndarray]
 """A clip's uint8 frames: a (T, H, W, 3) tensor, or T (H, W, 3) arrays."""
 
 
@@ -134,3 +134,30 @@ def frames_to_views(frames: Frames, preset: ModelPreset, *, crops: int = 1,
     mean = torch.tensor(preset.mean, dtype=torch.float32, device=views.device).view(1, 3, 1, 1, 1)
     std = torch.tensor(preset.std, dtype=torch.float32, device=views.device).view(1, 3, 1, 1, 1)
     return views.sub_(mean * 255.0).div_(std * 255.0)
+
+
+Allocate = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
+"""Memory for a prepared clip, given its shape and dtype (a decoder process's slot)."""
+
+
+def prepare_clip(frames: np.ndarray | Sequence[np.ndarray], preset: ModelPreset, *, crops: int,
+                 frames_only: bool, into: Allocate | None = None) -> torch.Tensor:
+    """A clip's model input, made once a clip is decoded: the one way to prepare a clip,
+    in a decoder thread or a decoder process.
+
+    On a CPU model (``frames_only`` False): the normalized views (crops, 3, T, S, S).
+    For an accelerator: the uint8 (T, H, W, 3) frames, which the model's host uploads
+    and transforms there, so the CPU only decodes. ``into`` gives the memory to write
+    into (a decoder process's shared slot); by default frames go into pinned memory,
+    so the upload does not block, and views into fresh memory."""
+    if frames_only:
+        shape = (len(frames), *frames[0].shape)
+        out = (into(shape, torch.uint8) if into is not None
+               else torch.empty(shape, dtype=torch.uint8, pin_memory=True))
+        np.stack(list(frames), out=out.numpy())  # one copy, into the memory given
+        return out
+    if into is None:
+        return clip_views(frames, preset, crops=crops)
+    size = preset.crop_size
+    return clip_views(frames, preset, crops=crops,
+                      out=into((crops, 3, len(frames), size, size), torch.float32))

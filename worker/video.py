@@ -18,11 +18,12 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter, deque
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import IO, Iterable, Iterator, cast
+from typing import IO, cast
 
 import av
 import numpy as np
@@ -33,6 +34,7 @@ from av.video.reformatter import VideoReformatter
 from vidq.errors import InputError
 from vidq.sampling import Sampling, Window, plan_windows
 from worker.bitstream import ReferenceReader
+from worker.results import DecodeStats, VideoInfo
 
 # A file's *content* can make FFmpeg open other resources: an HLS playlist or a
 # concat script saved as .mp4 would fetch URLs or read other local files. Only
@@ -45,18 +47,6 @@ SAFE_OPEN = {
         "wav,mp3,aac,flac".split(",")
     ),
 }
-
-
-@dataclass(frozen=True)
-class VideoInfo:
-    duration_s: float
-    fps: float
-    width: int
-    height: int
-    frames: int
-    """Frames the stream declares (or duration x fps where it declares none)."""
-    codec: str
-    has_audio: bool
 
 
 @dataclass
@@ -76,20 +66,6 @@ class ClipFrames:
     def frames(self) -> np.ndarray:
         """The frames stacked, uint8 (num_frames, H, W, 3): a copy."""
         return np.stack(self.rgb) if self.rgb else np.empty((0, 0, 0, 3), np.uint8)
-
-
-@dataclass
-class DecodeStats:
-    """What one video's decode did: the share of packets decoded is the work done."""
-
-    packets: int = 0
-    """Video packets read from the container (one per frame)."""
-    skipped: int = 0
-    """Packets never sent to the decoder: unsampled and unreferenced."""
-    decoded: int = 0
-    """Frames the decoder returned."""
-    replanned: bool = False
-    """The decoder's frames contradicted the packet timestamps: decoded again, holding frames."""
 
 
 @dataclass(frozen=True)
@@ -186,7 +162,8 @@ class VideoReader:
                 kind="not_a_video",
             ) from None
         except av.error.FFmpegError as exc:
-            raise InputError(f"{self.path}: cannot open ({exc.strerror}).", kind="not_a_video") from None
+            raise InputError(f"{self.path}: cannot open ({exc.strerror}).",
+                             kind="not_a_video") from None
         try:
             self._open_stream(self.limits, self.threads)
         except BaseException:
@@ -200,7 +177,8 @@ class VideoReader:
             raise InputError(f"{self.path}: no video stream ({what}).", kind="no_video_stream")
         stream = container.streams.video[0]
         if stream.codec_context is None or stream.codec_context.width == 0:
-            raise InputError(f"{self.path}: video stream has no decodable codec.", kind="unsupported")
+            raise InputError(f"{self.path}: video stream has no decodable codec.",
+                             kind="unsupported")
         stream.thread_type = "AUTO"
         stream.codec_context.thread_count = threads
         self._stream = stream
@@ -252,7 +230,8 @@ class VideoReader:
             )
         if limits.max_frames and info.frames > limits.max_frames:
             raise InputError(
-                f"{self.path}: {info.frames} frames is over the limit VIDQ_MAX_FRAMES={limits.max_frames}.",
+                f"{self.path}: {info.frames} frames is over the limit "
+                f"VIDQ_MAX_FRAMES={limits.max_frames}.",
                 kind="over_limit",
             )
 
@@ -299,7 +278,8 @@ class VideoReader:
         done: set[int] = set()
         try:
             with self._decode_errors():
-                planned = _PlannedPass(self, plans, num_frames=num_frames, gap_pts=gap_pts, started=started)
+                planned = _PlannedPass(self, plans, num_frames=num_frames, gap_pts=gap_pts,
+                                       started=started)
                 for clip in planned.run():
                     done.add(clip.window.index)
                     yield clip
@@ -314,7 +294,8 @@ class VideoReader:
             self._sought = []
             rest = [_WindowPlan(p.lo, p.hi, p.window) for p in plans if p.window.index not in done]
             with self._decode_errors():
-                holding = self._holding_pass(rest, num_frames=num_frames, gap_pts=gap_pts, started=started)
+                holding = self._holding_pass(rest, num_frames=num_frames, gap_pts=gap_pts,
+                                             started=started)
                 yield from holding
             last_pts, unopened = self._hold_last_pts, self._hold_unopened
         if self.stats.decoded == 0:
@@ -425,7 +406,8 @@ class VideoReader:
             pts = frame.pts
             if pts is None:
                 continue
-            self._hold_last_pts = pts if self._hold_last_pts is None else max(self._hold_last_pts, pts)
+            last: int | None = self._hold_last_pts
+            self._hold_last_pts = pts if last is None else max(last, pts)
             while nxt < len(plans) and plans[nxt].lo <= pts:
                 active.append(plans[nxt])
                 nxt += 1

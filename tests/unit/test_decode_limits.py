@@ -16,7 +16,7 @@ from tests import media
 from vidq.errors import InputError
 from vidq.sampling import Window
 from vidq.settings import Settings
-from worker.inference import Classifier
+from worker.decoders import InputPolicy
 from worker.video import Limits, VideoReader
 
 SLOW_R50_SPAN = 64 / 30
@@ -103,5 +103,5 @@ def test_settings_reach_the_reader_limits() -> None:
     env = {"VIDQ_MAX_WINDOW_FRAMES": "300", "VIDQ_MAX_DECODE_S": "12.5", "VIDQ_MAX_PIXELS": "9"}
     settings = Settings.from_env(env, model="x3d_xs", weights="random", device="cpu")
     assert (Settings().max_window_frames, Settings().max_decode_s) == (2000, 1800.0)
-    limits = Classifier.from_settings(settings).limits
+    limits = InputPolicy.from_settings(settings).limits
     assert (limits.max_window_frames, limits.max_decode_s, limits.max_pixels) == (300, 12.5, 9)

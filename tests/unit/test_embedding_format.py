@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests.cli import run_vidq
-from vidq.embeddings import decode, encode
+from vidq.embeddings import float16_from_floats, floats_from_float16
 from vidq.errors import ConfigError
 from vidq.settings import Settings
 
@@ -40,7 +40,8 @@ def test_float16_bytes_round_trip_and_match_numpy() -> None:
     values = torch.tensor([0.0, 1.0, -2.5, 1e-6, 3.14159, 70000.0, -1e9])
     blob = float16_bytes(values)
     assert blob == np.clip(values.numpy(), -65504, 65504).astype("<f2").tobytes()
-    assert decode(blob)[:5] == (0.0, 1.0, -2.5, float(np.float16(1e-6)), float(np.float16(3.14159)))
-    assert decode(blob)[5:] == (65504.0, -65504.0)  # clamped, not infinite
-    assert encode(decode(blob)) == blob
+    assert floats_from_float16(blob)[:5] == (
+        0.0, 1.0, -2.5, float(np.float16(1e-6)), float(np.float16(3.14159)))
+    assert floats_from_float16(blob)[5:] == (65504.0, -65504.0)  # clamped, not infinite
+    assert float16_from_floats(floats_from_float16(blob)) == blob
     assert struct.calcsize("<2048e") == 4096
