@@ -104,7 +104,7 @@ class Settings:
     """Where the decode workers run: ``threads`` of the worker process, or ``processes``
     of their own (each with its own GIL; clips come back in shared memory). ``auto``:
     processes when there are several decode workers (one-clip jobs 1.1x faster with
-    two, benchmarks/feed_rate.py), a thread for one (as fast, and no extra process).
+    two, `python -m benchmarks feed`), a thread for one (as fast, and no extra process).
     See worker/decoder_process.py; resolved in worker/plan.py."""
 
     batch_wait_ms: float = 5.0

@@ -128,7 +128,8 @@ class Classifier:
         # the activations instead of two; the same function up to float rounding)
         # and channels_last_3d, the layout oneDNN's and cuDNN's fast 3D convolutions
         # use. Together 1.5x on an fp32 slow_r50 forward on an AVX2 CPU
-        # (benchmarks/forward_variants.py). In reduced precision the conv/linear
+        # (`python -m benchmarks int8` compares it with the seed's eager model). In
+        # reduced precision the conv/linear
         # weights are stored in the autocast dtype too, which autocast would otherwise
         # re-cast from fp32 on every forward (same rounding, so the same results):
         # ~20% off a bf16 forward on an AMX CPU.

@@ -118,7 +118,7 @@ class JobStore:
         """The common case of a claim in one statement: take a claimable job with
         attempts left (SET reads the row as it was, so a taken-over attempt is recorded
         too). Built once: constructing it cost more Python than running it, on the
-        GIL the decoders need (benchmarks/feed_rate.py)."""
+        GIL the decoders need (`python -m benchmarks feed`)."""
         now, stale_running, claimable, crashed_message = self._claim_terms()
         return (
             update(Job)

@@ -76,7 +76,7 @@ def _scaled(frames: Frames, size: int, *, crop: int = 0,
     plane by plane), but the float copy of the full-resolution frames is one frame,
     not the whole clip: 88 MB at 720p is beyond the allocator's reuse, so the clip
     at once cost fresh zeroed pages on every window and took 6x longer at 720p
-    (benchmarks/decode.py); the peak memory of a window drops by the same factor.
+    (`python -m benchmarks decode`); the peak memory of a window drops by the same factor.
     That one float frame is allocated once per clip and refilled for each frame (a
     new one per frame cost fresh pages too: the transform of a window took 13-22%
     longer at 360p-1080p, decoding alongside). Each frame's result goes straight into

@@ -58,7 +58,7 @@ class ClipFrames:
     """uint8 (H, W, 3) per sampled frame, in order (a frame repeats where the window is
     padded). Not stacked: the transforms read one frame at a time, and a stacked 1080p
     clip (50 MB, beyond the allocator's reuse) cost a fifth of the decode in fresh
-    zeroed pages (benchmarks/decode.py)."""
+    zeroed pages (`python -m benchmarks decode`)."""
     source_frames: int
     """Frames the window held before subsampling (fewer than expected: padded)."""
 
