@@ -736,12 +736,15 @@ def serve(host: str, port: int) -> None:
     """Look at the results in a browser: batches, videos with label lanes and
     thumbnails, search (read-only; needs `pip install 'vidq[viewer]'`)."""
     try:
-        from vidq.viewer.app import serve as serve_viewer
+        from vidq.viewer.app import check_bind, create_app, run_app
     except ImportError as exc:
         raise_missing_viewer(exc)
     settings = Settings.from_env()
-    click.echo(f"vidq: viewer on http://{host}:{port}/ (Ctrl-C stops it)", err=True)
-    serve_viewer(settings, host=host, port=port)
+    check_bind(host, settings)
+    app = create_app(settings)
+    shown = f"[{host}]" if ":" in host else host
+    click.echo(f"vidq: viewer on http://{shown}:{port}/ (Ctrl-C stops it)", err=True)
+    run_app(app, host=host, port=port)
 
 
 @main.command()

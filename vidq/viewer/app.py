@@ -334,10 +334,8 @@ class SecureViewer:
                                    self.token.encode("utf-8"))
 
 
-def serve(settings: Settings, *, host: str, port: int) -> None:
-    """Run the viewer until interrupted."""
+def run_app(app: SecureViewer, *, host: str, port: int) -> None:
+    """Serve ``app`` (``create_app``; ``check_bind`` first) until interrupted."""
     import uvicorn
 
-    check_bind(host, settings)
-    app = create_app(settings)
     uvicorn.run(app, host=host, port=port, log_level="warning", server_header=False)
