@@ -41,7 +41,8 @@ class Library:
     outside: Path
     """A video outside the media root."""
     jobs: dict[str, int]
-    """Name -> job id: main, xss, failed, escape (symlink out of the root), dotdot."""
+    """Name -> job id: main, xss, other, failed, escape (a symlink out of the root),
+    dotdot (a recorded path with ``..`` out of it), notes (a text file outside it)."""
 
 
 def clip_rows(seconds: int) -> list[ClipRow]:
@@ -107,6 +108,7 @@ def build_library(database_url: str, base: Path) -> Library:
     outside = outside_dir / "secret.mp4"
     make_video(outside, seconds=2, seed=4)
     (root / "escape.mp4").symlink_to(outside)
+    (outside_dir / "notes.txt").write_text("not a video")
     engine = make_engine(database_url)
     try:
         upgrade(engine)
@@ -128,6 +130,8 @@ def build_library(database_url: str, base: Path) -> Library:
                                   seconds=2),
                 "dotdot": add_job(session, batch_id=batch.id,
                                   path=f"{root}/../private/secret.mp4", seconds=2),
+                "notes": add_job(session, batch_id=batch.id, path=outside_dir / "notes.txt",
+                                 seconds=1),
             }
     finally:
         engine.dispose()

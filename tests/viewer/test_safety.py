@@ -80,6 +80,15 @@ def test_files_only_from_under_the_media_roots(sqlite_library: Library, tmp_path
         assert c.get(url).status_code == 404, url
 
 
+def test_without_media_roots_only_video_files(sqlite_library: Library, tmp_path: Path) -> None:
+    lib = sqlite_library
+    c = client(lib, tmp_path, media_roots=())
+    assert c.get(f"/video/{lib.jobs['main']}/media").status_code == 200
+    refused = c.get(f"/video/{lib.jobs['notes']}/media")
+    assert refused.status_code == 403 and "not a video file name" in refused.text
+    assert "not a video" not in refused.text.replace("not a video file name", "")
+
+
 def test_everything_is_escaped_and_headers_are_set(sqlite_library: Library,
                                                    tmp_path: Path) -> None:
     lib = sqlite_library

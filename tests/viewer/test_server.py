@@ -134,8 +134,8 @@ def test_report_writes_pages_that_embed_their_data(sqlite_library: Library,
            "PATH": "/usr/bin:/bin"}
     done = run_vidq("report", "--batch", "demo", "--out", str(out), env=env, check=True)
     assert "wrote" in done.stderr
-    # The two jobs whose files escape the media root get pages without a player.
-    assert done.stderr.count("no player or thumbnails") == 2
+    # The three jobs whose files lie outside the media root get pages without a player.
+    assert done.stderr.count("no player or thumbnails") == 3
     index = (out / "index.html").read_text()
     assert f'href="video-{lib.jobs["main"]}.html"' in index
     assert "<script>alert(1)</script>" not in index
