@@ -85,7 +85,8 @@ def add_job(session: Session, *, batch_id: int, path: Path | str, seconds: int,
     ranked = sorted(means.items(), key=lambda kv: -kv[1])
     session.add_all(VideoLabel(job_id=job.id, rank=r + 1, class_id=cid, label=LABELS[cid],
                                score=score) for r, (cid, score) in enumerate(ranked))
-    job.top_class_id, job.top_label, job.top_score = ranked[0][0], LABELS[ranked[0][0]], ranked[0][1]
+    best, best_score = ranked[0]
+    job.top_class_id, job.top_label, job.top_score = best, LABELS[best], best_score
     write_segments(session, job.id, clips, SegmentRules(), replace=False)
     if embedding is not None:
         from vidq.db import VideoEmbedding

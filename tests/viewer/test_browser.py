@@ -16,9 +16,9 @@ from tests.cli import run_vidq
 from tests.viewer.browser import ARTIFACTS, CHROMIUM_ARGS, chromium_binary, serving
 from tests.viewer.conftest import viewer_settings
 from tests.viewer.library import Library, stored_segments
+from vidq.segments import SegmentRules
 from vidq.viewer.app import create_app
 from vidq.viewer.data import readonly_engine, rederive
-from vidq.segments import SegmentRules
 
 BINARY, WHY_NOT = chromium_binary()
 pytestmark = pytest.mark.skipif(BINARY is None, reason=WHY_NOT)

@@ -40,6 +40,7 @@ from starlette.responses import (
     Response,
 )
 from starlette.routing import Route
+from starlette.types import Message, Receive, Scope, Send
 
 from vidq import storage
 from vidq.errors import ConfigError, InputError
@@ -255,9 +256,6 @@ def create_app(settings: Settings) -> SecureViewer:
     return SecureViewer(app, settings=settings, csp=viewer.csp)
 
 
-Scope = dict[str, Any]
-ASGIApp = Callable[..., Awaitable[Any]]
-
 
 class SecureViewer:
     """The guards every request passes (ASGI middleware): the loopback Host check or
@@ -278,7 +276,7 @@ class SecureViewer:
     def state(self) -> Any:
         return self.app.state
 
-    async def __call__(self, scope: Scope, receive: Any, send: ASGIApp) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -288,8 +286,8 @@ class SecureViewer:
             return
         await self.app(scope, receive, self.with_headers(send))
 
-    def with_headers(self, send: ASGIApp) -> ASGIApp:
-        async def send_with_headers(message: dict[str, Any]) -> None:
+    def with_headers(self, send: Send) -> Send:
+        async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 message["headers"] = [*message.get("headers", []), *self.headers]
             await send(message)

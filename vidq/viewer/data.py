@@ -8,6 +8,7 @@ that embed as JSON in a page (the video page's script re-derives segments from t
 
 from __future__ import annotations
 
+import bisect
 import datetime as dt
 import sqlite3
 from dataclasses import dataclass
@@ -144,12 +145,18 @@ class VideoPage:
                           "max_gap_s": self.rules.max_gap_s}}
 
 
-def peak_time(clips: list[list[Any]], label_no: int, start: float, end: float) -> float:
+def peak_time(clips: list[list[Any]], label_no: int, start: float, end: float, *,
+              starts: list[float] | None = None) -> float:
     """The middle of the clip within [start, end] where ``label_no`` scores highest (the
-    first such clip in time): where a segment's thumbnail is taken and its peak drawn."""
+    first such clip in time): where a segment's thumbnail is taken and its peak drawn.
+    ``clips`` in time order; ``starts``, their start times, saves the search a pass."""
+    starts = starts if starts is not None else [c[1] for c in clips]
     best, at = -1.0, start
-    for _index, s, e, top in clips:
-        if s < start - 1e-6 or e > end + 1e-6:
+    for i in range(bisect.bisect_left(starts, start - 1e-6), len(clips)):
+        _index, s, e, top = clips[i]
+        if s > end + 1e-6:
+            break
+        if e > end + 1e-6:
             continue
         for no, _class_id, score in top:
             if no == label_no and score > best:
@@ -188,11 +195,13 @@ def video_page(conn: Connection, job_id: int, rules: SegmentRules) -> VideoPage:
             select(ClipPrediction.clip_index, ClipPrediction.start_sec, ClipPrediction.end_sec,
                    ClipPrediction.class_id, ClipPrediction.label, ClipPrediction.score)
             .where(ClipPrediction.job_id == job_id)
-            .order_by(ClipPrediction.clip_index, ClipPrediction.rank)):
+            .order_by(ClipPrediction.clip_index, ClipPrediction.rank)).all():
         if index != last:
             clips.append([index, start, end, []])
             last = index
         clips[-1][3].append([number(label), class_id, score])
+    clips.sort(key=lambda c: (c[1], c[0]))
+    starts = [c[1] for c in clips]
     segments = []
     for seg in conn.execute(
             select(LabelSegment.segment_index, LabelSegment.class_id, LabelSegment.label,
@@ -203,7 +212,8 @@ def video_page(conn: Connection, job_id: int, rules: SegmentRules) -> VideoPage:
         segments.append({"label": no, "class_id": seg.class_id, "start": seg.start_sec,
                          "end": seg.end_sec, "mean": seg.mean_score,
                          "peak": seg.peak_score, "clips": seg.clips,
-                         "peak_at": round(peak_time(clips, no, seg.start_sec, seg.end_sec), 3)})
+                         "peak_at": round(peak_time(clips, no, seg.start_sec, seg.end_sec,
+                                                    starts=starts), 3)})
     has_embedding = bool(conn.scalar(
         select(func.count()).select_from(VideoEmbedding).where(VideoEmbedding.job_id == job_id)))
     return VideoPage(job=job, top=top, labels=labels, clips=clips, segments=segments,

@@ -29,6 +29,7 @@ def environment() -> jinja2.Environment:
         trim_blocks=True, lstrip_blocks=True,
     )
     env.filters["duration"] = format_duration
+    env.policies["json.dumps_kwargs"] = {"separators": (",", ":")}
     return env
 
 

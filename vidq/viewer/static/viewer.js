@@ -203,8 +203,11 @@
     document.querySelectorAll("button.seek").forEach(function (b) {
       b.addEventListener("click", function () { seek(parseFloat(b.dataset.at)); });
     });
+    performance.mark("vidq-start");
     drawStrip();
+    performance.mark("vidq-strip");
     update();
+    performance.mark("vidq-lanes");
     var m = /(?:^#|&)t=([0-9.]+)/.exec(window.location.hash);
     if (m && player) {
       player.addEventListener("loadedmetadata", function () { seek(parseFloat(m[1])); }, {once: true});
