@@ -149,3 +149,28 @@ def test_report_writes_pages_that_embed_their_data(sqlite_library: Library,
     assert "fetch(" not in (out / "static" / "viewer.js").read_text()
     missing = run_vidq("report", "--batch", "nope", "--out", str(out), env=env)
     assert missing.returncode == 2 and "no batch named 'nope'" in missing.stderr
+
+
+def test_concurrent_requests_share_the_read_only_pool(sqlite_library: Library,
+                                                      tmp_path: Path) -> None:
+    """Many requests at once, as a page's thumbnails arrive: each request thread gets a
+    whole SQLite connection of its own (a pool that closed one in use crashed)."""
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.viewer.browser import serving
+
+    lib = sqlite_library
+    app = create_app(viewer_settings(lib, tmp_path))
+    urls = [f"/video/{lib.jobs['main']}", f"/thumb/{lib.jobs['main']}/{{ms}}.jpg",
+            "/batch/demo", "/search?label=archery"]
+
+    with serving(app) as base:
+        def fetch(i: int) -> int:
+            with urllib.request.urlopen(base + urls[i % len(urls)].replace(
+                    "{ms}", str(100 * (i % 40))), timeout=30) as response:
+                return int(response.status)
+
+        with ThreadPoolExecutor(max_workers=12) as pool:
+            statuses = list(pool.map(fetch, range(240)))
+    assert statuses == [200] * 240

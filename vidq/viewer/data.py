@@ -17,6 +17,7 @@ from urllib.parse import unquote, urlsplit
 
 from sqlalchemy import Connection, create_engine, event, func, select, text
 from sqlalchemy.engine import Engine
+from sqlalchemy.pool import QueuePool
 
 from producer.query import StatusSummary, status_summary
 from vidq.db import (
@@ -52,7 +53,11 @@ def readonly_engine(url: str, *, settings: Settings | None = None) -> Engine:
             return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30,
                                    check_same_thread=False)
 
-        engine = create_engine("sqlite://", creator=connect)
+        # A pool of whole connections, one per request thread at a time: the URL alone
+        # ("sqlite://") would get SQLAlchemy's in-memory pool, which closes connections
+        # other threads are still using.
+        engine = create_engine("sqlite://", creator=connect, poolclass=QueuePool,
+                               pool_size=5, max_overflow=10)
     else:
         engine = make_engine(url, settings=settings)
         if engine.dialect.name == "postgresql":
