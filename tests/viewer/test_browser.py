@@ -214,3 +214,42 @@ def test_report_opens_from_file(page: Any, sqlite_library: Library, tmp_path: Pa
     assert all(u.startswith("file://") for u in requests), requests
     shoot(page, tmp_path, "viewer-report")
     assert page.errors == []
+
+
+def test_the_pages_derivation_is_vidq_segments(page: Any) -> None:
+    """The script's derive() against vidq/segments.py on random videos: sliding windows
+    that overlap, touch or leave gaps, at several thresholds and rules."""
+    import json
+    import random
+
+    from vidq.segments import ClipRow, ScoredLabel, derive_segments
+    from vidq.viewer.pages import static_text
+
+    page.set_content("<!doctype html><p>derive</p>")
+    page.add_script_tag(content=static_text("viewer.js"))
+    rng = random.Random(7)
+    labels = ["a", "b", "c", "d", "e", "f"]
+    checked = 0
+    for _ in range(40):
+        span, stride = rng.choice([(2.0, 2.0), (2.0, 1.0), (2.0, 3.5), (1.0, 0.5)])
+        clips, compact = [], []
+        for i in range(rng.randrange(1, 60)):
+            start = i * stride + rng.choice([0.0, 0.0, 0.0, rng.uniform(0, 2)])
+            scores = sorted(((c, rng.random() ** 2) for c in rng.sample(range(6), 3)),
+                            key=lambda t: -t[1])
+            top = [ScoredLabel(c, labels[c], s) for c, s in scores]
+            clips.append(ClipRow(index=i, start_sec=start, end_sec=start + span, top=top))
+            compact.append([i, start, start + span, [[c, c, s] for c, s in scores]])
+        for min_score in (0.05, 0.3, 0.5):
+            rules = SegmentRules(min_score=min_score, min_s=rng.choice([0.0, 2.0]),
+                                 max_gap_s=rng.choice([0.0, 1.0]))
+            want = [(s.label, s.start_sec, s.end_sec, s.mean_score, s.peak_score, s.clips)
+                    for s in derive_segments(clips, rules)]
+            got = page.evaluate(
+                "([clips, rules, labels]) => vidq.derive(clips, rules, labels).map(s => "
+                "[labels[s.label], s.start, s.end, s.mean, s.peak, s.clips])",
+                [compact, {"min_score": rules.min_score, "min_s": rules.min_s,
+                           "max_gap_s": rules.max_gap_s}, labels])
+            assert [tuple(g) for g in got] == want, json.dumps([compact, rules.__dict__])
+            checked += len(want)
+    assert checked > 100

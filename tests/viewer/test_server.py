@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import text
@@ -174,3 +175,61 @@ def test_concurrent_requests_share_the_read_only_pool(sqlite_library: Library,
         with ThreadPoolExecutor(max_workers=12) as pool:
             statuses = list(pool.map(fetch, range(240)))
     assert statuses == [200] * 240
+
+
+def test_an_object_plays_through_a_presigned_url(sqlite_library: Library, tmp_path: Path,
+                                                 s3_server: Any,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import urllib.request
+
+    from sqlalchemy.orm import Session
+
+    from tests.objectstore import CREDENTIALS
+    from tests.viewer.library import add_job
+    from vidq.db import make_engine
+
+    for name, value in CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    lib = sqlite_library
+    bucket = s3_server.new_bucket()
+    s3_server.upload(bucket, "videos/main.mp4", lib.root / "main.mp4")
+    s3_server.upload(bucket, "private/main.mp4", lib.root / "main.mp4")
+    engine = make_engine(lib.database_url)
+    with Session(engine) as session, session.begin():
+        inside = add_job(session, batch_id=1, path=f"s3://{bucket}/videos/main.mp4", seconds=3)
+        outside = add_job(session, batch_id=1, path=f"s3://{bucket}/private/main.mp4",
+                          seconds=3)
+    engine.dispose()
+    c = client(lib, tmp_path, media_roots=(str(lib.root), f"s3://{bucket}/videos"),
+               s3_endpoint_url=s3_server.endpoint)
+    c.follow_redirects = False
+    moved = c.get(f"/video/{inside}/media")
+    assert moved.status_code == 307
+    signed = moved.headers["location"]
+    assert signed.startswith(s3_server.endpoint) and "Signature" in signed
+    assert "Expires=" in signed or "X-Amz-Expires=300" in signed
+    request = urllib.request.Request(signed, headers={"Range": "bytes=0-99"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert response.status == 206
+        assert response.read() == (lib.root / "main.mp4").read_bytes()[:100]
+    assert c.get(f"/video/{outside}/media").status_code == 403
+    assert s3_server.endpoint in c.get(f"/video/{inside}").headers["content-security-policy"]
+
+
+def test_pages_refresh_while_the_batch_runs(sqlite_library: Library, tmp_path: Path) -> None:
+    from sqlalchemy.orm import Session
+
+    from tests.viewer.library import add_job
+    from vidq.db import make_engine
+
+    lib = sqlite_library
+    c = client(lib, tmp_path)
+    refresh = '<meta http-equiv="refresh" content="5">'
+    assert refresh not in c.get("/").text and refresh not in c.get("/batch/demo").text
+    engine = make_engine(lib.database_url)
+    with Session(engine) as session, session.begin():
+        add_job(session, batch_id=1, path=lib.root / "other.mp4", seconds=3, status="running")
+    engine.dispose()
+    assert refresh in c.get("/").text
+    batch = c.get("/batch/demo").text
+    assert refresh in batch and "running 1" in batch and "ETA" in batch

@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable
 from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -77,7 +77,11 @@ def check_bind(host: str, settings: Settings) -> None:
 
 def content_security_policy(settings: Settings) -> str:
     _local, objects = storage.split_roots(settings.media_roots)
-    media = "'self' https:" if objects else "'self'"
+    media = "'self'"
+    if objects:  # the player follows a redirect to the object's presigned URL
+        endpoint = urlsplit(settings.s3_endpoint_url)
+        media += f" https: {endpoint.scheme}://{endpoint.netloc}" if endpoint.netloc \
+            else " https:"
     return ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
             f"media-src {media}; connect-src 'self'; form-action 'self'; base-uri 'none'; "
             "frame-ancestors 'none'")
