@@ -179,17 +179,16 @@
       });
     }
 
-    function commandFor(threshold) {
-      var base = "vidq segments --job " + data.job.id;
-      if (Math.abs(threshold - data.rules.min_score) < 1e-9) return base;
-      return base + " --threshold " + threshold.toFixed(2);
-    }
-
     function update() {
+      // The stored threshold as it is; any other on a 0.01 grid, so that the command
+      // shown names the very threshold the lanes were derived at.
       var threshold = parseFloat(slider.value);
-      shown.textContent = threshold.toFixed(2);
-      command.textContent = commandFor(threshold);
-      if (Math.abs(threshold - data.rules.min_score) < 1e-9) {
+      var stored = Math.abs(threshold - data.rules.min_score) < 1e-9;
+      if (!stored) threshold = Math.round(threshold * 100) / 100;
+      shown.textContent = stored ? String(data.rules.min_score) : threshold.toFixed(2);
+      command.textContent = "vidq segments --job " + data.job.id +
+        (stored ? "" : " --threshold " + threshold.toFixed(2));
+      if (stored) {
         drawLanes(data.segments);
       } else {
         var rules = {min_score: threshold, min_s: data.rules.min_s, max_gap_s: data.rules.max_gap_s};
