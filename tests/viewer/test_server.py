@@ -233,3 +233,14 @@ def test_pages_refresh_while_the_batch_runs(sqlite_library: Library, tmp_path: P
     assert refresh in c.get("/").text
     batch = c.get("/batch/demo").text
     assert refresh in batch and "running 1" in batch and "ETA" in batch
+
+
+def test_a_missing_database_is_one_line(tmp_path: Path) -> None:
+    missing = tmp_path / "none" / "vidq.db"
+    for args in (["serve", "--port", "8799"], ["report", "--batch", "b", "--out", str(tmp_path)]):
+        proc = run_vidq(*args, env={"VIDQ_DATABASE_URL": f"sqlite:///{missing}",
+                                    "PATH": "/usr/bin:/bin"}, timeout=60)
+        assert proc.returncode == 2
+        assert proc.stderr.startswith("vidq: error: cannot open the database")
+        assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert not missing.parent.exists()  # nothing created

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
+from sqlalchemy.exc import OperationalError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -43,7 +44,8 @@ from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
 from vidq import storage
-from vidq.errors import ConfigError, InputError
+from vidq.db import unreachable
+from vidq.errors import ConfigError, InputError, VidqError
 from vidq.media import VIDEO_EXTENSIONS, check_video_path
 from vidq.segments import SegmentRules
 from vidq.settings import Settings
@@ -243,6 +245,10 @@ def create_app(settings: Settings) -> SecureViewer:
                 return await run_in_threadpool(fn, request)
             except InputError as exc:
                 return viewer.error(_STATUS.get(exc.kind, 400), exc.message)
+            except VidqError as exc:  # the database unreachable, a store refusing
+                return viewer.error(503, exc.message)
+            except OperationalError as exc:
+                return viewer.error(503, unreachable(viewer.settings.database_url, exc).message)
         return endpoint
 
     routes = [

@@ -17,6 +17,7 @@ from urllib.parse import unquote, urlsplit
 
 from sqlalchemy import Connection, create_engine, event, func, select, text
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import QueuePool
 
 from producer.query import StatusSummary, status_summary
@@ -28,7 +29,9 @@ from vidq.db import (
     LabelSegment,
     VideoEmbedding,
     VideoLabel,
+    first_line,
     make_engine,
+    unreachable,
 )
 from vidq.errors import ConfigError, InputError
 from vidq.migrate import ensure_schema
@@ -69,7 +72,14 @@ def readonly_engine(url: str, *, settings: Settings | None = None) -> Engine:
                 dbapi_conn.commit()
     try:
         ensure_schema(engine, auto_migrate=False, display_url=mask_url(url))
-    except Exception:
+    except OperationalError as exc:
+        engine.dispose()
+        if url.startswith("sqlite"):
+            raise ConfigError(f"cannot open the database {mask_url(url)} read-only "
+                              f"({first_line(exc)}); check VIDQ_DATABASE_URL: the viewer "
+                              "never creates a database.") from None
+        raise unreachable(url, exc) from None
+    except BaseException:
         engine.dispose()
         raise
     return engine
