@@ -3,7 +3,9 @@ size bound, the pages' helpers."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from tests.media import make_video
@@ -25,15 +27,27 @@ def test_thumbnails_decode_and_the_cache_stays_under_its_bound(tmp_path: Path) -
     jpeg = decode_jpeg(str(video), 1.5)
     assert jpeg[:2] == b"\xff\xd8" and jpeg[-2:] == b"\xff\xd9"
     cache = ThumbnailCache(tmp_path / "cache", max_bytes=len(jpeg) * 4)
+    opened: list[int] = []
+
+    @contextlib.contextmanager
+    def source() -> Iterator[str]:
+        opened.append(1)
+        yield str(video)
+
+    identity = cache.identity(video)
     for i in range(12):
-        assert cache.get(video, quantize_ms(i * 0.25))[:2] == b"\xff\xd8"
+        assert cache.get(identity, quantize_ms(i * 0.25), source)[:2] == b"\xff\xd8"
     total = sum(p.stat().st_size for p in (tmp_path / "cache").glob("*.jpg"))
     assert 0 < total <= len(jpeg) * 4 * 1.1
-    # The most recent survives the trims; a replaced file gets new thumbnails.
-    assert (tmp_path / "cache" / f"{cache.key(video, quantize_ms(11 * 0.25))}.jpg").exists()
-    before = cache.key(video, 0)
+    # The most recent survives the trims and is not decoded again.
+    last = quantize_ms(11 * 0.25)
+    assert (tmp_path / "cache" / f"{cache.key(identity, last)}.jpg").exists()
+    decoded = len(opened)
+    cache.get(identity, last, source)
+    assert len(opened) == decoded
+    # A replaced file gets new thumbnails.
     os.utime(video, ns=(1, 1))
-    assert cache.key(video, 0) != before
+    assert cache.key(cache.identity(video), 0) != cache.key(identity, 0)
 
 
 def test_page_helpers() -> None:

@@ -177,7 +177,7 @@ def test_concurrent_requests_share_the_read_only_pool(sqlite_library: Library,
     assert statuses == [200] * 240
 
 
-def test_an_object_plays_through_a_presigned_url(sqlite_library: Library, tmp_path: Path,
+def test_an_object_plays_through_a_presigned_url_and_has_thumbnails(sqlite_library: Library, tmp_path: Path,
                                                  s3_server: Any,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     import urllib.request
@@ -213,6 +213,10 @@ def test_an_object_plays_through_a_presigned_url(sqlite_library: Library, tmp_pa
         assert response.status == 206
         assert response.read() == (lib.root / "main.mp4").read_bytes()[:100]
     assert c.get(f"/video/{outside}/media").status_code == 403
+    # Thumbnails of an object decode from the store, by ranges.
+    thumb = c.get(f"/thumb/{inside}/1500.jpg")
+    assert thumb.status_code == 200 and thumb.content[:2] == b"\xff\xd8"
+    assert c.get(f"/thumb/{outside}/1500.jpg").status_code == 403
     assert s3_server.endpoint in c.get(f"/video/{inside}").headers["content-security-policy"]
 
 

@@ -46,7 +46,7 @@ from starlette.types import Message, Receive, Scope, Send
 from vidq import storage
 from vidq.db import unreachable
 from vidq.errors import ConfigError, InputError, VidqError
-from vidq.media import VIDEO_EXTENSIONS, check_video_path
+from vidq.media import VIDEO_EXTENSIONS, check_video_path, open_video
 from vidq.segments import SegmentRules
 from vidq.settings import Settings
 from vidq.viewer import data
@@ -204,8 +204,18 @@ class Viewer:
 
     def thumb(self, request: Request) -> Response:
         job_id, at_ms = request.path_params["job_id"], request.path_params["ms"]
-        resolved = self.checked_file(job_id)
-        jpeg = self.thumbs.get(resolved, at_ms)
+        raw = self._job_path(job_id)
+        roots = self.settings.media_roots
+        config = storage.StorageConfig.from_settings(self.settings)
+        if storage.is_uri(raw):
+            meta = storage.check_object(raw, media_roots=roots, storage=config)
+            identity = f"{meta.uri}\0{meta.size}\0{meta.modified_ns}\0{meta.etag}"
+        else:
+            identity = self.thumbs.identity(self.checked_file(job_id))
+        # Decoded from what the workers' open_video opens: the checks are made again
+        # on the opened file, so a path swapped since the check cannot escape the roots.
+        jpeg = self.thumbs.get(identity, at_ms, lambda: open_video(
+            raw, media_roots=roots, storage_config=config))
         return Response(jpeg, media_type="image/jpeg",
                         headers={"Cache-Control": "private, max-age=3600"})
 

@@ -18,7 +18,7 @@ from sqlalchemy import select
 from vidq import storage
 from vidq.db import Batch, Job, JobStatus
 from vidq.errors import InputError, VidqError
-from vidq.media import check_video_path
+from vidq.media import check_video_path, open_video
 from vidq.segments import SegmentRules
 from vidq.settings import Settings
 from vidq.viewer import data
@@ -75,7 +75,8 @@ def write_report(settings: Settings, *, batch: str, out_dir: Path) -> ReportSumm
                 page = data.video_page(conn, job_id, rules)
                 shown = gallery(page.segments)
                 if job_id in checked:
-                    thumbs += _thumbnails(checked[job_id], job_id, shown, out_dir, skipped)
+                    thumbs += _thumbnails(checked[job_id], job_id, shown, out_dir, skipped,
+                                          settings.media_roots)
                 payload = page.to_json()
                 payload["thumb_url"] = links.thumb_pattern(job_id)
                 (out_dir / links.video(job_id)).write_text(env.get_template("video.html").render(
@@ -99,7 +100,7 @@ def _all_videos(conn: object, batch: str) -> dict[str, object]:
 
 
 def _thumbnails(resolved: Path, job_id: int, segments: list[dict[str, object]],
-                out_dir: Path, skipped: list[str]) -> int:
+                out_dir: Path, skipped: list[str], media_roots: tuple[str, ...]) -> int:
     made = 0
     for seg in segments:
         at = float(seg["peak_at"])  # type: ignore[arg-type]
@@ -107,7 +108,8 @@ def _thumbnails(resolved: Path, job_id: int, segments: list[dict[str, object]],
         if target.exists():
             continue
         try:
-            jpeg = decode_jpeg(str(resolved), quantize_ms(at) / 1000)
+            with open_video(str(resolved), media_roots=media_roots) as source:
+                jpeg = decode_jpeg(source, quantize_ms(at) / 1000)
         except VidqError as exc:
             skipped.append(f"job {job_id}: thumbnail at {at:.1f}s: {exc.message}")
             continue

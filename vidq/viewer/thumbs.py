@@ -13,8 +13,11 @@ import hashlib
 import os
 import tempfile
 import threading
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from fractions import Fraction
 from pathlib import Path
+from typing import IO
 
 from vidq.errors import InputError
 
@@ -34,7 +37,7 @@ def quantize_ms(at_s: float) -> int:
     return max(0, int(round(at_s * 10)) * 100)
 
 
-def decode_jpeg(source: str, at_s: float, *, width: int = THUMB_WIDTH) -> bytes:
+def decode_jpeg(source: str | IO[bytes], at_s: float, *, width: int = THUMB_WIDTH) -> bytes:
     """The frame shown at ``at_s`` seconds (the last one before it, from the nearest
     keyframe on), scaled to ``width``, as JPEG bytes."""
     import av
@@ -55,7 +58,7 @@ def decode_jpeg(source: str, at_s: float, *, width: int = THUMB_WIDTH) -> bytes:
                 if frame.pts is not None and frame.pts >= target:
                     break
             if chosen is None:
-                raise InputError(f"{source}: no frame at {at_s:.1f}s.", kind="not_found")
+                raise InputError(f"no frame at {at_s:.1f}s.", kind="not_found")
             height = max(2, int(round(chosen.height * width / chosen.width / 2)) * 2)
             image = chosen.reformat(width=width, height=height, format="yuvj420p")
             encoder = av.CodecContext.create("mjpeg", "w")
@@ -66,7 +69,7 @@ def decode_jpeg(source: str, at_s: float, *, width: int = THUMB_WIDTH) -> bytes:
             packets = list(encoder.encode(image)) + list(encoder.encode(None))
             return b"".join(bytes(p) for p in packets)
     except av.FFmpegError as exc:
-        raise InputError(f"{source}: cannot decode a thumbnail ({exc}).",
+        raise InputError(f"cannot decode a thumbnail at {at_s:.1f}s ({exc}).",
                          kind="decode_error") from None
 
 
@@ -77,22 +80,29 @@ class ThumbnailCache:
         self.directory = directory
         self.max_bytes = max_bytes
 
-    def key(self, resolved: Path, at_ms: int) -> str:
+    @staticmethod
+    def identity(resolved: Path) -> str:
+        """A local file's identity: its path, size and modification time."""
         st = resolved.stat()
-        ident = f"{resolved}\0{st.st_size}\0{st.st_mtime_ns}\0{at_ms}"
+        return f"{resolved}\0{st.st_size}\0{st.st_mtime_ns}"
+
+    def key(self, identity: str, at_ms: int) -> str:
+        ident = f"{identity}\0{at_ms}"
         return hashlib.sha256(ident.encode("utf-8", "surrogateescape")).hexdigest()[:40]
 
-    def get(self, resolved: Path, at_ms: int, *, source: str | None = None) -> bytes:
-        """The thumbnail at ``at_ms`` of the checked file ``resolved`` (decoded from
-        ``source`` when given: an opened descriptor's path)."""
-        path = self.directory / f"{self.key(resolved, at_ms)}.jpg"
+    def get(self, identity: str, at_ms: int,
+            open_source: Callable[[], AbstractContextManager[str | IO[bytes]]]) -> bytes:
+        """The thumbnail at ``at_ms`` of the video ``identity`` names (``identity()``, or
+        an object's URI and metadata); on a miss ``open_source()`` opens it to decode."""
+        path = self.directory / f"{self.key(identity, at_ms)}.jpg"
         try:
             data = path.read_bytes()
             os.utime(path)  # recently used: kept by the next trim
             return data
         except FileNotFoundError:
             pass
-        data = decode_jpeg(source or str(resolved), at_ms / 1000)
+        with open_source() as source:
+            data = decode_jpeg(source, at_ms / 1000)
         self.directory.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
         with os.fdopen(fd, "wb") as fh:
