@@ -253,3 +253,25 @@ def test_the_pages_derivation_is_vidq_segments(page: Any) -> None:
             assert [tuple(g) for g in got] == want, json.dumps([compact, rules.__dict__])
             checked += len(want)
     assert checked > 100
+
+
+def test_a_token_carried_by_the_cookie_reaches_every_request(
+        page: Any, sqlite_library: Library, tmp_path: Path) -> None:
+    lib = sqlite_library
+    job = lib.jobs["main"]
+    app = create_app(viewer_settings(lib, tmp_path, viewer_token="tok-3f9a"))
+    statuses: list[tuple[str, int]] = []
+    page.on("response", lambda r: statuses.append((r.url, r.status)))
+    with serving(app) as base:
+        assert page.goto(f"{base}/video/{job}").status == 401
+        page.goto(f"{base}/video/{job}?token=tok-3f9a")
+        assert page.url == f"{base}/video/{job}"  # the token left the address bar
+        page.wait_for_selector("#lanes button.seg")
+        page.wait_for_function("() => [...document.querySelectorAll('.thumbs img')]"
+                               ".every(i => i.complete && i.naturalWidth > 0)")
+        page.evaluate("document.getElementById('player').load()")
+        page.wait_for_function("() => document.getElementById('player').readyState >= 1")
+    after = statuses[statuses.index((f"{base}/video/{job}", 200)):]
+    assert {s for _u, s in after} <= {200, 206}, after
+    assert any(u.endswith("/media") and s == 206 for u, s in after)
+    assert any("/thumb/" in u for u, _s in after) and any("/static/" in u for u, _s in after)

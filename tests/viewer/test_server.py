@@ -177,9 +177,9 @@ def test_concurrent_requests_share_the_read_only_pool(sqlite_library: Library,
     assert statuses == [200] * 240
 
 
-def test_an_object_plays_through_a_presigned_url_and_has_thumbnails(sqlite_library: Library, tmp_path: Path,
-                                                 s3_server: Any,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_object_plays_through_a_presigned_url_and_has_thumbnails(
+        sqlite_library: Library, tmp_path: Path, s3_server: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     import urllib.request
 
     from sqlalchemy.orm import Session
