@@ -35,6 +35,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
                 "the documented SQL polls on 1M clip rows against the same polls unindexed"),
     "similar": ("benchmarks.services",
                 "vidq similar against reading and scoring the same vectors with numpy"),
+    "viewer": ("benchmarks.viewer",
+               "a 2-hour video's page and the library search (1M segments) against their SQL"),
     "memory": ("benchmarks.services",
                "a vidq worker's memory over many jobs against its memory after the first"),
 }

@@ -19,6 +19,18 @@ if [ -n "$missing" ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]
      (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q $missing >/dev/null 2>&1)) || \
         echo "test.sh: could not install$missing; the tests that need them say so" >&2
 fi
+# The viewer's browser tests drive Debian's chromium-headless-shell (Playwright's own
+# browser download cannot work here); without it they are skipped, saying so.
+if ! dpkg -s chromium-headless-shell >/dev/null 2>&1; then
+    if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+        (apt-get install -y -q chromium-headless-shell >/dev/null 2>&1 || \
+         (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium-headless-shell >/dev/null 2>&1)) || \
+            echo "test.sh: could not install chromium-headless-shell; the browser tests will be skipped" >&2
+    else
+        echo "test.sh: chromium-headless-shell is not installed and this is not root with apt-get;" \
+             "the viewer's browser tests will be skipped (as root: apt-get install chromium-headless-shell)" >&2
+    fi
+fi
 # A run of tests/unit alone (every argument that names a file or directory is under
 # it) needs no Redis or PostgreSQL: the services are neither checked nor started.
 paths=$(for arg in "$@"; do [ -e "${arg%%::*}" ] && printf '%s\n' "${arg#./}"; done || true)

@@ -460,19 +460,37 @@ def results(batch: str | None, label: str | None, min_score: float | None, all_r
 @click.option("--min-duration", type=click.FloatRange(min=0), default=None,
               help="Only segments lasting at least this many seconds.")
 @click.option("--limit", type=int, default=None)
+@click.option("--job", "job_id", type=int, default=None, help="Only this job's segments.")
+@click.option("--threshold", type=click.FloatRange(0, 1), default=None,
+              help="With --job: derive the job's segments again from its clip rows at this "
+                   "clip score (what VIDQ_SEGMENT_MIN_SCORE sets), as the viewer's slider does.")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "jsonl"]), default="table",
               show_default=True)
 @run_cli
 def segments(batch: str | None, label: str | None, min_score: float | None,
-             min_duration: float | None, limit: int | None, fmt: str) -> None:
+             min_duration: float | None, limit: int | None, job_id: int | None,
+             threshold: float | None, fmt: str) -> None:
     """Label segments of succeeded jobs: where in each video a label holds (streamed)."""
     from producer.query import SEGMENT_COLUMNS, iter_segments
     from vidq.db import sessions
+    from vidq.errors import ConfigError
 
     settings = Settings.from_env()
+    if threshold is not None and job_id is None:
+        raise ConfigError("--threshold needs --job: it derives one job's segments again.")
     with sessions(settings.database_url, auto_migrate=settings.auto_migrate)() as session:
-        rows = iter_segments(session, batch=batch, label=label, min_score=min_score,
-                             min_duration_s=min_duration, limit=limit)
+        if job_id is not None:
+            from vidq.segments import SegmentRules
+            from vidq.viewer.data import filter_segments, job_segments
+
+            rules = None if threshold is None else \
+                SegmentRules.from_settings(settings.replace(segment_min_score=threshold))
+            rows: Iterable[dict[str, Any]] = filter_segments(
+                job_segments(session.connection(), job_id, rules=rules), batch=batch,
+                label=label, min_score=min_score, min_duration_s=min_duration, limit=limit)
+        else:
+            rows = iter_segments(session, batch=batch, label=label, min_score=min_score,
+                                 min_duration_s=min_duration, limit=limit)
         write_rows(rows, fmt=fmt, columns=SEGMENT_COLUMNS,
                    header=f"{'job':>7} {'label':32} {'start':>8} {'end':>8} {'mean':>6} "
                           f"{'peak':>6} {'clips':>5}  path",
@@ -720,6 +738,52 @@ def purge(batch: str | None, older_than: float | None, dry_run: bool, chunk: int
     if report.kept_active:
         click.echo(f"kept {report.kept_active} queued or running jobs (cancel them first to "
                    "purge them)", err=True)
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; beyond loopback it needs VIDQ_VIEWER_TOKEN.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8765, show_default=True)
+@run_cli
+def serve(host: str, port: int) -> None:
+    """Look at the results in a browser: batches, videos with label lanes and
+    thumbnails, search (read-only; needs `pip install 'vidq[viewer]'`)."""
+    try:
+        from vidq.viewer.app import check_bind, create_app, run_app
+    except ImportError as exc:
+        raise_missing_viewer(exc)
+    settings = Settings.from_env()
+    check_bind(host, settings)
+    app = create_app(settings)
+    shown = f"[{host}]" if ":" in host else host
+    click.echo(f"vidq: viewer on http://{shown}:{port}/ (Ctrl-C stops it)", err=True)
+    run_app(app, host=host, port=port)
+
+
+@main.command()
+@click.option("--batch", required=True, help="The batch to report.")
+@click.option("--out", "out_dir", required=True, help="Directory for the static pages.")
+@run_cli
+def report(batch: str, out_dir: str) -> None:
+    """Write a batch's viewer pages as static files that open from file:// (no server)."""
+    from pathlib import Path
+
+    try:
+        from vidq.viewer.report import write_report
+    except ImportError as exc:
+        raise_missing_viewer(exc)
+    summary = write_report(Settings.from_env(), batch=batch, out_dir=Path(out_dir))
+    for line in summary.skipped:
+        warn(line)
+    click.echo(f"vidq: wrote {summary.pages} pages and {summary.thumbnails} thumbnails; "
+               f"open {Path(out_dir) / 'index.html'}", err=True)
+
+
+def raise_missing_viewer(exc: ImportError) -> Any:
+    from vidq.errors import ConfigError
+
+    raise ConfigError(f"the viewer needs its extra ({exc.name or exc} is missing): "
+                      "pip install 'vidq[viewer]'.") from None
 
 
 @main.group()

@@ -225,6 +225,19 @@ class Settings:
     ``clip`` one per clip as well, ``off`` none. Off by default: each vector is 4 KiB
     (2048 x float16), more than all of a clip's label rows. See vidq/embeddings.py."""
 
+    viewer_token: str = ""
+    """``vidq serve``: a secret every request must carry (``Authorization: Bearer``, or
+    the cookie a first visit to ``/?token=...`` sets). Required to listen on any
+    address other than loopback; empty: the viewer binds 127.0.0.1 only."""
+
+    viewer_cache_dir: str = ""
+    """``vidq serve``: where keyframe thumbnails are cached. Empty:
+    ``$XDG_CACHE_HOME/vidq/thumbs`` (``~/.cache/vidq/thumbs``)."""
+
+    viewer_cache_mb: int = 256
+    """``vidq serve``: the most the thumbnail cache may hold (MiB); the least recently
+    used thumbnails are removed beyond it."""
+
     def __post_init__(self) -> None:
         if self.decoders not in DECODER_KINDS:
             raise ConfigError(f"VIDQ_DECODERS={self.decoders!r} is not one of "
@@ -269,6 +282,7 @@ class Settings:
         out["broker_url"] = mask_url(self.broker_url)
         out["database_url"] = mask_url(self.database_url)
         out["webhook_secret"] = "***" if self.webhook_secret else ""
+        out["viewer_token"] = "***" if self.viewer_token else ""
         out["storage_options"] = "***" if self.storage_options else ""
         return out
 
