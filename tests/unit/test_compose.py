@@ -453,7 +453,8 @@ def test_build_context_carries_the_package_and_nothing_private() -> None:
     for path in (".venv/lib/python3.11/site-packages/torch/__init__.py", ".git/config", ".env",
                  "vidq.db", "media/a.mp4", "vidq/__pycache__/cli.cpython-311.pyc", "tests/e2e"):
         assert dockerignore_excludes(path), f"{path} would be sent to the Docker daemon"
-    listed = re.search(r"^packages\s*=\s*\[(.*?)\]", (REPO / "pyproject.toml").read_text(), re.M)
+    listed = re.search(r"^packages\s*=\s*\[(.*?)\]", (REPO / "pyproject.toml").read_text(),
+                       re.M | re.S)
     assert listed, "pyproject.toml lists no packages"
     for package in re.findall(r'"([\w.]+)"', listed.group(1)):
         assert not dockerignore_excludes(f"{package.replace('.', '/')}/__init__.py"), package

@@ -46,7 +46,8 @@ from starlette.types import Message, Receive, Scope, Send
 from vidq import storage
 from vidq.db import unreachable
 from vidq.errors import ConfigError, InputError, VidqError
-from vidq.media import VIDEO_EXTENSIONS, check_video_path, open_video
+from vidq.formats import VIDEO_EXTENSIONS
+from vidq.media import check_video_path, open_video
 from vidq.segments import SegmentRules
 from vidq.settings import Settings
 from vidq.viewer import data
