@@ -1,0 +1,71 @@
+"""Heartbeats that cannot die silently: a worker process's heartbeat thread survives
+whatever its statement raises (here a read-only database, as after a failover to a
+replica), says so on /healthz while it fails, and carries on once it can write again."""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+
+import psycopg
+import pytest
+
+from tests.faults.harness import FaultCluster, FaultMedia, PostgresServer, free_port
+
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(240)]
+
+
+def healthz(port: int) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except OSError as exc:
+        return 0, str(exc)
+
+
+def set_read_only(server: PostgresServer, on: bool) -> None:
+    """Every new session of the database read-only (or not), and every open one ended,
+    so the workers' pools reconnect to what a failover left them."""
+    with psycopg.connect(server.url.replace("+psycopg", ""), autocommit=True) as conn:
+        conn.execute("set default_transaction_read_only = off")  # this session may write
+        conn.execute("alter database postgres set default_transaction_read_only = "
+                     + ("on" if on else "off"))
+        conn.execute("select pg_terminate_backend(pid) from pg_stat_activity "
+                     "where datname = 'postgres' and pid <> pg_backend_pid()")
+
+
+def test_heartbeats_survive_a_read_only_database_and_healthz_says_so(
+    private_postgres: PostgresServer, make_cluster: Callable[..., FaultCluster],
+    redis_url: str, media: FaultMedia,
+) -> None:
+    cluster = make_cluster(broker_url=redis_url, database_url=private_postgres.url)
+    port = free_port()
+    hold = cluster.hold("before_commit")
+    hold.engage()
+    # A lease of 3 * 2 + 5 = 11 s: the read-only spell below is shorter, so the job
+    # stays this worker's and commits once it may.
+    worker = cluster.start_worker("--concurrency", "1", VIDQ_METRICS_PORT=str(port),
+                                  VIDQ_HEARTBEAT_S="2", **hold.env())
+    cluster.wait_for(lambda: healthz(port)[0] == 200, timeout=30, what="healthy")
+    cluster.vidq("submit", str(media.good[0]), "--batch", "read-only")
+    job_id = int(cluster.sql("select max(id) from jobs")[0][0])
+    cluster.wait_held(hold)
+
+    set_read_only(private_postgres, True)
+    status, body = cluster.wait_for(lambda: (r := healthz(port))[0] == 503 and r, timeout=30,
+                                    what="/healthz unhealthy while heartbeats fail")
+    assert "1 unable to write heartbeats" in body, body
+    log = cluster.log_text(worker)
+    assert "heartbeats of 1 jobs not written" in log and "read-only transaction" in log, log
+
+    set_read_only(private_postgres, False)
+    cluster.wait_for(lambda: healthz(port)[0] == 200, timeout=30,
+                     what="/healthz healthy again: the heartbeat thread lived on")
+    assert "heartbeats written again" in cluster.log_text(worker)
+    hold.release()
+    cluster.wait_done(n=1, timeout=60)
+    job = cluster.assert_succeeded_once(job_id)
+    assert job["attempts"] == 1, job
