@@ -109,18 +109,21 @@ def test_hosts_with_different_leases_never_take_over_each_others_live_jobs(
     cluster = fleet.cluster
     hold = cluster.hold("before_commit")
     hold.engage()
-    # Host slow beats every 10 s (its jobs' lease: 35 s); host quick's lease is 8 s.
-    fleet.add_host("slow", "--concurrency", "1", isolate=True, VIDQ_HEARTBEAT_S="10",
+    # Host slow beats every 60 s (its jobs' lease: 185 s), so not once in this test;
+    # host quick's lease is 8 s.
+    fleet.add_host("slow", "--concurrency", "1", isolate=True, VIDQ_HEARTBEAT_S="60",
                    **hold.env())
     cluster.vidq("submit", str(media.good[2]), "--batch", "leases")
     job_id = int(cluster.sql("select max(id) from jobs")[0][0])
     cluster.wait_held(hold)
+    held_at = time.monotonic()
     fleet.add_host("quick", "--concurrency", "1", isolate=True, VIDQ_HEARTBEAT_S="1")
+    time.sleep(max(0.0, held_at + 10 - time.monotonic()))  # older than quick's lease
     cluster.publish_duplicate(job_id)  # a second message: quick takes it
-    time.sleep(14)  # longer than quick's lease, shorter than slow's
+    time.sleep(10)  # quick claims it at once, and again after its own lease
     rows = cluster.sql("select status, attempts, worker_host, lease_seconds from jobs")
     assert [r[:2] for r in rows] == [("running", 1)], rows
-    assert rows[0][2].startswith("slow:") and rows[0][3] == 35, rows
+    assert rows[0][2].startswith("slow:") and rows[0][3] == 185, rows
     hold.release()
     cluster.wait_done(n=1, timeout=60)
     job = cluster.assert_succeeded_once(job_id)
