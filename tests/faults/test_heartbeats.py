@@ -69,3 +69,25 @@ def test_heartbeats_survive_a_read_only_database_and_healthz_says_so(
     cluster.wait_done(n=1, timeout=60)
     job = cluster.assert_succeeded_once(job_id)
     assert job["attempts"] == 1, job
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_delivery_that_gives_up_never_fails_a_job_another_holds(
+    cluster: FaultCluster,
+) -> None:
+    """The give-up path (``VIDQ_MAX_RETRIES`` spent) holds no lease: it may fail a job
+    nobody holds, never one that a live attempt is running."""
+    from vidq.errors import TransientError
+    from worker.jobs import JobStore
+
+    store = JobStore(cluster.database_url, stale_after_s=60)
+    job_id = cluster.insert_job("/media/held.mp4")
+    claimed = store.claim(job_id, "a" * 32, "host-a:1")
+    assert not isinstance(claimed, tuple) and getattr(claimed, "id", None) == job_id
+    give_up = TransientError("gave up after 6 attempts: test", kind="retries_exhausted")
+    assert store.fail(job_id, None, give_up) is False
+    assert cluster.sql("select status, lease_token from jobs") == [("running", "a" * 32)]
+    store.release(job_id, "a" * 32)  # the holder gives it back: nobody holds it now
+    assert store.fail(job_id, None, give_up) is True
+    assert cluster.sql("select status, error_kind from jobs") == [
+        ("failed", "retries_exhausted")]
