@@ -4,6 +4,7 @@ replica), says so on /healthz while it fails, and carries on once it can write a
 
 from __future__ import annotations
 
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -12,6 +13,10 @@ import psycopg
 import pytest
 
 from tests.faults.harness import FaultCluster, FaultMedia, PostgresServer, free_port
+from tests.faults.hosts import Fleet
+
+LEASE_S = 3 * 1 + 5
+"""The lease of a job claimed with the fault suite's VIDQ_HEARTBEAT_S=1."""
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(240)]
 
@@ -91,3 +96,31 @@ def test_a_delivery_that_gives_up_never_fails_a_job_another_holds(
     assert store.fail(job_id, None, give_up) is True
     assert cluster.sql("select status, error_kind from jobs") == [
         ("failed", "retries_exhausted")]
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_a_job_whose_lease_could_not_be_renewed_is_abandoned_and_run_elsewhere(
+    fleet: Fleet, media: FaultMedia,
+) -> None:
+    """Host a claims a job and loses the database for longer than the job's lease: by
+    then host b may take the job over, so a drops its work on it and hands its message
+    back, and b runs it. Nothing waits for reconcile (off here)."""
+    cluster = fleet.cluster
+    hold = cluster.hold("after_claim")
+    hold.engage()
+    a = fleet.add_host("a", "--concurrency", "1", isolate=True, **hold.env())
+    assert a.log is not None
+    cluster.vidq("submit", str(media.good[3]), "--batch", "abandoned")
+    job_id = int(cluster.sql("select max(id) from jobs")[0][0])
+    cluster.wait_held(hold)
+    a.database.down()
+    cut_at = time.monotonic()
+    fleet.add_host("b", "--concurrency", "1", isolate=True)
+    time.sleep(max(0.0, cut_at + LEASE_S + 3 - time.monotonic()))
+    hold.release()  # a starts decoding a job that may no longer be its own
+    cluster.wait_log(a.log, f"job {job_id} abandoned", timeout=30)
+    cluster.wait_done(n=1, timeout=60)
+    job = cluster.assert_succeeded_once(job_id)
+    assert job["attempts"] == 2 and job["worker_host"].startswith("b:"), job
+    a.database.heal()
+    cluster.wait_log(a.log, "taking messages again", timeout=30)
