@@ -39,3 +39,6 @@ DEVICE_MEMORY = Gauge("vidq_device_memory_bytes", "Accelerator memory allocated 
 HEARTBEATS_FAILING = Gauge("vidq_heartbeats_failing", "1 while this worker process cannot "
                            "write its heartbeats (its /healthz is then unhealthy).",
                            multiprocess_mode="liveall")
+HEARTBEAT_OK_AT = Gauge("vidq_heartbeat_ok_timestamp_seconds", "When this worker process last "
+                        "wrote its heartbeats (or read the database's clock, holding no "
+                        "job): Unix time.", multiprocess_mode="liveall")

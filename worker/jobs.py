@@ -518,6 +518,7 @@ class Heartbeats:
         except VidqError as exc:
             self._failed(held, exc.message)
             return
+        metrics.HEARTBEAT_OK_AT.set(time.time())
         if self.failing_since is not None:
             log.warning("heartbeats written again after %.0fs",
                         time.monotonic() - self.failing_since)
@@ -599,6 +600,10 @@ def execute_job(
             def should_stop() -> VidqError | None:
                 if beat.lost is not None:
                     return LeaseExpired(beat.lost) if beat.expired else Cancelled(beat.lost)
+                if time.monotonic() - beat.renewed > beat.lease_s:  # the beat itself is stuck
+                    return LeaseExpired(f"its lease was not renewed for over {beat.lease_s:.0f}s "
+                                        "(the database does not answer): it may be another "
+                                        "worker's now")
                 return over if time.monotonic() > deadline else None
 
             future = pipeline.submit(str(path), sampling, should_stop=should_stop)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -38,13 +39,21 @@ def models_loaded() -> int:
     return total
 
 
-def heartbeats_failing() -> int:
-    """Live worker processes whose heartbeats cannot be written now."""
-    total = 0
+def heartbeats_failing(max_age_s: float) -> int:
+    """Live worker processes whose heartbeats cannot be written now: their last write
+    failed, or none succeeded for ``max_age_s`` (a statement the database never
+    answers leaves the heartbeat thread waiting, not failing)."""
+    failing: set[str] = set()
+    stale_before = time.time() - max_age_s
     for metric in registry().collect():
-        if metric.name == "vidq_heartbeats_failing":
-            total += sum(1 for s in metric.samples if s.value >= 1)
-    return total
+        for sample in metric.samples:
+            pid = sample.labels.get("pid", "")
+            if metric.name == "vidq_heartbeats_failing" and sample.value >= 1:
+                failing.add(pid)
+            elif (metric.name == "vidq_heartbeat_ok_timestamp_seconds"
+                  and 0 < sample.value < stale_before):
+                failing.add(pid)
+    return len(failing)
 
 
 def mark_process_dead(pid: int) -> None:

@@ -50,7 +50,7 @@ def run_workers(settings: Settings, plan: Plan, *, queues: str, loglevel: str) -
         def healthy() -> tuple[bool, str]:
             alive = sum(1 for proc, _ in children.values() if proc.poll() is None)
             loaded = metrics.models_loaded()
-            failing = metrics.heartbeats_failing()
+            failing = metrics.heartbeats_failing(settings.stale_after_s)
             ok = (not stopping and alive == plan.processes and loaded >= plan.processes
                   and not failing)
             return ok, (f"{'ok' if ok else 'unhealthy'}: {alive}/{plan.processes} worker "

@@ -100,6 +100,7 @@ def load_process_state() -> ProcessState:
             # Beating (or probing, with no job held) from the start: an outage is
             # noticed by a process with no job too (vidq/contact.py).
             metrics.HEARTBEATS_FAILING.set(0)
+            metrics.HEARTBEAT_OK_AT.set(time.time())
             _state.store.heartbeats(settings.heartbeat_s).start()
             metrics.MODEL_LOADED.set(1)
             if current_process().name != "MainProcess":  # a prefork child: logging is set up

@@ -124,3 +124,24 @@ def test_a_job_whose_lease_could_not_be_renewed_is_abandoned_and_run_elsewhere(
     assert job["attempts"] == 2 and job["worker_host"].startswith("b:"), job
     a.database.heal()
     cluster.wait_log(a.log, "taking messages again", timeout=30)
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_a_heartbeat_the_database_never_answers_makes_healthz_unhealthy(
+    fleet: Fleet,
+) -> None:
+    """A blackhole raises nothing: the heartbeat statement just waits. /healthz still
+    goes unhealthy once no heartbeat was written for a lease, and healthy once the
+    statement returns."""
+    port = free_port()
+    a = fleet.add_host("a", "--concurrency", "1", VIDQ_METRICS_PORT=str(port))
+    cluster = fleet.cluster
+    cluster.wait_for(lambda: healthz(port)[0] == 200, timeout=30, what="healthy")
+    a.database.blackhole()
+    cut_at = time.monotonic()
+    status, body = cluster.wait_for(lambda: (r := healthz(port))[0] == 503 and r,
+                                    timeout=LEASE_S + 20, what="unhealthy")
+    assert time.monotonic() - cut_at > LEASE_S - 2, body  # not before a lease went by
+    assert "1 unable to write heartbeats" in body, body
+    a.database.heal()
+    cluster.wait_for(lambda: healthz(port)[0] == 200, timeout=30, what="healthy again")
