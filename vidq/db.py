@@ -102,6 +102,56 @@ def _db_now_sqlite(element: db_now, compiler: Any, **kw: Any) -> str:
     return f"strftime('%Y-%m-%d %H:%M:%f000', 'now', '{-element.ago_s!r} seconds')"
 
 
+class db_now_less(FunctionElement[dt.datetime]):
+    """``db_now()`` less a number of seconds that SQL computes (a column: a job's own
+    lease length), in the same form as ``db_now``'s on each dialect."""
+
+    type = DateTime(timezone=True)
+    inherit_cache = True
+
+    def __init__(self, seconds: Any) -> None:
+        super().__init__(seconds)
+
+
+@compiles(db_now_less)
+def _db_now_less_default(element: db_now_less, compiler: Any, **kw: Any) -> str:
+    return f"(now() - make_interval(secs => {compiler.process(element.clauses, **kw)}))"
+
+
+@compiles(db_now_less, "sqlite")
+def _db_now_less_sqlite(element: db_now_less, compiler: Any, **kw: Any) -> str:
+    seconds = compiler.process(element.clauses, **kw)
+    return f"strftime('%Y-%m-%d %H:%M:%f000', 'now', '-' || ({seconds}) || ' seconds')"
+
+
+class db_started(FunctionElement[dt.datetime]):
+    """When the database server started (``pg_postmaster_start_time()``): heartbeats
+    older than that could not have been written by a live worker since. SQLite (one
+    host, no server) gives the epoch."""
+
+    type = DateTime(timezone=True)
+    inherit_cache = True
+
+
+@compiles(db_started)
+def _db_started_default(element: db_started, compiler: Any, **kw: Any) -> str:
+    return "pg_postmaster_start_time()"
+
+
+@compiles(db_started, "sqlite")
+def _db_started_sqlite(element: db_started, compiler: Any, **kw: Any) -> str:
+    return "'1970-01-01 00:00:00.000000'"
+
+
+def takeover_due(lease_s: Any, floor: Any) -> Any:
+    """The stale-takeover rule (vidq/contact.py): a running job's heartbeat is older
+    than its lease, and so are this process's unbroken contact with the database
+    (``floor``, a bound database time) and the server's start."""
+    cutoff = db_now_less(lease_s)
+    return (Job.heartbeat_at.is_(None) | (Job.heartbeat_at < cutoff)) & (floor < cutoff) & (
+        db_started() < cutoff)
+
+
 class Base(DeclarativeBase):
     pass
 
@@ -146,6 +196,10 @@ class Job(Base):
     worker_host: Mapped[str | None] = mapped_column(String(255))
     task_id: Mapped[str | None] = mapped_column(String(64))
     lease_token: Mapped[str | None] = mapped_column(String(32))
+    lease_seconds: Mapped[float | None] = mapped_column(Float)
+    """The lease length of the attempt that holds the job (its worker's stale_after_s):
+    the job is another's to take over only once its heartbeat is this much older. NULL
+    on rows claimed before revision 0009 (the taker's own lease length applies)."""
     submitted_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     enqueued_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))

@@ -36,3 +36,9 @@ MODEL_LOADED = Gauge("vidq_model_loaded", "1 once this worker process has its mo
                      multiprocess_mode="liveall")
 DEVICE_MEMORY = Gauge("vidq_device_memory_bytes", "Accelerator memory allocated (CUDA).",
                       multiprocess_mode="liveall")
+HEARTBEATS_FAILING = Gauge("vidq_heartbeats_failing", "1 while this worker process cannot "
+                           "write its heartbeats (its /healthz is then unhealthy).",
+                           multiprocess_mode="liveall")
+HEARTBEAT_OK_AT = Gauge("vidq_heartbeat_ok_timestamp_seconds", "When this worker process last "
+                        "wrote its heartbeats (or read the database's clock, holding no "
+                        "job): Unix time.", multiprocess_mode="liveall")

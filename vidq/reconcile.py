@@ -11,7 +11,11 @@ Two kinds are found:
 Only the jobs of this reconciler's queue (``VIDQ_QUEUE``, recorded on each job at
 submit) are looked at, and they go back to that queue: another model's jobs, on
 another queue, are neither "lost" here nor sent to workers that cannot run them.
-Ages are measured on the database's clock (``db_now``), never this host's.
+Ages are measured on the database's clock (``db_now``), never this host's. A running
+job is stale after its own lease (``lease_seconds``, what its worker was told), and
+only once this process has been in contact with the database for that long too
+(vidq/contact.py): after an outage that stopped every heartbeat, the live workers get a
+full lease to write theirs before anything is taken from them.
 Each is re-queued with a conditional update, so two reconcilers (or a worker
 finishing the job meanwhile) cannot both act on it, in small transactions that skip
 a row another session holds locked (``FOR UPDATE SKIP LOCKED`` on PostgreSQL): one
@@ -21,6 +25,7 @@ harmless: the job's lease and its succeeded status stop a second run.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import time
@@ -28,9 +33,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import ColumnElement, Row, select, update
+from sqlalchemy import ColumnElement, DateTime, Row, func, literal, select, update
+from sqlalchemy.exc import DBAPIError
 
-from vidq.db import Job, JobStatus, db_now, sessions
+from vidq.contact import CONTACT
+from vidq.db import Job, JobStatus, db_now, first_line, sessions, takeover_due
 from vidq.faultpoints import pause_point
 from vidq.notify import deliver_later, due_batches
 from vidq.queue import PRIORITY_LEVELS, make_celery, new_task_id, publish_jobs
@@ -127,12 +134,22 @@ def reconcile(
     stale_after_s = settings.stale_after_s
     report = ReconcileReport()
     make_session = sessions(settings.database_url, auto_migrate=settings.auto_migrate)
+    try:
+        with make_session() as session:
+            now = session.scalar(select(db_now()))
+    except DBAPIError as exc:
+        CONTACT.failed(first_line(exc))
+        raise
+    if now is not None:
+        CONTACT.reached(now if not isinstance(now, str) else dt.datetime.fromisoformat(now))
+    lease = func.coalesce(Job.lease_seconds, literal(float(stale_after_s)))
+    stale_due = takeover_due(lease, literal(CONTACT.takeover_floor(), DateTime(timezone=True)))
     with make_session() as session:
         stale = session.execute(
             select(Job.id, Job.priority, Job.task_id).where(
                 Job.queue == settings.queue,
                 Job.status == JobStatus.RUNNING.value,
-                Job.heartbeat_at < db_now(ago_s=stale_after_s),
+                stale_due,
             )
         ).all()
         queued = session.execute(
@@ -170,7 +187,7 @@ def reconcile(
                 done = session.execute(
                     update(Job)
                     .where(*_unless_locked(row.id, Job.status == JobStatus.RUNNING.value,
-                                           Job.heartbeat_at < db_now(ago_s=stale_after_s)))
+                                           stale_due))
                     .values(status=JobStatus.QUEUED.value, lease_token=None,
                             heartbeat_at=None, task_id=task_id, enqueued_at=db_now(),
                             error_kind="crashed", error_message=STALE_MESSAGE)

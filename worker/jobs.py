@@ -8,6 +8,7 @@ overwrite a succeeded job, whatever the broker does.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import random
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import (
+    DateTime,
     String,
     bindparam,
     case,
@@ -35,9 +37,11 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
 
 from vidq import metrics
+from vidq.contact import CONTACT
 from vidq.db import (
     ClipPrediction,
     Job,
@@ -48,6 +52,7 @@ from vidq.db import (
     first_line,
     rowcount,
     sessions,
+    takeover_due,
     utcnow,
 )
 from vidq.embeddings import write_embeddings
@@ -70,6 +75,21 @@ T = TypeVar("T")
 def backoff_s(attempt: int) -> float:
     """Exponential backoff with jitter, capped at five minutes."""
     return min(300.0, 2.0 * 2**attempt) * random.uniform(0.5, 1.0)
+
+
+class DatabaseUnavailable(TransientError):
+    """The database could not be reached (or every pooled connection was stuck)."""
+
+    kind = "database"
+
+
+class LeaseExpired(TransientError):
+    """This worker could not renew the job's lease for a whole lease period: another
+    host may have taken it over, so the work in progress is dropped and the message
+    handed back. A finished result still tries its commit, which only succeeds while
+    the lease is ours."""
+
+    kind = "lease_expired"
 
 
 @dataclass(frozen=True)
@@ -102,9 +122,13 @@ class JobStore:
         """(now, a stale running attempt, claimable, what a crashed attempt's record says)."""
         # The database's clock, never this host's: a host whose clock runs ahead
         # would otherwise see every live heartbeat as stale and steal its job.
-        now, stale = db_now(), db_now(ago_s=self.stale_after_s)
-        stale_running = (Job.status == JobStatus.RUNNING.value) & or_(
-            Job.heartbeat_at.is_(None), Job.heartbeat_at < stale)
+        # A job's own lease length (what its worker was told), not the taker's; and
+        # not while this process's contact with the database is newer than that lease
+        # (vidq/contact.py): heartbeats nobody could write are no sign of a dead worker.
+        now = db_now()
+        lease = func.coalesce(Job.lease_seconds, literal(self.stale_after_s))
+        stale_running = (Job.status == JobStatus.RUNNING.value) & takeover_due(
+            lease, bindparam("take_floor", type_=DateTime(timezone=True)))
         claimable = or_(Job.status == JobStatus.QUEUED.value, stale_running)
         # An attempt that stopped heartbeating died with its process (SIGKILL, the
         # OOM killer, a segfault): that is what its record says from now on.
@@ -131,6 +155,7 @@ class JobStore:
                 worker_host=bindparam("take_host"),
                 started_at=now,
                 heartbeat_at=now,
+                lease_seconds=self.stale_after_s,
                 error_kind=case((stale_running, literal("crashed")), else_=Job.error_kind),
                 error_message=case((stale_running, crashed_message), else_=Job.error_message),
             )
@@ -145,13 +170,39 @@ class JobStore:
                    segment_rules=SegmentRules.from_settings(settings))
 
     def _run(self, fn: Callable[[Session], T]) -> T:
+        """``fn`` in one transaction. Losing the database is a DatabaseUnavailable, and
+        recorded in CONTACT (vidq/contact.py), as is the first success after it."""
         try:
             with self._sessions() as session, session.begin():
-                return fn(session)
+                value = fn(session)
         except DBAPIError as exc:
             if isinstance(exc, OperationalError) or exc.connection_invalidated:
-                raise TransientError(f"database unavailable ({first_line(exc)})") from None
+                error = DatabaseUnavailable(f"database unavailable ({first_line(exc)})")
+                CONTACT.failed(error.message)
+                raise error from None
             raise
+        except PoolTimeout as exc:  # every pooled connection stuck: as good as down
+            error = DatabaseUnavailable(f"database unavailable ({first_line(exc)})")
+            CONTACT.failed(error.message)
+            raise error from None
+        if CONTACT.failing:
+            self.ping()
+        return value
+
+    def ping(self) -> dt.datetime:
+        """The database's clock, read in a statement of its own; records the contact."""
+        try:
+            with self._sessions() as session:
+                now = session.scalar(select(db_now()))
+        except (DBAPIError, PoolTimeout) as exc:
+            error = DatabaseUnavailable(f"database unavailable ({first_line(exc)})")
+            CONTACT.failed(error.message)
+            raise error from None
+        assert now is not None
+        if isinstance(now, str):  # SQLite returns db_now's text
+            now = dt.datetime.fromisoformat(now)
+        CONTACT.reached(now)
+        return now
 
     def claim(self, job_id: int, token: str, host: str) -> Job | Outcome:
         """Take the job if it is queued, or running with a stale heartbeat (its attempt
@@ -159,8 +210,9 @@ class JobStore:
         happened to its last attempt."""
 
         def op(s: Session) -> Job | Outcome:
+            floor = {"take_floor": CONTACT.takeover_floor()}
             taken = s.scalars(self._take, {"take_id": job_id, "take_token": token,
-                                           "take_host": host}).one_or_none()
+                                           "take_host": host, **floor}).one_or_none()
             if taken is not None:
                 s.expunge(taken)
                 return taken
@@ -169,7 +221,8 @@ class JobStore:
                 s.execute(
                     update(Job)
                     .where(Job.id == job_id, stale_running)
-                    .values(error_kind="crashed", error_message=crashed_message)
+                    .values(error_kind="crashed", error_message=crashed_message),
+                    floor,
                 )
                 gave_up = rowcount(s.execute(
                     update(Job)
@@ -180,7 +233,8 @@ class JobStore:
                         error_message=literal(f"gave up after {self.max_attempts} attempts "
                                               "(VIDQ_MAX_ATTEMPTS); the last: ")
                         + func.coalesce(Job.error_message, literal("no error recorded")),
-                    )
+                    ),
+                    floor,
                 ))
                 if gave_up:
                     return Outcome(job_id, "failed", "attempts exhausted")
@@ -243,11 +297,19 @@ class JobStore:
         )
 
     def fail(self, job_id: int, token: str | None, error: VidqError) -> bool:
+        """Fail the job for good while ``token`` holds its lease; with no token (a
+        delivery that gave up without holding the job), only while nobody holds it: a
+        running job is its lease holder's to end, never failed from under it."""
+
         def op(s: Session) -> bool:
             stmt = update(Job).where(Job.id == job_id)
             if token is not None:
-                stmt = stmt.where(Job.lease_token == token)
-            stmt = stmt.where(Job.status.in_((JobStatus.QUEUED.value, JobStatus.RUNNING.value)))
+                stmt = stmt.where(Job.lease_token == token,
+                                  Job.status.in_((JobStatus.QUEUED.value,
+                                                  JobStatus.RUNNING.value)))
+            else:
+                stmt = stmt.where(Job.status == JobStatus.QUEUED.value,
+                                  Job.lease_token.is_(None))
             res = s.execute(
                 stmt.values(
                     status=JobStatus.FAILED.value,
@@ -376,14 +438,27 @@ class Lease:
 
     job_id: int
     token: str
+    lease_s: float = 0.0
+    """How long the job stays ours without a renewal (the lease it was claimed with)."""
+    renewed: float = field(default_factory=time.monotonic)
+    """When its heartbeat was last written (this host's monotonic clock)."""
     lost: str | None = None
+    expired: bool = False
+    """Lost because it could not be renewed, not because someone else holds it."""
 
 
 class Heartbeats:
     """One thread refreshes the heartbeats of every job the process holds, in one
     statement per period, and notices a job that stopped being ours (``vidq cancel``,
     or another worker took it over). A GPU worker holds a hundred jobs at once: one
-    thread and one UPDATE a period, not a thread and an UPDATE per job."""
+    thread and one UPDATE a period, not a thread and an UPDATE per job.
+
+    The thread survives every exception (a pool timeout, a read-only transaction after
+    a failover, a bug): it logs it and tries again next period. While it fails,
+    ``failing`` says so (worker/metrics_server.py's /healthz reads it), and a job not
+    renewed for a whole lease is given up as ``LeaseExpired``. With no job held it
+    still reads the database's clock each period, so the process notices an outage
+    (vidq/contact.py) whether or not it holds jobs."""
 
     def __init__(self, store: JobStore, every_s: float) -> None:
         self._store = store
@@ -391,17 +466,17 @@ class Heartbeats:
         self._leases: dict[int, Lease] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self.failing_since: float | None = None
+        """Monotonic time of the first failed beat of the current run of failures."""
+        self._logged = 0.0
 
     @contextmanager
     def hold(self, job_id: int, token: str) -> Iterator[Lease]:
         """Beat for the claimed job while the block runs."""
-        lease = Lease(job_id, token)
+        lease = Lease(job_id, token, lease_s=self._store.stale_after_s)
         with self._lock:
             self._leases[job_id] = lease
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, daemon=True,
-                                                name="vidq-heartbeats")
-                self._thread.start()
+        self.start()
         try:
             yield lease
         finally:
@@ -409,24 +484,72 @@ class Heartbeats:
                 if self._leases.get(job_id) is lease:
                     del self._leases[job_id]
 
+    def start(self) -> None:
+        """Start the thread (once); ``hold`` does, and a worker process at startup."""
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, daemon=True,
+                                                name="vidq-heartbeats")
+                self._thread.start()
+
+    @property
+    def failing(self) -> bool:
+        return self.failing_since is not None
+
     def _loop(self) -> None:
         while True:
             time.sleep(self.every_s)
             with self._lock:
                 held = list(self._leases.values())
-            if held:
+            try:
                 self.beat(held)
+            except Exception as exc:  # a bug in beat itself: this thread must never end
+                self._failed(held, f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
 
     def beat(self, held: list[Lease]) -> None:
         """One refresh of these leases; the ones no longer ours are marked lost."""
         try:
-            ours = self._store.heartbeat_many({lease.job_id: lease.token for lease in held})
+            if held:
+                ours = self._store.heartbeat_many(
+                    {lease.job_id: lease.token for lease in held})
+            else:
+                self._store.ping()
+                ours = set()
         except VidqError as exc:
-            log.warning("heartbeats of %d jobs not written (%s)", len(held), exc.message)
+            self._failed(held, exc.message)
             return
+        metrics.HEARTBEAT_OK_AT.set(time.time())
+        if self.failing_since is not None:
+            log.warning("heartbeats written again after %.0fs",
+                        time.monotonic() - self.failing_since)
+            self.failing_since = None
+            metrics.HEARTBEATS_FAILING.set(0)
+        now = time.monotonic()
         for lease in held:
-            if lease.job_id not in ours and lease.lost is None:
+            if lease.job_id in ours:
+                lease.renewed = now
+            elif lease.lost is None:
                 lease.lost = "the job was cancelled or taken over by another worker"
+
+    def _failed(self, held: list[Lease], why: str) -> None:
+        now = time.monotonic()
+        if self.failing_since is None:
+            self.failing_since = self._logged = now
+            metrics.HEARTBEATS_FAILING.set(1)
+        elif now - self._logged < 60:
+            return self._expire(held, now)  # logged at most once a minute
+        self._logged = now
+        log.warning("heartbeats of %d jobs not written (%s); trying again every %ss",
+                    len(held), why, self.every_s)
+        self._expire(held, now)
+
+    def _expire(self, held: list[Lease], now: float) -> None:
+        for lease in held:
+            if lease.lost is None and now - lease.renewed > lease.lease_s:
+                lease.expired = True
+                lease.lost = (f"its lease could not be renewed for {now - lease.renewed:.0f}s "
+                              f"(> {lease.lease_s:.0f}s): it may be another worker's now")
+                log.warning("job %s abandoned: %s", lease.job_id, lease.lost)
 
 
 class TimeLimit(PermanentError):
@@ -476,7 +599,11 @@ def execute_job(
 
             def should_stop() -> VidqError | None:
                 if beat.lost is not None:
-                    return Cancelled(beat.lost)
+                    return LeaseExpired(beat.lost) if beat.expired else Cancelled(beat.lost)
+                if time.monotonic() - beat.renewed > beat.lease_s:  # the beat itself is stuck
+                    return LeaseExpired(f"its lease was not renewed for over {beat.lease_s:.0f}s "
+                                        "(the database does not answer): it may be another "
+                                        "worker's now")
                 return over if time.monotonic() > deadline else None
 
             future = pipeline.submit(str(path), sampling, should_stop=should_stop)

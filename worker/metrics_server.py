@@ -1,6 +1,7 @@
 """``vidq worker``'s metrics endpoint: ``/metrics`` (the sum over this host's worker
 processes, read from ``PROMETHEUS_MULTIPROC_DIR``) and ``/healthz``, which answers
-200 only while every worker process is alive and has its model loaded.
+200 only while every worker process is alive, has its model loaded and can write its
+jobs' heartbeats.
 
 The supervisor records nothing itself, so it never imports vidq/metrics.py (in
 multiprocess mode that would create metric files for its own pid).
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -35,6 +37,23 @@ def models_loaded() -> int:
         if metric.name == "vidq_model_loaded":
             total += sum(1 for s in metric.samples if s.value >= 1)
     return total
+
+
+def heartbeats_failing(max_age_s: float) -> int:
+    """Live worker processes whose heartbeats cannot be written now: their last write
+    failed, or none succeeded for ``max_age_s`` (a statement the database never
+    answers leaves the heartbeat thread waiting, not failing)."""
+    failing: set[str] = set()
+    stale_before = time.time() - max_age_s
+    for metric in registry().collect():
+        for sample in metric.samples:
+            pid = sample.labels.get("pid", "")
+            if metric.name == "vidq_heartbeats_failing" and sample.value >= 1:
+                failing.add(pid)
+            elif (metric.name == "vidq_heartbeat_ok_timestamp_seconds"
+                  and 0 < sample.value < stale_before):
+                failing.add(pid)
+    return len(failing)
 
 
 def mark_process_dead(pid: int) -> None:

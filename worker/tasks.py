@@ -30,6 +30,7 @@ from celery.exceptions import InvalidTaskError, Reject
 from celery.worker.request import Request
 
 from vidq import metrics
+from vidq.contact import CONTACT
 from vidq.db import dispose_engines, wait_for_database
 from vidq.errors import TransientError, VidqError
 from vidq.logs import use_json
@@ -37,7 +38,8 @@ from vidq.notify import notify_soon
 from vidq.queue import TASK_CLASSIFY, make_celery
 from vidq.reconcile import reconcile
 from vidq.settings import Settings
-from worker.jobs import JobStore, backoff_s, execute_job
+from worker.jobs import DatabaseUnavailable, JobStore, LeaseExpired, backoff_s, execute_job
+from worker.outage import PAUSE
 from worker.supervisor import CONFIG_EXIT
 
 if TYPE_CHECKING:
@@ -95,6 +97,11 @@ def load_process_state() -> ProcessState:
                               on_wait=log.warning)
             _state = ProcessState(Pipeline.from_settings(classifier, settings),
                                   JobStore.from_settings(settings))
+            # Beating (or probing, with no job held) from the start: an outage is
+            # noticed by a process with no job too (vidq/contact.py).
+            metrics.HEARTBEATS_FAILING.set(0)
+            metrics.HEARTBEAT_OK_AT.set(time.time())
+            _state.store.heartbeats(settings.heartbeat_s).start()
             metrics.MODEL_LOADED.set(1)
             if current_process().name != "MainProcess":  # a prefork child: logging is set up
                 _log_ready(_state)
@@ -146,6 +153,13 @@ def _log_format(logger: Any = None, **_: Any) -> None:
 def _close_pipeline(sender: Any = None, **_: Any) -> None:
     if _state is not None and _ours(sender):
         _state.pipeline.close()
+
+
+@signals.worker_ready.connect
+def _attach_consumer(sender: Any = None, **_: Any) -> None:
+    """worker/outage.py pauses this consumer while the database is out of reach."""
+    if _ours(sender) and sender is not None:
+        PAUSE.attach(sender)
 
 
 @signals.worker_ready.connect
@@ -263,6 +277,14 @@ def run_classify(task: Any, job_id: Any, transient: Any, *, settings: Settings,
     try:
         outcome = execute_job(job_id, pipeline=held.pipeline, settings=settings,
                               store=held.store)
+    except (DatabaseUnavailable, LeaseExpired) as exc:
+        # This host's trouble, not the job's: no retry is spent, and the message goes
+        # back to the queue for a worker that can reach the database, while this one
+        # stops taking more until it can (worker/outage.py).
+        if CONTACT.failing and not PAUSE.pause(exc.message, probe=held.store.ping):
+            time.sleep(1.0)  # nothing to pause: do not take the message straight back
+        log.warning("job %s: %s; its message goes back to the queue", job_id, exc.message)
+        raise Reject(exc.message, requeue=True) from None
     except TransientError as exc:
         if transient >= settings.max_retries:
             give_up = TransientError(
