@@ -54,7 +54,7 @@ def run_workers(settings: Settings, plan: Plan, *, queues: str, loglevel: str) -
             return ok, (f"{'ok' if ok else 'unhealthy'}: {alive}/{plan.processes} worker "
                         f"processes alive, {loaded} with a model loaded")
 
-        metrics.serve(settings.metrics_port, healthy=healthy)
+        metrics.serve(settings.metrics_port, healthy=healthy, host=settings.metrics_host)
 
     def spawn(index: int) -> None:
         env = {
