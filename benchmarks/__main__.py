@@ -23,6 +23,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
              "int8 against vidq's fp32 fast path and the seed's eager model: forward, classify"),
     "decode": ("benchmarks.decode",
                "skipping unused frames against decoding them all: decode side and end to end"),
+    "read_hash": ("benchmarks.decode",
+                  "a decode hashing every byte it reads against FFmpeg reading the file"),
     "storage": ("benchmarks.decode",
                 "decoding from an S3-compatible store against the same local file"),
     "feed": ("benchmarks.feed",

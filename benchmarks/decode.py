@@ -12,6 +12,11 @@ wall second and per CPU second (the work saved), and with one decoder process pe
 core (``--decoders``) each with one FFmpeg thread, as a saturated host runs them.
 Then end to end: ``classify_many`` with skipping on and off, random weights, fp32.
 
+``read_hash``: the same corpus's 720p file decoded as a worker does, hashing every
+byte read (vidq/media.py's ``HashingReader``), against FFmpeg reading the file by
+its path, unhashed, in alternating rounds, for every sliding window and for three
+uniform clips (seeks: the bytes skipped are hashed at the end).
+
 ``storage``: one 720p H.264 MP4 with its index at the end (FFmpeg seeks to the end
 and back) uploaded to moto's S3 server on 127.0.0.1, and decoded both ways with
 x3d_xs's sampling (sliding windows, and uniform clips that seek): wall time, bytes
@@ -147,6 +152,78 @@ def decode(args: argparse.Namespace) -> list[Report]:
             report.add("skip on", rates["skip on"])
             reports.append(report)
             del clfs
+    return reports
+
+
+# -- the hash of the bytes read ------------------------------------------------------
+def read_hash_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--size", default="720p", choices=list(SIZES))
+    parser.add_argument("--rounds", type=int, default=8, help="alternating rounds")
+    parser.add_argument("--noise", type=int, nargs="+", default=[4, 40],
+                        help="per-frame grain of each file: sets its bitrate (4: the decode "
+                        "corpus's, about 0.3 Mbit/s at 720p; 40: about 25 Mbit/s)")
+    parser.add_argument("--dir", type=Path,
+                        default=Path(tempfile.gettempdir()) / "vidq-decode-bench")
+    parser.add_argument("--quick", action="store_true", help="a 6 s 360p file, two rounds")
+
+
+def hash_pass(path: Path, *, strategy: str, rounds: int, title: str) -> Report:
+    """Alternating rounds over one file: decoded hashing every byte read, and unhashed."""
+    from vidq.media import HashingReader, open_video, sha256_file
+
+    digest = sha256_file(path)
+    cpu: dict[str, list[float]] = {"unhashed": [], "hashed": []}
+
+    def plain() -> float:
+        t, c = time.perf_counter(), time.process_time()
+        vidq_worker.decode_windows(path, model="x3d_xs", strategy=strategy, host="gpu",
+                                   source=str(path))
+        cpu["unhashed"].append(time.process_time() - c)
+        return time.perf_counter() - t
+
+    def hashed() -> float:
+        t, c = time.perf_counter(), time.process_time()
+        with open_video(str(path)) as source:
+            assert isinstance(source, HashingReader)
+            vidq_worker.decode_windows(path, model="x3d_xs", strategy=strategy, host="gpu",
+                                       source=source)
+            assert source.sha256() == digest
+        cpu["hashed"].append(time.process_time() - c)
+        return time.perf_counter() - t
+
+    plain(), hashed()  # untimed: the cold file
+    for values in cpu.values():
+        values.clear()
+    times = alternate({"unhashed": plain, "hashed": hashed}, rounds)
+    report = Report(title, "s")
+    report.add("wall, unhashed (FFmpeg reads the path)", times["unhashed"], baseline=True)
+    report.add("wall, hashed (HashingReader)", times["hashed"],
+               against="wall, unhashed (FFmpeg reads the path)")
+    report.add("CPU, unhashed", cpu["unhashed"], baseline=True)
+    report.add("CPU, hashed", cpu["hashed"], against="CPU, unhashed")
+    return report
+
+
+def read_hash(args: argparse.Namespace) -> list[Report]:
+    """A decode that hashes every byte it reads (what a worker does, vidq/media.py's
+    ``HashingReader``) against FFmpeg reading the file itself, unhashed: seconds."""
+    import torch
+
+    if args.quick:
+        args.seconds, args.size, args.rounds, args.noise = 6.0, "360p", 2, [4]
+    torch.set_num_threads(1)
+    reports = []
+    for noise in args.noise:
+        path = corpus(args.dir, [args.size], args.seconds, noise)[args.size]
+        mib = path.stat().st_size / 2**20
+        for strategy in ("sliding", "uniform"):  # every window; three clips, seeking
+            print(f"{path.name} ({mib:.1f} MiB), {strategy}:", flush=True)
+            reports.append(hash_pass(
+                path, strategy=strategy, rounds=args.rounds,
+                title=f"x3d_xs {strategy} windows of a {args.seconds:g} s {args.size} file of "
+                      f"{mib:.1f} MiB (a GPU host's decoder), seconds per video: hashing "
+                      "every byte read against FFmpeg reading the file unhashed"))
     return reports
 
 

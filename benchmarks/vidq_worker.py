@@ -157,11 +157,12 @@ class DecodePass:
 
 
 def decode_windows(path: Path, *, model: str, strategy: str = "sliding", skip: bool = True,
-                   threads: int = 0, host: str = "cpu", crops: int = 1) -> DecodePass:
+                   threads: int = 0, host: str = "cpu", crops: int = 1,
+                   source: Any = None) -> DecodePass:
     """Every window of ``strategy`` decoded (FFmpeg ``threads``, 0: its choice) and made
     into the model's input as a ``host`` decoder does: "cpu" runs the transforms
     (one thread), "gpu" copies the clip's frames into one uint8 buffer for the
-    device to transform."""
+    device to transform. ``source``: what FFmpeg reads (default: the path)."""
     from vidq.sampling import Sampling, plan_windows
     from worker.models import get_preset
     from worker.transforms import clip_views
@@ -171,7 +172,7 @@ def decode_windows(path: Path, *, model: str, strategy: str = "sliding", skip: b
     slot: np.ndarray | None = None
     n = 0
     t, cpu = time.perf_counter(), time.process_time()
-    with VideoReader(path, skip_unused_frames=skip, threads=threads) as reader:
+    with VideoReader(path, skip_unused_frames=skip, threads=threads, source=source) as reader:
         windows = plan_windows(Sampling(strategy=strategy), reader.info.duration_s,
                                preset.clip_duration)
         for clip in reader.clips(windows, num_frames=preset.num_frames):

@@ -1,7 +1,8 @@
 """``vidq purge``: delete old results in chunks, never a job that is still active.
 
 Only finished jobs go (succeeded, failed, cancelled); a queued or running job is
-kept and counted, so a purge never races a worker. Each chunk of jobs is deleted,
+kept and counted, so a purge never races a worker: a job's status is checked again as
+each chunk is deleted, so one put back in the queue meanwhile stays. Each chunk of jobs is deleted,
 with every row of its results (clips, labels, segments, embeddings), in a short
 transaction of its own, so the tables are never locked for long and pollers keep
 answering. A batch left with no jobs is deleted too.
@@ -28,6 +29,7 @@ from vidq.db import (
     utcnow,
 )
 from vidq.errors import InputError
+from vidq.faultpoints import pause_point
 
 FINISHED = ("succeeded", "failed", "cancelled")
 
@@ -102,10 +104,20 @@ def purge(
             ids = list(session.scalars(doomed.order_by(Job.id).limit(chunk)))
             if not ids:
                 break
+            pause_point("purge_selected")
+            # Checked again as the rows are locked, and again in every DELETE: a job put
+            # back in the queue (and perhaps running again) since the select above is
+            # not finished any more, and neither it nor its rows may go. On PostgreSQL
+            # the lock holds the status until this transaction ends; on SQLite the first
+            # DELETE takes the one write lock, and each statement re-checks.
+            still = (Job.id.in_(ids), Job.status.in_(FINISHED))
+            ids = list(session.scalars(select(Job.id).where(*still).with_for_update()))
+            finished = select(Job.id).where(Job.id.in_(ids), Job.status.in_(FINISHED))
             for name, table in RESULT_TABLES:
                 setattr(report, name, getattr(report, name) + session.execute(
-                    delete(table).where(table.job_id.in_(ids))).rowcount)
-            report.jobs += session.execute(delete(Job).where(Job.id.in_(ids))).rowcount
+                    delete(table).where(table.job_id.in_(finished))).rowcount)
+            report.jobs += session.execute(
+                delete(Job).where(Job.id.in_(ids), Job.status.in_(FINISHED))).rowcount
         progress(len(ids))
     with make_session() as session, session.begin():
         names = _emptied(session, batch_id=batch_id, cutoff=cutoff, doomed=None)

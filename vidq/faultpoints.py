@@ -15,6 +15,7 @@ The points (keep them where the pipeline is rewritten):
 - ``after_claim``: the job row is claimed (running, heartbeat live), nothing decoded;
 - ``before_commit``: the job is classified (its heartbeat still beating), nothing written;
 - ``reconcile``: ``vidq.reconcile.reconcile`` is about to look for lost jobs.
+- ``purge_selected``: ``vidq purge`` has selected a chunk of finished jobs, nothing deleted.
 """
 
 from __future__ import annotations

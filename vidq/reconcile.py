@@ -5,9 +5,10 @@ Two kinds are found:
   host), and Redis would hold the unacked message back for the visibility timeout;
 - *queued* jobs, recorded more than ``reconcile_after_s`` ago, whose task id is
   neither in the Redis queue nor delivered to a worker (unacked) within the last
-  ``reconcile_after_s``: Redis restarted without persistence, the publish failed,
-  or a worker died between taking the message and claiming the job (Redis keeps
-  that message unacked until the visibility timeout, hours later).
+  ``reconcile_after_s`` (of the database's clock, see ``broker_task_ids``): Redis
+  restarted without persistence, the publish failed, or a worker died between taking
+  the message and claiming the job (Redis keeps that message unacked until the
+  visibility timeout, hours later).
 Only the jobs of this reconciler's queue (``VIDQ_QUEUE``, recorded on each job at
 submit) are looked at, and they go back to that queue: another model's jobs, on
 another queue, are neither "lost" here nor sent to workers that cannot run them.
@@ -28,7 +29,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,7 +37,7 @@ from sqlalchemy import ColumnElement, DateTime, Row, func, literal, select, upda
 from sqlalchemy.exc import DBAPIError
 
 from vidq.contact import CONTACT
-from vidq.db import Job, JobStatus, db_now, first_line, sessions, takeover_due
+from vidq.db import Job, JobStatus, aware, db_now, first_line, sessions, takeover_due
 from vidq.faultpoints import pause_point
 from vidq.notify import deliver_later, due_batches
 from vidq.queue import PRIORITY_LEVELS, make_celery, new_task_id, publish_jobs
@@ -45,7 +45,8 @@ from vidq.settings import Settings
 
 log = logging.getLogger("vidq.reconcile")
 UNACKED_KEY = "unacked"  # kombu's Redis transport defaults
-UNACKED_INDEX_KEY = "unacked_index"  # delivery tag -> Unix time it was delivered
+UNACKED_SEEN_KEY = "vidq:unacked_seen"
+"""Delivery tag -> the database's Unix time when a reconcile first saw it unacked."""
 CHUNK_JOBS = 100
 """Jobs re-queued per transaction: row locks are held for moments, and a failure part
 way through keeps what was done before it."""
@@ -64,9 +65,20 @@ class ReconcileReport:
     broker_checked: bool = False
 
 
-def broker_task_ids(settings: Settings, *, delivered_after: float = 0.0) -> set[str] | None:
-    """Task ids waiting in the queue, or delivered to a worker (unacked) at or after
-    ``delivered_after`` (Unix time); None if the broker is not Redis.
+def broker_task_ids(settings: Settings, *, now_s: float, older_than_s: float
+                    ) -> set[str] | None:
+    """Task ids waiting in the queue, or delivered to a worker (unacked) less than
+    ``older_than_s`` ago; None if the broker is not Redis.
+
+    A message's age is measured on the database's clock (``now_s``, its Unix time), not
+    by the time in kombu's unacked index: the worker that took the message wrote that
+    with its own clock, and a host running an hour behind would make every message it
+    holds look an hour old (its live jobs re-enqueued), one running ahead would make a
+    dead worker's messages look fresh for ever. So the first reconcile that sees a
+    message unacked records when it did, by the database's clock (``UNACKED_SEEN_KEY``),
+    and a later one judges the message by that: a message is old once it has been
+    unacked for ``older_than_s`` of the database's time (0: at once), which a reconcile
+    finds one run later at most.
 
     A live worker claims its job moments after taking the message (a retry waits
     at most five minutes, under the default ``reconcile_after_s``), so a message
@@ -86,12 +98,18 @@ def broker_task_ids(settings: Settings, *, delivered_after: float = 0.0) -> set[
             for start in range(0, length, 1000):
                 for raw in client.lrange(key, start, start + 999):
                     ids.add(_task_id(raw))
-        unacked = list(client.hscan_iter(UNACKED_KEY, count=1000))
-        # Read after the scan: a tag acked meanwhile has no time and counts as live.
-        old_tags = set(client.zrangebyscore(UNACKED_INDEX_KEY, "-inf", f"({delivered_after}"))
-        for tag, raw in unacked:
-            if tag in old_tags:
-                continue
+        unacked = dict(client.hscan_iter(UNACKED_KEY, count=1000))
+        seen = client.hgetall(UNACKED_SEEN_KEY)
+        with client.pipeline(transaction=False) as pipe:
+            for tag in unacked.keys() - seen.keys():
+                pipe.hsetnx(UNACKED_SEEN_KEY, tag, repr(now_s))
+            gone = list(seen.keys() - unacked.keys())  # acked since: forgotten
+            for start in range(0, len(gone), 1000):
+                pipe.hdel(UNACKED_SEEN_KEY, *gone[start:start + 1000])
+            pipe.execute()
+        for tag, raw in unacked.items():
+            if float(seen.get(tag, now_s)) <= now_s - older_than_s:
+                continue  # unacked for older_than_s of the database's time (0: any)
             try:
                 ids.add(_task_id(json.dumps(json.loads(raw)[0])))
             except (ValueError, IndexError, TypeError):
@@ -170,7 +188,7 @@ def reconcile(
                 Job.submitted_at < db_now(ago_s=older_than_s),
             )
         ).all()
-    live = (broker_task_ids(settings, delivered_after=time.time() - older_than_s)
+    live = (broker_task_ids(settings, now_s=aware(now).timestamp(), older_than_s=older_than_s)
             if queued else set())
     report.broker_checked = live is not None
     lost = [row for row in queued if live is not None and row.task_id not in live]

@@ -197,6 +197,11 @@ class Settings:
     """``vidq worker`` serves Prometheus metrics (/metrics) and a health check (/healthz)
     of its worker processes on this port; 0 = off."""
 
+    metrics_host: str = "127.0.0.1"
+    """The address /metrics and /healthz listen on: this host only by default. Set
+    ``0.0.0.0`` (or one interface's address) where Prometheus scrapes from another host
+    or container (docker-compose.yml does); the endpoint has no authentication."""
+
     log_format: str = "text"
     """``text``, or ``json``: one JSON object per log line, with the job id, batch,
     attempt and timings on every job line."""

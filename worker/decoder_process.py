@@ -22,6 +22,11 @@ over one pipe, in frozen messages::
                                                      or Failed(seq, error_type, message, kind)
       Cancel(seq)                           ───▶     stops between clips
 
+Only plain data comes back: each reply is a JSON object, parsed and checked field by
+field (``decoder_child.decode_reply``); nothing a decoder sends is unpickled, so a
+decoder subverted by a hostile file cannot run code in the worker. A decoder's
+environment holds no secret it does not need (``decoder_environment``).
+
 A clip crosses in a **slot**: shared memory (a memfd, mapped by both sides; its
 descriptor crosses once, when the child creates or grows the slot), written by
 ``prepare_clip`` in place and read by the model loop in place (for an accelerator:
@@ -44,7 +49,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from math import prod
 from multiprocessing.connection import Connection
@@ -54,6 +59,7 @@ from typing import Any, TypeAlias
 
 import torch
 
+from vidq import storage
 from vidq.errors import InputError
 from worker.decoder_child import (
     Cancel,
@@ -66,6 +72,8 @@ from worker.decoder_child import (
     SlotCreated,
     Started,
     Stop,
+    WireError,
+    decode_reply,
 )
 from worker.decoders import DecodeConfig, video_error
 from worker.messages import (
@@ -97,6 +105,35 @@ class ClipArrived:
 
 
 Reply: TypeAlias = Started | ClipArrived | Finished | Failed
+
+
+# -- a decoder's environment ---------------------------------------------------------
+SECRETS = ("VIDQ_DATABASE_URL", "VIDQ_BROKER_URL", "VIDQ_WEBHOOK_SECRET", "PGPASSWORD",
+           "PGPASSFILE", "REDISCLI_AUTH")
+"""Never in a decoder's environment: it reaches neither the database, nor the broker,
+nor a webhook receiver (its settings come over its pipe, ``Setup``)."""
+STORE_CREDENTIALS = {"s3": ("AWS_",), "gs": ("GOOGLE_", "GCLOUD", "CLOUDSDK_"),
+                     "az": ("AZURE_",), "adl": ("AZURE_",), "oss": ("OSS_", "ALIBABA_CLOUD_")}
+"""Per object-store scheme, the prefixes of the variables its client reads credentials
+from (botocore, google-auth, azure-identity). A decoder keeps a scheme's only when it
+may read that scheme's URIs; the other prefixes of this table are removed."""
+
+
+def decoder_environment(environ: Mapping[str, str], *,
+                        media_roots: tuple[str, ...]) -> dict[str, str]:
+    """The environment a decoder process starts with: the worker's, less its secrets.
+
+    A decoder parses untrusted files, so it holds nothing it does not need: no database
+    or broker URL (their passwords), no webhook secret, and an object store's
+    credentials only where ``media_roots`` let it read that store's URIs (no roots at
+    all: any URI, so every store's; only local roots: none)."""
+    _local, objects = storage.split_roots(media_roots)
+    needed = set(STORE_CREDENTIALS) if not media_roots else {uri.scheme for uri in objects}
+    kept = {prefix for scheme in needed for prefix in STORE_CREDENTIALS.get(scheme, ())}
+    dropped = tuple({prefix for prefixes in STORE_CREDENTIALS.values()
+                     for prefix in prefixes} - kept)
+    return {name: value for name, value in environ.items()
+            if name not in SECRETS and not name.startswith(dropped)}
 
 
 # -- the parent's side ---------------------------------------------------------------
@@ -148,8 +185,9 @@ class DecoderProcess:
         daemonic process (a Celery prefork child)."""
         ours, theirs = socket.socketpair()
         root = str(Path(__file__).resolve().parents[1])
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-            p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
+        env = {**decoder_environment(os.environ, media_roots=self.config.inputs.media_roots),
+               "PYTHONPATH": os.pathsep.join(
+                   p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-c",
@@ -191,9 +229,11 @@ class DecoderProcess:
             raise DecoderDied("not running")
         try:
             while True:
-                message = self._conn.recv()
+                message = decode_reply(self._conn.recv_bytes())
                 if not isinstance(message, SlotCreated):
                     return message
+                if not 0 <= message.slot < self.slots or message.size <= 0:
+                    raise WireError(f"slot {message.slot} of {message.size} bytes")
                 fd = recv_handle(self._conn)
                 try:  # a replaced map lives on in its views
                     self._maps[message.slot] = mmap.mmap(fd, message.size)
@@ -201,15 +241,21 @@ class DecoderProcess:
                     os.close(fd)
         except (EOFError, OSError) as exc:
             raise DecoderDied(self.exit_reason()) from exc
+        except WireError as exc:  # a decoder gone wrong: it is replaced, never believed
+            self.kill()
+            raise DecoderDied(f"it sent a message vidq does not send ({exc})") from None
 
     def recv(self) -> Reply:
         """The next message about a video; a clip's slot comes back as a tensor over
         the shared memory. Raises DecoderDied."""
         message = self._receive()
         if isinstance(message, ClipInSlot):
-            tensor = torch.frombuffer(self._maps[message.slot],
-                                      dtype=getattr(torch, message.dtype),
-                                      count=prod(message.shape))
+            buffer = self._maps.get(message.slot)
+            dtype = getattr(torch, message.dtype)  # one of decoder_child.DTYPES
+            if buffer is None or prod(message.shape) * dtype.itemsize > len(buffer):
+                self.kill()
+                raise DecoderDied(f"it named slot {message.slot} for a clip that is not there")
+            tensor = torch.frombuffer(buffer, dtype=dtype, count=prod(message.shape))
             return ClipArrived(message.seq, message.clip, tensor.view(message.shape),
                                message.slot)
         assert isinstance(message, (Started, Finished, Failed)), message

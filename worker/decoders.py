@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from vidq.errors import InputError, VidqError
-from vidq.media import open_video
+from vidq.media import HashingReader, open_video
 from vidq.sampling import Sampling, plan_windows
 from vidq.settings import Settings
 from vidq.storage import StorageConfig
@@ -118,6 +118,8 @@ def decode_video(
                 f"(video is {reader.info.duration_s:.2f}s long).",
                 kind="no_frames",
             )
+        if isinstance(source, HashingReader):
+            reader.stats.sha256 = source.sha256()
     return Decoded(n, time.perf_counter() - t0, reader.stats)
 
 

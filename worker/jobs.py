@@ -324,13 +324,16 @@ class JobStore:
         return self._run(op)
 
     def fail_if_changed(self, job: Job, path: str, token: str, *,
-                        storage: StorageConfig | None = None) -> InputError | None:
+                        storage: StorageConfig | None = None,
+                        read_sha256: str | None = None) -> InputError | None:
         """Fail the job (and return why) if the file or object at ``path`` is no longer
-        the one submitted; None if it is. Checked after decoding, just before results are
-        written, so a file replaced at any point before the commit is caught."""
+        the one submitted, or ``read_sha256`` (the hash of the bytes the decoder read)
+        is not the submitted content's; None if all is well. Checked after decoding, just
+        before results are written, so a file replaced at any point before the commit
+        is caught, and no job's labels are stored under another file's hash."""
         changed = changed_since_submit(path, size_bytes=job.size_bytes, mtime_ns=job.mtime_ns,
                                        content_sha256=job.content_sha256,
-                                       storage_config=storage)
+                                       read_sha256=read_sha256, storage_config=storage)
         if changed is not None:
             self.fail(job.id, token, changed)
         return changed
@@ -612,7 +615,8 @@ def execute_job(
             except FutureTimeout:
                 raise over from None  # should_stop ends the video at its next clip
             pause_point("before_commit")
-            changed = store.fail_if_changed(job, path, token, storage=storage)
+            changed = store.fail_if_changed(job, path, token, storage=storage,
+                                            read_sha256=result.decode_stats.sha256)
             if changed is not None:  # already failed in the table
                 raise changed
             committed = commit_result(store, job_id, token, result,

@@ -62,8 +62,9 @@ def mark_process_dead(pid: int) -> None:
 
 
 def serve(port: int, *, healthy: Callable[[], tuple[bool, str]],
-          host: str = "0.0.0.0") -> ThreadingHTTPServer:
-    """Serve /metrics and /healthz from a daemon thread."""
+          host: str = "127.0.0.1") -> ThreadingHTTPServer:
+    """Serve /metrics and /healthz from a daemon thread, on ``host`` (``VIDQ_METRICS_HOST``:
+    loopback unless an operator opens it)."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802  (http.server's name)

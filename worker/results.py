@@ -39,6 +39,10 @@ class DecodeStats:
     """Frames the decoder returned."""
     replanned: bool = False
     """The decoder's frames contradicted the packet timestamps: decoded again, holding frames."""
+    sha256: str | None = None
+    """The SHA-256 of the file's bytes as the decoder read them (every byte: what it
+    skipped is hashed after the decode); None for an object-store input, whose identity
+    its store's checksum or ETag proves. The commit compares it with the job's hash."""
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,7 @@ def run_workers(settings: Settings, plan: Plan, *, queues: str, loglevel: str) -
                         f"processes alive, {loaded} with a model loaded, {failing} unable "
                         "to write heartbeats")
 
-        metrics.serve(settings.metrics_port, healthy=healthy)
+        metrics.serve(settings.metrics_port, healthy=healthy, host=settings.metrics_host)
 
     def spawn(index: int) -> None:
         env = {

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import IO, cast
+from typing import cast
 
 import av
 import numpy as np
@@ -32,6 +32,7 @@ from av.container import InputContainer
 from av.video.reformatter import VideoReformatter
 
 from vidq.errors import InputError
+from vidq.media import VideoSource
 from vidq.sampling import Sampling, Window, plan_windows
 from worker.bitstream import ReferenceReader
 from worker.results import DecodeStats, VideoInfo
@@ -129,10 +130,10 @@ class VideoReader:
         limits: Limits = Limits(),
         threads: int = 0,
         skip_unused_frames: bool = True,
-        source: str | IO[bytes] | None = None,
+        source: str | VideoSource | None = None,
     ) -> None:
         self.path = str(path)
-        self.source: str | IO[bytes] = source or self.path
+        self.source: str | VideoSource = source or self.path
         """What FFmpeg opens: the path, an already opened descriptor's /proc name, or a
         seekable file object (an object-store read, vidq/storage.py)."""
         self.limits = limits

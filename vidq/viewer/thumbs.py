@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import IO
 
 from vidq.errors import InputError
+from vidq.media import VideoSource
 
 THUMB_WIDTH = 160
 """Pixels; the height keeps the video's aspect ratio (even, as JPEG's 4:2:0 needs)."""
@@ -37,7 +38,8 @@ def quantize_ms(at_s: float) -> int:
     return max(0, int(round(at_s * 10)) * 100)
 
 
-def decode_jpeg(source: str | IO[bytes], at_s: float, *, width: int = THUMB_WIDTH) -> bytes:
+def decode_jpeg(source: str | IO[bytes] | VideoSource, at_s: float, *,
+                width: int = THUMB_WIDTH) -> bytes:
     """The frame shown at ``at_s`` seconds (the last one before it, from the nearest
     keyframe on), scaled to ``width``, as JPEG bytes."""
     import av
@@ -91,7 +93,8 @@ class ThumbnailCache:
         return hashlib.sha256(ident.encode("utf-8", "surrogateescape")).hexdigest()[:40]
 
     def get(self, identity: str, at_ms: int,
-            open_source: Callable[[], AbstractContextManager[str | IO[bytes]]]) -> bytes:
+            open_source: Callable[[], AbstractContextManager[str | IO[bytes] | VideoSource]]
+            ) -> bytes:
         """The thumbnail at ``at_ms`` of the video ``identity`` names (``identity()``, or
         an object's URI and metadata); on a miss ``open_source()`` opens it to decode."""
         path = self.directory / f"{self.key(identity, at_ms)}.jpg"
