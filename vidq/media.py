@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import IO
 
 from vidq import storage
-from vidq.errors import InputError
+from vidq.errors import InputError, OutsideRootsError
 
 # "scheme:" at the start, as FFmpeg's protocol detection reads it (a Windows drive letter aside).
 _PROTOCOL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:")
@@ -73,7 +73,7 @@ def check_video_path(
     roots = _local_roots(raw, media_roots)
     if roots is not None:
         if not any(resolved == r or r in resolved.parents for r in roots):
-            raise InputError(
+            raise OutsideRootsError(
                 f"{raw}: refused: resolves outside VIDQ_MEDIA_ROOTS "
                 f"({os.pathsep.join(media_roots)}).",
                 kind="refused_path",
@@ -155,7 +155,7 @@ def open_video(
         if roots is not None:
             real = Path(os.readlink(proc))
             if not any(real == r or r in real.parents for r in roots):
-                raise InputError(f"{raw}: refused: the file opened is outside "
+                raise OutsideRootsError(f"{raw}: refused: the file opened is outside "
                                  "VIDQ_MEDIA_ROOTS.", kind="refused_path")
         yield proc
     finally:

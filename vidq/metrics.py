@@ -36,3 +36,6 @@ MODEL_LOADED = Gauge("vidq_model_loaded", "1 once this worker process has its mo
                      multiprocess_mode="liveall")
 DEVICE_MEMORY = Gauge("vidq_device_memory_bytes", "Accelerator memory allocated (CUDA).",
                       multiprocess_mode="liveall")
+CIRCUIT_OPEN = Gauge("vidq_circuit_open", "1 while this worker process's circuit breaker "
+                     "is open or half-open (host-local failures in a row).",
+                     multiprocess_mode="liveall")

@@ -79,6 +79,7 @@ from worker.messages import (
     shutdown_error,
 )
 from worker.video import ClipFrames
+from worker.watchdog import Progress, stall_error
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,10 @@ Reply: TypeAlias = Started | ClipArrived | Finished | Failed
 # -- the parent's side ---------------------------------------------------------------
 class DecoderDied(Exception):
     """The decoder process ended while a video was in its hands."""
+
+
+class DecoderStalled(Exception):
+    """The decoder process made no progress for ``VIDQ_DECODE_STALL_S``."""
 
 
 def cpu_seconds(pid: int) -> float:
@@ -128,6 +133,12 @@ class DecoderProcess:
         """Counts the processes started: a slot freed for a dead one is not sent."""
         self.seq = 0
         """Numbers the videos sent, so that a cancelled video's late messages are known."""
+        self.progress = Progress()
+        """Its last message, or the last slot the model loop gave back (worker/watchdog.py)."""
+        self.held = 0
+        """Its slots whose clips the pipeline still holds: with all of them held, it
+        waits for the model, and that is not a stall."""
+        self._held_lock = threading.Lock()
 
     def start(self) -> None:
         """Start the process and wait until it is ready for videos (its imports take a
@@ -161,7 +172,10 @@ class DecoderProcess:
         conn = Connection(ours.detach())
         conn.send(Setup(self.config, self.slots))
         self._conn, self._proc, self._maps = conn, proc, {}
-        self.generation += 1
+        with self._held_lock:
+            self.generation += 1
+            self.held = 0
+        self.progress.touch()
 
     def send(self, message: DecodeRequest | FreeSlot | Cancel | Stop) -> None:
         if self._conn is None:
@@ -171,8 +185,11 @@ class DecoderProcess:
 
     def release(self, slot: int, generation: int) -> None:
         """Slot ``slot`` may be written again (its clip's batch has run)."""
-        if generation != self.generation:
-            return  # that process is gone, and its slots with it
+        with self._held_lock:
+            if generation != self.generation:
+                return  # that process is gone, and its slots with it
+            self.held -= 1
+        self.progress.touch()
         try:
             self.send(FreeSlot(slot))
         except OSError:
@@ -185,6 +202,28 @@ class DecoderProcess:
         except OSError:
             pass  # it died; its pipeline thread sees that on its next receive
 
+    def hold(self) -> None:
+        """A clip of this process's is in the pipeline until ``release``."""
+        with self._held_lock:
+            self.held += 1
+
+    def wait(self, stall_s: float) -> None:
+        """Return once a message is waiting; raise DecoderStalled if none came for
+        ``stall_s`` while the process was not waiting for the model (DecoderDied if it
+        ended)."""
+        if self._conn is None:
+            raise DecoderDied("not running")
+        self.progress.touch()  # this thread may have been busy; the clock starts now
+        step = max(0.05, min(1.0, stall_s / 4))
+        try:
+            while not self._conn.poll(step):
+                if self.held >= self.slots:
+                    self.progress.touch()  # every slot is the model's: backpressure
+                elif self.progress.idle_s() > stall_s:
+                    raise DecoderStalled(f"no message for {self.progress.idle_s():.0f} s")
+        except (EOFError, OSError) as exc:
+            raise DecoderDied(self.exit_reason()) from exc
+
     def _receive(self) -> Any:
         """The next message, slot descriptors taken on the way. Raises DecoderDied."""
         if self._conn is None:
@@ -192,6 +231,7 @@ class DecoderProcess:
         try:
             while True:
                 message = self._conn.recv()
+                self.progress.touch()
                 if not isinstance(message, SlotCreated):
                     return message
                 fd = recv_handle(self._conn)
@@ -282,8 +322,11 @@ class ProcessFeed:
     worker); its replies become the messages a decoder thread would put."""
 
     def __init__(self, proc: DecoderProcess, *, todo: queue.Queue[InFlight | None],
-                 put: Callable[[Message], None], closing: threading.Event) -> None:
+                 put: Callable[[Message], None], closing: threading.Event,
+                 stall_s: float = 0.0) -> None:
         self.proc, self.todo, self.put, self.closing = proc, todo, put, closing
+        self.stall_s = stall_s
+        """The watchdog (worker/watchdog.py): 0 = none."""
         self.sent: dict[int, _Sent] = {}  # by sequence number, in the order sent
 
     def run(self) -> None:
@@ -312,7 +355,11 @@ class ProcessFeed:
                         proc.seq += 1
                         sent[proc.seq] = _Sent(video)
                 if sent:
+                    if self.stall_s > 0:
+                        proc.wait(self.stall_s)
                     self._route(proc.recv())
+            except DecoderStalled as exc:
+                self._stalled(exc)
             except (DecoderDied, OSError) as exc:
                 self._died(exc)
             except Closed:
@@ -344,6 +391,7 @@ class ProcessFeed:
     def _clip(self, entry: _Sent, reply: ClipArrived) -> None:
         proc, video = self.proc, entry.video
         slot, generation = reply.slot, proc.generation
+        proc.hold()  # until ``release``, whatever becomes of the clip
         if not entry.ended:
             stop = None if video.done else (
                 video.should_stop() or (shutdown_error() if self.closing.is_set() else None))
@@ -365,6 +413,23 @@ class ProcessFeed:
             return
         self.put(ClipReady(video, reply.clip, reply.tensor,
                            lambda: proc.release(slot, generation)))
+
+    def _stalled(self, exc: DecoderStalled) -> None:
+        """Killed and replaced; the video in its hands goes back to the queue as this
+        host's failure (stall_error), those sent after it to the pipeline's queue."""
+        proc = self.proc
+        entries = list(self.sent.values())
+        self.sent.clear()
+        log.warning("decoder process %s (pid %s) stalled (%s): killed and replaced",
+                    proc.name, proc.pid, exc)
+        proc.kill()
+        proc.restart()
+        if entries and not entries[0].ended:
+            self.put(VideoFailed(entries[0].video,
+                                 stall_error(entries[0].video.path, self.stall_s)))
+        for entry in entries[1:]:
+            if not entry.ended:
+                self.todo.put(entry.video)
 
     def _died(self, exc: BaseException) -> None:
         """The video in its hands fails; those sent after it go back to the queue."""

@@ -1,6 +1,7 @@
 """``vidq worker``'s metrics endpoint: ``/metrics`` (the sum over this host's worker
 processes, read from ``PROMETHEUS_MULTIPROC_DIR``) and ``/healthz``, which answers
-200 only while every worker process is alive and has its model loaded.
+200 only while every worker process is alive, has its model loaded and has its circuit
+breaker closed.
 
 The supervisor records nothing itself, so it never imports vidq/metrics.py (in
 multiprocess mode that would create metric files for its own pid).
@@ -33,6 +34,16 @@ def models_loaded() -> int:
     total = 0
     for metric in registry().collect():
         if metric.name == "vidq_model_loaded":
+            total += sum(1 for s in metric.samples if s.value >= 1)
+    return total
+
+
+def circuits_open() -> int:
+    """Live worker processes whose circuit breaker is open or half-open
+    (worker/breaker.py): they stopped taking messages after host-local failures."""
+    total = 0
+    for metric in registry().collect():
+        if metric.name == "vidq_circuit_open":
             total += sum(1 for s in metric.samples if s.value >= 1)
     return total
 

@@ -50,9 +50,12 @@ def run_workers(settings: Settings, plan: Plan, *, queues: str, loglevel: str) -
         def healthy() -> tuple[bool, str]:
             alive = sum(1 for proc, _ in children.values() if proc.poll() is None)
             loaded = metrics.models_loaded()
-            ok = not stopping and alive == plan.processes and loaded >= plan.processes
+            circuits = metrics.circuits_open()
+            ok = (not stopping and alive == plan.processes and loaded >= plan.processes
+                  and not circuits)
             return ok, (f"{'ok' if ok else 'unhealthy'}: {alive}/{plan.processes} worker "
-                        f"processes alive, {loaded} with a model loaded")
+                        f"processes alive, {loaded} with a model loaded, {circuits} with "
+                        "the circuit open (host-local failures)")
 
         metrics.serve(settings.metrics_port, healthy=healthy)
 

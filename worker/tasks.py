@@ -31,13 +31,14 @@ from celery.worker.request import Request
 
 from vidq import metrics
 from vidq.db import dispose_engines, wait_for_database
-from vidq.errors import TransientError, VidqError
+from vidq.errors import HostLocalError, TransientError, VidqError
 from vidq.logs import use_json
 from vidq.notify import notify_soon
 from vidq.queue import TASK_CLASSIFY, make_celery
 from vidq.reconcile import reconcile
 from vidq.settings import Settings
-from worker.jobs import JobStore, backoff_s, execute_job
+from worker.breaker import Breaker
+from worker.jobs import JobStore, backoff_s, execute_job, host_name
 from worker.supervisor import CONFIG_EXIT
 
 if TYPE_CHECKING:
@@ -154,6 +155,9 @@ def _start_reconciler(sender: Any = None, **_: Any) -> None:
         return
     if _state is not None and current_process().name == "MainProcess":
         _log_ready(_state)  # loaded in worker_init, before Celery set up logging
+        # Reported from the start: a live host is one that a host-local failure's
+        # verdict waits for (worker/jobs.py).
+        breaker_for(app, getattr(sender, "hostname", None), settings, _state.store)
     if settings.reconcile_every_s > 0:
         threading.Thread(target=_reconcile_loop, name="vidq-reconcile", daemon=True).start()
 
@@ -248,6 +252,32 @@ def in_process(settings: Settings, pipeline: Pipeline) -> Iterator[Celery]:
         celery_app.close()
 
 
+_breakers: dict[int, Breaker] = {}
+_breakers_lock = threading.Lock()
+
+
+def breaker_for(celery_app: Celery, nodename: str | None, settings: Settings,
+                store: JobStore) -> Breaker:
+    """This process's circuit breaker for ``celery_app`` (worker/breaker.py); it stops
+    and restarts the consumer of worker ``nodename`` on the settings' queue."""
+    with _breakers_lock:
+        breaker = _breakers.get(id(celery_app))
+        if breaker is None:
+            where = {"destination": [nodename]} if nodename else {}
+
+            def pause() -> None:
+                celery_app.control.cancel_consumer(settings.queue, reply=False, **where)
+
+            def resume() -> None:
+                celery_app.control.add_consumer(settings.queue, reply=False, **where)
+
+            breaker = _breakers[id(celery_app)] = Breaker(
+                failures=settings.breaker_failures, store=store, host=host_name(),
+                queue=settings.queue, pause=pause, resume=resume,
+                report_every_s=settings.heartbeat_s)
+        return breaker
+
+
 def run_classify(task: Any, job_id: Any, transient: Any, *, settings: Settings,
                  state: Callable[[], ProcessState]) -> str:
     """The classify task's body: run the job, then retry, give up or report.
@@ -260,9 +290,17 @@ def run_classify(task: Any, job_id: Any, transient: Any, *, settings: Settings,
     # crafted value can neither retry forever (negative) nor skip the retries.
     transient = min(max(transient, 0), settings.max_retries)
     held = state()
+    breaker = breaker_for(task.app, task.request.hostname, settings, held.store)
+    again = {"kwargs": {"job_id": job_id, "transient": transient}, "args": (),
+             "max_retries": None}
+    if not breaker.admit():  # the circuit is open: back to the broker, for other hosts
+        raise task.retry(countdown=1, **again)
     try:
         outcome = execute_job(job_id, pipeline=held.pipeline, settings=settings,
                               store=held.store)
+    except HostLocalError as exc:  # given back, no attempt spent; not a retry either
+        breaker.failed(exc)
+        raise task.retry(countdown=1, **again) from None
     except TransientError as exc:
         if transient >= settings.max_retries:
             give_up = TransientError(
@@ -285,6 +323,8 @@ def run_classify(task: Any, job_id: Any, transient: Any, *, settings: Settings,
                          countdown=settings.stale_after_s, max_retries=None)
     if outcome.status in ("succeeded", "failed", "skipped"):
         notify_soon(settings, outcome.fields.get("batch_id"))  # the batch may be complete
+    if outcome.status in ("succeeded", "failed") and not outcome.fields.get("host_local"):
+        breaker.succeeded()
     log.info("job %s %s %s", job_id, outcome.status, outcome.detail,
              extra={"vidq": {"job_id": job_id, "status": outcome.status, **outcome.fields,
                              "task_id": task.request.id, "transient_retries": transient}})
