@@ -105,10 +105,6 @@ class DecoderDied(Exception):
     """The decoder process ended while a video was in its hands."""
 
 
-class DecoderStalled(Exception):
-    """The decoder process made no progress for ``VIDQ_DECODE_STALL_S``."""
-
-
 def cpu_seconds(pid: int) -> float:
     """CPU time process ``pid`` has used so far (Linux /proc; 0 if it has ended)."""
     try:
@@ -139,6 +135,10 @@ class DecoderProcess:
         """Its slots whose clips the pipeline still holds: with all of them held, it
         waits for the model, and that is not a stall."""
         self._held_lock = threading.Lock()
+        self.busy = False
+        """Videos are in its hands (its pipeline thread waits for its messages)."""
+        self.stalled = False
+        """Killed by the watchdog (worker/watchdog.py), not dead of its own."""
 
     def start(self) -> None:
         """Start the process and wait until it is ready for videos (its imports take a
@@ -175,6 +175,7 @@ class DecoderProcess:
         with self._held_lock:
             self.generation += 1
             self.held = 0
+        self.stalled = False
         self.progress.touch()
 
     def send(self, message: DecodeRequest | FreeSlot | Cancel | Stop) -> None:
@@ -207,22 +208,15 @@ class DecoderProcess:
         with self._held_lock:
             self.held += 1
 
-    def wait(self, stall_s: float) -> None:
-        """Return once a message is waiting; raise DecoderStalled if none came for
-        ``stall_s`` while the process was not waiting for the model (DecoderDied if it
-        ended)."""
-        if self._conn is None:
-            raise DecoderDied("not running")
-        self.progress.touch()  # this thread may have been busy; the clock starts now
-        step = max(0.05, min(1.0, stall_s / 4))
-        try:
-            while not self._conn.poll(step):
-                if self.held >= self.slots:
-                    self.progress.touch()  # every slot is the model's: backpressure
-                elif self.progress.idle_s() > stall_s:
-                    raise DecoderStalled(f"no message for {self.progress.idle_s():.0f} s")
-        except (EOFError, OSError) as exc:
-            raise DecoderDied(self.exit_reason()) from exc
+    def waiting_for_model(self) -> bool:
+        """Every slot holds a clip the pipeline has not given back: backpressure."""
+        return self.held >= self.slots
+
+    def kill_stalled(self) -> None:
+        """The watchdog's: end a process that made no progress; its pipeline thread
+        then finds it dead and gives its video back as a stall."""
+        self.stalled = True
+        self.kill()
 
     def _receive(self) -> Any:
         """The next message, slot descriptors taken on the way. Raises DecoderDied."""
@@ -326,7 +320,7 @@ class ProcessFeed:
                  stall_s: float = 0.0) -> None:
         self.proc, self.todo, self.put, self.closing = proc, todo, put, closing
         self.stall_s = stall_s
-        """The watchdog (worker/watchdog.py): 0 = none."""
+        """What the watchdog (worker/watchdog.py) waits before it kills the process."""
         self.sent: dict[int, _Sent] = {}  # by sequence number, in the order sent
 
     def run(self) -> None:
@@ -355,13 +349,17 @@ class ProcessFeed:
                         proc.seq += 1
                         sent[proc.seq] = _Sent(video)
                 if sent:
-                    if self.stall_s > 0:
-                        proc.wait(self.stall_s)
+                    if not proc.busy:
+                        proc.progress.touch()  # the watchdog's clock starts now
+                        proc.busy = True
                     self._route(proc.recv())
-            except DecoderStalled as exc:
-                self._stalled(exc)
+                proc.busy = bool(sent)
             except (DecoderDied, OSError) as exc:
-                self._died(exc)
+                proc.busy = False
+                if proc.stalled:
+                    self._stalled()
+                else:
+                    self._died(exc)
             except Closed:
                 for entry in sent.values():
                     entry.video.finish(error=shutdown_error())
@@ -414,15 +412,13 @@ class ProcessFeed:
         self.put(ClipReady(video, reply.clip, reply.tensor,
                            lambda: proc.release(slot, generation)))
 
-    def _stalled(self, exc: DecoderStalled) -> None:
-        """Killed and replaced; the video in its hands goes back to the queue as this
-        host's failure (stall_error), those sent after it to the pipeline's queue."""
+    def _stalled(self) -> None:
+        """Killed by the watchdog, and replaced here; the video in its hands goes back
+        to the queue as this host's failure (stall_error), those sent after it to the
+        pipeline's queue."""
         proc = self.proc
         entries = list(self.sent.values())
         self.sent.clear()
-        log.warning("decoder process %s (pid %s) stalled (%s): killed and replaced",
-                    proc.name, proc.pid, exc)
-        proc.kill()
         proc.restart()
         if entries and not entries[0].ended:
             self.put(VideoFailed(entries[0].video,

@@ -325,12 +325,12 @@ class JobStore:
             ours = (Job.id == job_id, Job.lease_token == token,
                     Job.status == JobStatus.RUNNING.value)
             if len(hosts) >= 2 or not others_live:
-                why = (f" (on {len(hosts)} hosts: {', '.join(hosts)})" if len(hosts) >= 2
-                       else "")
+                where = (f"on {len(hosts)} hosts ({', '.join(hosts)})" if len(hosts) >= 2
+                         else f"on {host}, and no other live host is left to try")
                 return rowcount(s.execute(update(Job).where(*ours).values(
                     status=JobStatus.FAILED.value,
                     error_kind="timeout" if stalled else error.kind,
-                    error_message=(error.message[:1900] + why),
+                    error_message=f"{error.message[:1800]} (failed so {where})",
                     finished_at=now, lease_token=None))) == 1
             s.execute(update(Job).where(*ours).values(
                 status=JobStatus.QUEUED.value, lease_token=None, heartbeat_at=None,
@@ -639,7 +639,7 @@ def _host_failure(exc: VidqError, *, store: JobStore, job_id: int, token: str,
     if store.host_failure(job_id, token, host=host, error=exc, queue=queue):
         kind = "timeout" if exc.kind == STALLED else exc.kind
         fields.update(status="failed", error_kind=kind, host_local=True)
-        log.info("job %s failed: %s: %s (no other host could run it)", job_id, kind,
+        log.info("job %s failed: %s: %s (hosts agree, or no other is live)", job_id, kind,
                  exc.message, extra={"vidq": fields})
         metrics.JOBS.labels("failed", kind).inc()
         return Outcome(job_id, "failed", f"{kind}: {exc.message}", fields)

@@ -69,7 +69,7 @@ from worker.messages import (
 from worker.models import ModelPreset
 from worker.plan import Plan
 from worker.results import DecodeStats, VideoInfo, VideoResult
-from worker.watchdog import DecoderThreadState, Progress, ThreadWatchdog
+from worker.watchdog import DecoderThreadState, Progress, Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -179,11 +179,13 @@ class Pipeline:
         for thread in self._threads:
             thread.start()
         self._abandoned: list[threading.Thread] = []
-        self.watchdog = None
-        if stall_s > 0 and plan.decoder_kind != "processes":  # processes: in ProcessFeed
-            self.watchdog = ThreadWatchdog(stall_s=stall_s, decoders=self._decoders,
-                                           replace=self._replace_decoder,
-                                           closing=self._closing)
+        self.watchdog: Watchdog | None = None
+        if stall_s > 0:
+            processes = [proc for proc in self._procs if proc is not None]
+            self.watchdog = Watchdog(stall_s=stall_s,
+                                     decoders=[] if processes else self._decoders,
+                                     processes=processes, replace=self._replace_decoder,
+                                     closing=self._closing)
 
     @classmethod
     def from_settings(cls, model: Model, settings: Settings) -> Pipeline:
@@ -274,8 +276,10 @@ class Pipeline:
         torch.set_num_threads(1)
         try:
             if proc is not None:
-                ProcessFeed(proc, todo=self._todo, put=self._put, closing=self._closing,
-                            stall_s=self.stall_s).run()
+                # A pipeline thread held back by the model is not a stalled decoder.
+                ProcessFeed(proc, todo=self._todo,
+                            put=lambda message: self._put(message, proc.progress),
+                            closing=self._closing, stall_s=self.stall_s).run()
                 return
             while not state.abandoned.is_set():
                 video = self._todo.get()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -291,8 +292,10 @@ def run_classify(task: Any, job_id: Any, transient: Any, *, settings: Settings,
     transient = min(max(transient, 0), settings.max_retries)
     held = state()
     breaker = breaker_for(task.app, task.request.hostname, settings, held.store)
+    # Re-sent as it came (the retry counter untouched), however often: Celery's
+    # max_retries=None would mean its default of 3, not "no limit".
     again = {"kwargs": {"job_id": job_id, "transient": transient}, "args": (),
-             "max_retries": None}
+             "max_retries": sys.maxsize}
     if not breaker.admit():  # the circuit is open: back to the broker, for other hosts
         raise task.retry(countdown=1, **again)
     try:

@@ -24,9 +24,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from vidq.errors import STALLED, HostLocalError
 
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 def stall_error(path: str, stall_s: float) -> HostLocalError:
     return HostLocalError(
         f"{path}: the decoder made no progress for {stall_s:g} s (VIDQ_DECODE_STALL_S) "
-        "and was replaced; the job goes back to the queue.", kind=STALLED)
+        "and was replaced.", kind=STALLED)
 
 
 @dataclass(eq=False)
@@ -68,15 +68,37 @@ class DecoderThreadState:
     """Set by the watchdog: the thread exits at its next step, touching nothing."""
 
 
-class ThreadWatchdog:
-    """Watches a pipeline's decoder threads; a thread whose video has made no progress
-    for ``stall_s`` is abandoned, its video failed with ``stall_error`` and
-    ``replace(index)`` called to start another thread in its place."""
+class WatchedProcess(Protocol):
+    """What the watchdog needs of a decoder process (worker/decoder_process.py)."""
+
+    name: str
+    progress: Progress
+    busy: bool
+
+    @property
+    def pid(self) -> int | None: ...
+
+    def waiting_for_model(self) -> bool: ...
+
+    def kill_stalled(self) -> None: ...
+
+
+class Watchdog:
+    """Watches a pipeline's decoders, each ``stall_s``/4 (at most 1 s).
+
+    - A decoder thread whose video has made no progress for ``stall_s`` is abandoned,
+      its video failed with ``stall_error`` and ``replace(index)`` called to start
+      another thread in its place.
+    - A decoder process with videos in its hands, not held back by the model, that
+      sent nothing for ``stall_s`` is killed; its pipeline thread restarts it and gives
+      the video back (worker/decoder_process.py)."""
 
     def __init__(self, *, stall_s: float, decoders: list[DecoderThreadState],
-                 replace: Callable[[int], None], closing: threading.Event) -> None:
+                 processes: Sequence[WatchedProcess], replace: Callable[[int], None],
+                 closing: threading.Event) -> None:
         self.stall_s = stall_s
         self.decoders = decoders
+        self.processes = processes
         self._replace = replace
         self._closing = closing
         self.replaced = 0
@@ -87,6 +109,16 @@ class ThreadWatchdog:
     def _loop(self) -> None:
         step = max(0.05, min(1.0, self.stall_s / 4))
         while not self._closing.wait(step):
+            for proc in self.processes:
+                if not proc.busy or proc.waiting_for_model():
+                    proc.progress.touch()
+                elif proc.progress.idle_s() > self.stall_s:
+                    log.warning("decoder process %s (pid %s) made no progress for %.0f s: "
+                                "killed and replaced", proc.name, proc.pid,
+                                proc.progress.idle_s())
+                    self.replaced += 1
+                    proc.busy = False
+                    proc.kill_stalled()
             for state in list(self.decoders):
                 video = state.video
                 if video is None or state.abandoned.is_set():

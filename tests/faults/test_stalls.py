@@ -27,18 +27,20 @@ STALL_S = "3"
 
 
 def decoder_processes(host: Host) -> list[int]:
-    """The host's decoder processes (grandchildren of its ``vidq worker``)."""
+    """The host's decoder processes (grandchildren of its ``vidq worker``; not what they
+    fork, which shows the same command line)."""
     assert host.worker is not None
     found, todo = [], [host.worker.pid]
     while todo:
         for pid in children_of(todo.pop()):
-            todo.append(pid)
             try:
                 cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
             except OSError:
                 continue
             if b"decoder_child" in cmdline:
                 found.append(pid)
+            else:
+                todo.append(pid)
     return found
 
 
@@ -100,7 +102,7 @@ def test_a_stalled_decoder_is_replaced_and_the_video_fails_only_on_a_second_host
     cluster = fleet.cluster
     hold = cluster.hold("decode_clip")
     env = {"VIDQ_DECODE_STALL_S": STALL_S, **hold.env()}
-    args = ("--concurrency", "2", "--decoders", decoders, "--decode-workers", "1")
+    args = ("--concurrency", "1", "--decoders", decoders, "--decode-workers", "1")
     hosts = [fleet.add_host(name, *args, isolate=True, ready=False, **env)
              for name in ("host-a", "host-b")]
     for host in hosts:
