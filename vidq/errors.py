@@ -67,6 +67,12 @@ class HostLocalError(TransientError):
 
     kind = "host_local"
 
+    def __init__(self, message: str, *, kind: str | None = None, again: bool = False) -> None:
+        super().__init__(message, kind=kind)
+        self.again = again
+        """This host had failed this very job before: no news about the host (a file
+        missing everywhere, passed back and forth, is not a failure in a row)."""
+
 
 class OutsideRootsError(InputError):
     """The path resolves outside this host's ``VIDQ_MEDIA_ROOTS``: a host whose roots

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 
 from vidq import metrics
-from vidq.errors import VidqError
+from vidq.errors import HostLocalError
 from worker.jobs import JobStore
 
 log = logging.getLogger("vidq.worker")
@@ -76,9 +76,12 @@ class Breaker:
                 return True
             return False
 
-    def failed(self, error: VidqError) -> None:
-        """A host-local failure."""
+    def failed(self, error: HostLocalError) -> None:
+        """A host-local failure (one of a job this host had failed before counts only
+        when it was the probe)."""
         with self._lock:
+            if error.again and self.state is not Circuit.HALF_OPEN:
+                return
             self.in_a_row += 1
             self.last_error = f"{error.kind}: {error.message}"
             probe_failed = self.state is Circuit.HALF_OPEN
@@ -108,6 +111,13 @@ class Breaker:
             self.probe_s = FIRST_PROBE_S
         log.info("circuit closed: %s runs jobs again", self.host)
         self._resume()
+
+    def settled(self) -> None:
+        """An outcome that says nothing either way (skipped, busy, a database error):
+        a half-open circuit takes another probe."""
+        with self._lock:
+            if self.state is Circuit.HALF_OPEN:
+                self._probing = False
 
     def _half_open(self) -> None:
         with self._lock:

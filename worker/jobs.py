@@ -295,14 +295,15 @@ class JobStore:
         return self._run(op)
 
     def host_failure(self, job_id: int, token: str, *, host: str, error: VidqError,
-                     queue: str) -> bool:
+                     queue: str) -> tuple[bool, int]:
         """Record that ``host`` failed the job with a host-local ``error``, and judge it:
-        True when the job failed for good (a second host agrees, or no other live host
-        of ``queue`` is left to ask; a stall fails as ``timeout``), False when it went
-        back to the queue with its attempt given back. Only while our lease holds."""
+        (True when the job failed for good: a second host agrees, or no other live host
+        of ``queue`` is left to ask, and a stall fails as ``timeout``; False when it went
+        back to the queue with its attempt given back, and how many times this host has
+        failed it so). Only while our lease holds."""
         stalled = error.kind == STALLED
 
-        def op(s: Session) -> bool:
+        def op(s: Session) -> tuple[bool, int]:
             now = db_now()
             known = s.scalar(select(HostFailure.failures).where(
                 HostFailure.job_id == job_id, HostFailure.host == host))
@@ -327,16 +328,17 @@ class JobStore:
             if len(hosts) >= 2 or not others_live:
                 where = (f"on {len(hosts)} hosts ({', '.join(hosts)})" if len(hosts) >= 2
                          else f"on {host}, and no other live host is left to try")
-                return rowcount(s.execute(update(Job).where(*ours).values(
+                failed = rowcount(s.execute(update(Job).where(*ours).values(
                     status=JobStatus.FAILED.value,
                     error_kind="timeout" if stalled else error.kind,
                     error_message=f"{error.message[:1800]} (failed so {where})",
                     finished_at=now, lease_token=None))) == 1
+                return failed, (known or 0) + 1
             s.execute(update(Job).where(*ours).values(
                 status=JobStatus.QUEUED.value, lease_token=None, heartbeat_at=None,
                 attempts=Job.attempts - 1, error_kind=error.kind[:32],
                 error_message=error.message[:2000]))
-            return False
+            return False, (known or 0) + 1
 
         return self._run(op)
 
@@ -636,7 +638,8 @@ def _host_failure(exc: VidqError, *, store: JobStore, job_id: int, token: str,
     (HostLocalError raised for the caller to re-send it), or fails for good once the
     fleet agrees."""
     host = host_name()
-    if store.host_failure(job_id, token, host=host, error=exc, queue=queue):
+    failed, times = store.host_failure(job_id, token, host=host, error=exc, queue=queue)
+    if failed:
         kind = "timeout" if exc.kind == STALLED else exc.kind
         fields.update(status="failed", error_kind=kind, host_local=True)
         log.info("job %s failed: %s: %s (hosts agree, or no other is live)", job_id, kind,
@@ -646,7 +649,7 @@ def _host_failure(exc: VidqError, *, store: JobStore, job_id: int, token: str,
     log.warning("job %s: host %s cannot run it (%s: %s); back to the queue, no attempt "
                 "spent", job_id, host, exc.kind, exc.message)
     metrics.JOBS.labels("host_local", exc.kind).inc()
-    raise HostLocalError(exc.message, kind=exc.kind) from None
+    raise HostLocalError(exc.message, kind=exc.kind, again=times > 1) from None
 
 
 def _release(store: JobStore, job_id: int, token: str, error: VidqError) -> None:

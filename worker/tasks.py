@@ -305,6 +305,7 @@ def run_classify(task: Any, job_id: Any, transient: Any, *, settings: Settings,
         breaker.failed(exc)
         raise task.retry(countdown=1, **again) from None
     except TransientError as exc:
+        breaker.settled()
         if transient >= settings.max_retries:
             give_up = TransientError(
                 f"gave up after {transient + 1} attempts: {exc.message}", kind="retries_exhausted"
@@ -319,6 +320,10 @@ def run_classify(task: Any, job_id: Any, transient: Any, *, settings: Settings,
         log.warning("job %s: %s; retry %d in %.0fs", job_id, exc.message, transient + 1, delay)
         raise task.retry(kwargs={"job_id": job_id, "transient": transient + 1}, args=(),
                          countdown=delay, max_retries=None) from None
+    if outcome.status in ("succeeded", "failed") and not outcome.fields.get("host_local"):
+        breaker.succeeded()
+    else:
+        breaker.settled()
     if outcome.status == "busy":
         # Another delivery holds a live lease (a duplicate message, or a crashed
         # child's job whose heartbeat has not gone stale yet): look again later.
@@ -326,8 +331,6 @@ def run_classify(task: Any, job_id: Any, transient: Any, *, settings: Settings,
                          countdown=settings.stale_after_s, max_retries=None)
     if outcome.status in ("succeeded", "failed", "skipped"):
         notify_soon(settings, outcome.fields.get("batch_id"))  # the batch may be complete
-    if outcome.status in ("succeeded", "failed") and not outcome.fields.get("host_local"):
-        breaker.succeeded()
     log.info("job %s %s %s", job_id, outcome.status, outcome.detail,
              extra={"vidq": {"job_id": job_id, "status": outcome.status, **outcome.fields,
                              "task_id": task.request.id, "transient_retries": transient}})
