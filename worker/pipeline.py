@@ -169,6 +169,8 @@ class Pipeline:
             if proc is not None:
                 proc.wait_ready()
         self._decoders = [DecoderThreadState(i) for i in range(plan.decoder_count)]
+        self._decoding = threading.local()
+        """A decoder's pipeline thread: ``progress``, what the watchdog reads."""
         self._threads = [
             threading.Thread(target=self._decode_loop, args=(proc, self._decoders[i]),
                              name=f"vidq-decode-{i}", daemon=True)
@@ -255,10 +257,11 @@ class Pipeline:
         self.close()
 
     # -- decode stage --------------------------------------------------------------
-    def _put(self, message: Message, progress: Progress | None = None) -> None:
+    def _put(self, message: Message) -> None:
         """Queue a message; a clip first waits for a free slot (backpressure), until
-        the pipeline closes. A decoder thread waiting so is not stalled (``progress``)."""
+        the pipeline closes. A decoder waiting so is not stalled (its ``progress``)."""
         if isinstance(message, ClipReady):
+            progress: Progress | None = getattr(self._decoding, "progress", None)
             while not self._slots.acquire(timeout=0.2):
                 if progress is not None:
                     progress.touch()
@@ -277,10 +280,11 @@ class Pipeline:
         try:
             if proc is not None:
                 # A pipeline thread held back by the model is not a stalled decoder.
-                ProcessFeed(proc, todo=self._todo,
-                            put=lambda message: self._put(message, proc.progress),
-                            closing=self._closing, stall_s=self.stall_s).run()
+                self._decoding.progress = proc.progress
+                ProcessFeed(proc, todo=self._todo, put=self._put, closing=self._closing,
+                            stall_s=self.stall_s).run()
                 return
+            self._decoding.progress = state.progress
             while not state.abandoned.is_set():
                 video = self._todo.get()
                 if video is None:
@@ -334,8 +338,7 @@ class Pipeline:
                 video.path, video.sampling, self._config,
                 prepare=lambda clip: self.model.prepare(clip.rgb, crops=crops),
                 started=lambda info: self._put(VideoStarted(video, info)),
-                clip_ready=lambda clip, prepared: self._put(ClipReady(video, clip, prepared),
-                                                            progress),
+                clip_ready=lambda clip, prepared: self._put(ClipReady(video, clip, prepared)),
                 check=check)
         except Closed:
             raise
