@@ -326,12 +326,13 @@ class JobStore:
             ours = (Job.id == job_id, Job.lease_token == token,
                     Job.status == JobStatus.RUNNING.value)
             if len(hosts) >= 2 or not others_live:
-                where = (f"on {len(hosts)} hosts ({', '.join(hosts)})" if len(hosts) >= 2
-                         else f"on {host}, and no other live host is left to try")
+                # One host, or one left: its word is final, and the message as before.
+                where = (f" (failed so on {len(hosts)} hosts: {', '.join(hosts)})"
+                         if len(hosts) >= 2 else "")
                 failed = rowcount(s.execute(update(Job).where(*ours).values(
                     status=JobStatus.FAILED.value,
                     error_kind="timeout" if stalled else error.kind,
-                    error_message=f"{error.message[:1800]} (failed so {where})",
+                    error_message=f"{error.message[:1800]}{where}",
                     finished_at=now, lease_token=None))) == 1
                 return failed, (known or 0) + 1
             s.execute(update(Job).where(*ours).values(

@@ -44,17 +44,20 @@ def test_one_host_without_the_media_mount_fails_nothing_and_opens_its_circuit(
     cluster = fleet.cluster
     port = free_port()
     args = ("--concurrency", "1")
-    good = fleet.add_host("good-host", *args, isolate=True, ready=False)
+    hold = cluster.hold("before_claim")  # until gone.mp4 is gone
+    good = fleet.add_host("good-host", *args, isolate=True, ready=False, **hold.env())
     bad = fleet.add_host("bad-host", *args, isolate=True, hidden=[mount], ready=False,
-                         VIDQ_METRICS_PORT=str(port))
+                         VIDQ_METRICS_PORT=str(port), **hold.env())
     for host in (good, bad):
         assert host.log is not None
         cluster.wait_log(host.log, "ready:", proc=host.worker)
     assert bad.run("ls", "-A", str(mount)).stdout == ""
     cluster.wait_for(lambda: healthz(port)[0] == 200, timeout=60, what="bad host healthy")
 
+    hold.engage()
     cluster.vidq("submit", *map(str, videos), str(gone), "--batch", "fleet")
     os.unlink(gone)
+    hold.release()
 
     # The bad host fails three jobs in a row in milliseconds: its circuit opens.
     def bad_open() -> list[tuple]:
@@ -84,7 +87,7 @@ def test_one_host_without_the_media_mount_fails_nothing_and_opens_its_circuit(
     agreed = cluster.sql("select host from host_failures where job_id = :id order by host",
                          id=missing["id"])
     assert agreed == [("bad-host",), ("good-host",)], agreed
-    assert "on 2 hosts (bad-host, good-host)" in missing["error_message"], missing
+    assert "on 2 hosts: bad-host, good-host" in missing["error_message"], missing
     # The bad host's failures were all of its own: recorded against it, not the videos.
     blamed = cluster.sql("select distinct host from host_failures")
     assert set(blamed) == {("bad-host",), ("good-host",)}
