@@ -19,6 +19,7 @@ from vidq.db import (
     JobStatus,
     LabelSegment,
     VideoLabel,
+    WorkerHost,
     aware,
     db_now,
     rowcount,
@@ -56,6 +57,8 @@ class StatusSummary:
     """Age of the oldest queued job (seconds since it was submitted)."""
     queue_depth: dict[str, dict[str, int]] | None = None
     """Messages waiting in the broker, per queue and vidq priority (and ``unacked``)."""
+    workers: list[dict[str, Any]] | None = None
+    """Worker hosts that reported in the last hour (``worker_hosts``)."""
 
     def to_json(self) -> dict[str, Any]:
         return self.__dict__.copy()
@@ -95,6 +98,26 @@ def status_summary(session: Session, batch: str | None = None) -> StatusSummary:
     if oldest is not None:
         oldest_s = max(0.0, (utcnow() - aware(oldest)).total_seconds())
     return StatusSummary(counts, int(clips_done), jobs_per_s, clips_per_s, eta, oldest_s)
+
+
+WORKERS_WINDOW_S = 3600
+
+
+def worker_hosts(session: Session, *, queue: str | None = None) -> list[dict[str, Any]]:
+    """Worker hosts that reported in the last hour, with their circuit breaker: host,
+    queue, state (``closed``, ``open``, ``half-open``), last error, since (ISO time) and
+    how many seconds ago it was last seen (by the database's clock)."""
+    now = session.scalar(select(db_now()))
+    stmt = select(WorkerHost).where(WorkerHost.seen_at > db_now(ago_s=WORKERS_WINDOW_S))
+    if queue is not None:
+        stmt = stmt.where(WorkerHost.queue == queue)
+    hosts = []
+    for w in session.scalars(stmt.order_by(WorkerHost.host)):
+        seen = (aware(now) - aware(w.seen_at)).total_seconds() if now is not None else None
+        hosts.append({"host": w.host, "queue": w.queue, "state": w.state,
+                      "last_error": w.last_error, "since": aware(w.since).isoformat(),
+                      "seen_s_ago": None if seen is None else max(0.0, seen)})
+    return hosts
 
 
 def succeeded_jobs(session: Session, stmt: Rows, *, batch: str | None) -> Rows:

@@ -337,12 +337,13 @@ def _status(settings: Settings, batch: str | None) -> Any:
     the broker is not asked."""
     from sqlalchemy import select
 
-    from producer.query import batch_id, status_summary
+    from producer.query import batch_id, status_summary, worker_hosts
     from vidq.db import Job, sessions
     from vidq.queue import queue_depths
 
     with sessions(settings.database_url, auto_migrate=settings.auto_migrate)() as session:
         summary = status_summary(session, batch)
+        summary.workers = worker_hosts(session)
         bid = batch_id(session, batch)
         published = select(Job.id).where(Job.enqueued_at.is_not(None)).limit(1)
         if bid is not None:
@@ -379,6 +380,12 @@ def status(batch: str | None, as_json: bool) -> None:
     if summary.queue_depth:
         waiting = {q: sum(d.values()) for q, d in summary.queue_depth.items()}
         click.echo("broker: " + "  ".join(f"{q} {n}" for q, n in waiting.items()))
+    if summary.workers:
+        click.echo("workers:")
+        for w in summary.workers:
+            error = f"  last error: {w['last_error']}" if w["last_error"] else ""
+            click.echo(f"  {w['host']}  {w['queue']}  {w['state']} since {w['since']}  "
+                       f"seen {w['seen_s_ago']:.0f}s ago{error}")
 
 
 @main.command("metrics")

@@ -364,6 +364,45 @@ class ClipEmbedding(Base):
     """Little-endian IEEE float16 values, as many as the video row's ``dim``."""
 
 
+class HostFailure(Base):
+    """A failure that says something about the host rather than the video (the file
+    not found there, a refused path, permission denied, a decoder that stalled): the
+    job went back to the queue without spending an attempt. It fails for good only
+    when two distinct hosts agree (worker/breaker.py)."""
+
+    __tablename__ = "host_failures"
+
+    job_id: Mapped[int] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    host: Mapped[str] = mapped_column(String(255), primary_key=True)
+    error_kind: Mapped[str] = mapped_column(String(32))
+    """``stalled`` for a decoder that made no progress, else the input error's kind."""
+    error_message: Mapped[str | None] = mapped_column(Text)
+    failures: Mapped[int] = mapped_column(Integer)
+    """Times this host failed the job so."""
+    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+
+
+class WorkerHost(Base):
+    """A worker host's circuit breaker as it last reported it (``vidq status``)."""
+
+    __tablename__ = "workers"
+
+    host: Mapped[str] = mapped_column(String(255), primary_key=True)
+    queue: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16))
+    """``closed`` (consuming), ``open`` (stopped after host-local failures in a row) or
+    ``half-open`` (probing with one message)."""
+    last_error: Mapped[str | None] = mapped_column(Text)
+    since: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    """When it entered ``state``."""
+    seen_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    """Its last report, by the database's clock: a host is live while this is fresh."""
+
+    __table_args__ = (Index("ix_workers_queue_seen", "queue", "seen_at"),)
+
+
 _ENGINES: dict[str, Engine] = {}
 
 

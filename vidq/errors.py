@@ -51,3 +51,31 @@ class Cancelled(VidqError):
     it over): give it up without writing anything."""
 
     kind = "cancelled"
+
+
+STALLED = "stalled"
+"""The ``error_kind`` of a decoder that made no progress (worker/watchdog.py), while it
+is one host's failure."""
+
+
+class HostLocalError(TransientError):
+    """This host, not the video, failed the job (the file is not found or not readable
+    here, a path outside this host's media roots, bucket credentials, a device error, a
+    decoder that stalled): another host may well succeed. The job goes back to the
+    queue without spending an attempt, and fails for good only once two hosts agree
+    (worker/jobs.py); failures in a row open the host's circuit (worker/breaker.py)."""
+
+    kind = "host_local"
+
+    def __init__(self, message: str, *, kind: str | None = None, again: bool = False) -> None:
+        super().__init__(message, kind=kind)
+        self.again = again
+        """This host had failed this very job before: no news about the host (a file
+        missing everywhere, passed back and forth, is not a failure in a row)."""
+
+
+class OutsideRootsError(InputError):
+    """The path resolves outside this host's ``VIDQ_MEDIA_ROOTS``: a host whose roots
+    (or mounts) differ from the producer's says so about itself, not about the video."""
+
+    kind = "refused_path"

@@ -14,8 +14,13 @@ The points (keep them where the pipeline is rewritten):
 - ``before_claim``: a worker has the job's message (unacked), the row is untouched;
 - ``after_claim``: the job row is claimed (running, heartbeat live), nothing decoded;
 - ``before_commit``: the job is classified (its heartbeat still beating), nothing written;
-- ``reconcile``: ``vidq.reconcile.reconcile`` is about to look for lost jobs.
-- ``purge_selected``: ``vidq purge`` has selected a chunk of finished jobs, nothing deleted.
+- ``reconcile``: ``vidq.reconcile.reconcile`` is about to look for lost jobs;
+- ``purge_selected``: ``vidq purge`` has selected a chunk of finished jobs, nothing deleted;
+- ``decode_clip``: a decoder (thread or process) has read a clip of the video it names
+  (``subject``), before it hands it over: a decoder frozen mid-video.
+
+A hold file with text in it holds only the points whose ``subject`` contains that text
+(one video among many).
 """
 
 from __future__ import annotations
@@ -34,10 +39,18 @@ def _hold_file(name: str) -> str | None:
     return None
 
 
-def pause_point(name: str) -> None:
-    """Record reaching ``name``, and block while its hold file exists."""
+def pause_point(name: str, subject: str = "") -> None:
+    """Record reaching ``name``, and block while its hold file exists (and, if it holds
+    text, only where ``subject`` contains that text)."""
     path = _hold_file(name)
     if path is None:
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            only = f.read().strip()
+    except OSError:
+        only = ""
+    if only and only not in subject:
         return
     held = os.path.exists(path)
     with open(f"{path}.log", "a", encoding="utf-8") as log:

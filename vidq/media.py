@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Protocol
 
 from vidq import storage
-from vidq.errors import InputError, TransientError
+from vidq.errors import InputError, OutsideRootsError, TransientError
 
 
 class VideoSource(Protocol):
@@ -86,7 +86,7 @@ def check_video_path(
     roots = _local_roots(raw, media_roots)
     if roots is not None:
         if not any(resolved == r or r in resolved.parents for r in roots):
-            raise InputError(
+            raise OutsideRootsError(
                 f"{raw}: refused: resolves outside VIDQ_MEDIA_ROOTS "
                 f"({os.pathsep.join(media_roots)}).",
                 kind="refused_path",
@@ -166,7 +166,7 @@ def open_video(
         if roots is not None and os.path.exists(proc):  # without procfs: the checked path
             real = Path(os.readlink(proc))
             if not any(real == r or r in real.parents for r in roots):
-                raise InputError(f"{raw}: refused: the file opened is outside "
+                raise OutsideRootsError(f"{raw}: refused: the file opened is outside "
                                  "VIDQ_MEDIA_ROOTS.", kind="refused_path")
         yield HashingReader(fd, raw=raw)
     finally:

@@ -42,3 +42,6 @@ HEARTBEATS_FAILING = Gauge("vidq_heartbeats_failing", "1 while this worker proce
 HEARTBEAT_OK_AT = Gauge("vidq_heartbeat_ok_timestamp_seconds", "When this worker process last "
                         "wrote its heartbeats (or read the database's clock, holding no "
                         "job): Unix time.", multiprocess_mode="liveall")
+CIRCUIT_OPEN = Gauge("vidq_circuit_open", "1 while this worker process's circuit breaker "
+                     "is open or half-open (host-local failures in a row).",
+                     multiprocess_mode="liveall")

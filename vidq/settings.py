@@ -209,6 +209,23 @@ class Settings:
     heartbeat_s: int = 15
     """How often a running job's heartbeat is written."""
 
+    decode_stall_s: float = 120.0
+    """A decoder that has made no progress on a video (no packet read, no clip out,
+    while the model was not holding it back) for this long is stalled: a frozen process
+    or a read blocked on a hung mount. The watchdog replaces it (a decoder process is
+    killed; a decoder thread is abandoned for a new one) and the video goes back to the
+    queue as this host's failure, no attempt spent. It fails for good (``timeout``) only
+    once it stalled on two hosts. Keep it well under ``task_time_limit_s``."""
+
+    breaker_failures: int = 3
+    """Host-local failures in a row (a file the producer saw is not found here, a path
+    outside this host's media roots, permission denied, bucket credentials, device
+    errors, a stalled decoder) after which a worker process stops taking messages
+    (circuit open, /healthz unhealthy, ``vidq status`` shows it) and then probes again
+    with one message at a time, backing off from 10 s to 5 minutes. Such a failure
+    gives the job back without spending an attempt; it fails for good only once two
+    hosts agree (or no other live host is left to ask). 0 = never stop consuming."""
+
     segment_min_score: float = 0.3
     """A clip counts towards a label's segment when the label is in its top-k with at
     least this score (softmax, 0..1). Rules in ``vidq/segments.py``."""

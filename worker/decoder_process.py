@@ -87,6 +87,7 @@ from worker.messages import (
     shutdown_error,
 )
 from worker.video import ClipFrames
+from worker.watchdog import Progress, stall_error
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +166,16 @@ class DecoderProcess:
         """Counts the processes started: a slot freed for a dead one is not sent."""
         self.seq = 0
         """Numbers the videos sent, so that a cancelled video's late messages are known."""
+        self.progress = Progress()
+        """Its last message, or the last slot the model loop gave back (worker/watchdog.py)."""
+        self.held = 0
+        """Its slots whose clips the pipeline still holds: with all of them held, it
+        waits for the model, and that is not a stall."""
+        self._held_lock = threading.Lock()
+        self.busy = False
+        """Videos are in its hands (its pipeline thread waits for its messages)."""
+        self.stalled = False
+        """Killed by the watchdog (worker/watchdog.py), not dead of its own."""
 
     def start(self) -> None:
         """Start the process and wait until it is ready for videos (its imports take a
@@ -199,7 +210,11 @@ class DecoderProcess:
         conn = Connection(ours.detach())
         conn.send(Setup(self.config, self.slots))
         self._conn, self._proc, self._maps = conn, proc, {}
-        self.generation += 1
+        with self._held_lock:
+            self.generation += 1
+            self.held = 0
+        self.stalled = False
+        self.progress.touch()
 
     def send(self, message: DecodeRequest | FreeSlot | Cancel | Stop) -> None:
         if self._conn is None:
@@ -209,8 +224,11 @@ class DecoderProcess:
 
     def release(self, slot: int, generation: int) -> None:
         """Slot ``slot`` may be written again (its clip's batch has run)."""
-        if generation != self.generation:
-            return  # that process is gone, and its slots with it
+        with self._held_lock:
+            if generation != self.generation:
+                return  # that process is gone, and its slots with it
+            self.held -= 1
+        self.progress.touch()
         try:
             self.send(FreeSlot(slot))
         except OSError:
@@ -223,6 +241,21 @@ class DecoderProcess:
         except OSError:
             pass  # it died; its pipeline thread sees that on its next receive
 
+    def hold(self) -> None:
+        """A clip of this process's is in the pipeline until ``release``."""
+        with self._held_lock:
+            self.held += 1
+
+    def waiting_for_model(self) -> bool:
+        """Every slot holds a clip the pipeline has not given back: backpressure."""
+        return self.held >= self.slots
+
+    def kill_stalled(self) -> None:
+        """The watchdog's: end a process that made no progress; its pipeline thread
+        then finds it dead and gives its video back as a stall."""
+        self.stalled = True
+        self.kill()
+
     def _receive(self) -> Any:
         """The next message, slot descriptors taken on the way. Raises DecoderDied."""
         if self._conn is None:
@@ -230,6 +263,7 @@ class DecoderProcess:
         try:
             while True:
                 message = decode_reply(self._conn.recv_bytes())
+                self.progress.touch()
                 if not isinstance(message, SlotCreated):
                     return message
                 if not 0 <= message.slot < self.slots or message.size <= 0:
@@ -328,8 +362,11 @@ class ProcessFeed:
     worker); its replies become the messages a decoder thread would put."""
 
     def __init__(self, proc: DecoderProcess, *, todo: queue.Queue[InFlight | None],
-                 put: Callable[[Message], None], closing: threading.Event) -> None:
+                 put: Callable[[Message], None], closing: threading.Event,
+                 stall_s: float = 0.0) -> None:
         self.proc, self.todo, self.put, self.closing = proc, todo, put, closing
+        self.stall_s = stall_s
+        """What the watchdog (worker/watchdog.py) waits before it kills the process."""
         self.sent: dict[int, _Sent] = {}  # by sequence number, in the order sent
 
     def run(self) -> None:
@@ -358,9 +395,17 @@ class ProcessFeed:
                         proc.seq += 1
                         sent[proc.seq] = _Sent(video)
                 if sent:
+                    if not proc.busy:
+                        proc.progress.touch()  # the watchdog's clock starts now
+                        proc.busy = True
                     self._route(proc.recv())
+                proc.busy = bool(sent)
             except (DecoderDied, OSError) as exc:
-                self._died(exc)
+                proc.busy = False
+                if proc.stalled:
+                    self._stalled()
+                else:
+                    self._died(exc)
             except Closed:
                 for entry in sent.values():
                     entry.video.finish(error=shutdown_error())
@@ -390,6 +435,7 @@ class ProcessFeed:
     def _clip(self, entry: _Sent, reply: ClipArrived) -> None:
         proc, video = self.proc, entry.video
         slot, generation = reply.slot, proc.generation
+        proc.hold()  # until ``release``, whatever becomes of the clip
         if not entry.ended:
             stop = None if video.done else (
                 video.should_stop() or (shutdown_error() if self.closing.is_set() else None))
@@ -411,6 +457,21 @@ class ProcessFeed:
             return
         self.put(ClipReady(video, reply.clip, reply.tensor,
                            lambda: proc.release(slot, generation)))
+
+    def _stalled(self) -> None:
+        """Killed by the watchdog, and replaced here; the video in its hands goes back
+        to the queue as this host's failure (stall_error), those sent after it to the
+        pipeline's queue."""
+        proc = self.proc
+        entries = list(self.sent.values())
+        self.sent.clear()
+        proc.restart()
+        if entries and not entries[0].ended:
+            self.put(VideoFailed(entries[0].video,
+                                 stall_error(entries[0].video.path, self.stall_s)))
+        for entry in entries[1:]:
+            if not entry.ended:
+                self.todo.put(entry.video)
 
     def _died(self, exc: BaseException) -> None:
         """The video in its hands fails; those sent after it go back to the queue."""

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from vidq.errors import InputError, VidqError
+from vidq.faultpoints import pause_point
 from vidq.media import HashingReader, open_video
 from vidq.sampling import Sampling, plan_windows
 from vidq.settings import Settings
@@ -107,6 +108,7 @@ def decode_video(
         windows = plan_windows(sampling, reader.info.duration_s, config.preset.clip_duration)
         n = 0
         for clip in reader.clips(windows, num_frames=config.preset.num_frames):
+            pause_point("decode_clip", path)
             check()
             prepared = prepare(clip)
             clip.rgb = []  # the RGB frames are no longer needed

@@ -44,9 +44,11 @@ from vidq import metrics
 from vidq.contact import CONTACT
 from vidq.db import (
     ClipPrediction,
+    HostFailure,
     Job,
     JobStatus,
     VideoLabel,
+    WorkerHost,
     aware,
     db_now,
     first_line,
@@ -56,7 +58,16 @@ from vidq.db import (
     utcnow,
 )
 from vidq.embeddings import write_embeddings
-from vidq.errors import Cancelled, InputError, PermanentError, TransientError, VidqError
+from vidq.errors import (
+    STALLED,
+    Cancelled,
+    HostLocalError,
+    InputError,
+    OutsideRootsError,
+    PermanentError,
+    TransientError,
+    VidqError,
+)
 from vidq.faultpoints import pause_point
 from vidq.media import changed_since_submit, check_input
 from vidq.sampling import Sampling
@@ -70,6 +81,28 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vidq.worker")
 T = TypeVar("T")
+
+
+HOST_LOCAL_KINDS = frozenset({
+    "not_found",  # a file the producer saw: this host lacks the mount, or the object
+    "unreadable",  # permission denied here, or bucket credentials that may not read it
+    "no_credentials",  # no bucket credentials on this host
+    "model_error",  # the device failed a forward pass
+    STALLED,  # a decoder that made no progress (worker/watchdog.py)
+})
+"""Error kinds that say something about the host rather than the video."""
+
+
+def host_local(error: VidqError) -> bool:
+    """Whether ``error`` says more about this host than about the video: another host
+    may well succeed (a path outside this host's media roots counts too)."""
+    return (isinstance(error, (HostLocalError, OutsideRootsError))
+            or error.kind in HOST_LOCAL_KINDS)
+
+
+def host_name() -> str:
+    """This host, as ``host_failures`` and ``workers`` name it."""
+    return socket.gethostname()
 
 
 def backoff_s(attempt: int) -> float:
@@ -322,6 +355,75 @@ class JobStore:
             return rowcount(res) == 1
 
         return self._run(op)
+
+    def host_failure(self, job_id: int, token: str, *, host: str, error: VidqError,
+                     queue: str) -> tuple[bool, int]:
+        """Record that ``host`` failed the job with a host-local ``error``, and judge it:
+        (True when the job failed for good: a second host agrees, or no other live host
+        of ``queue`` is left to ask, and a stall fails as ``timeout``; False when it went
+        back to the queue with its attempt given back, and how many times this host has
+        failed it so). Only while our lease holds."""
+        stalled = error.kind == STALLED
+
+        def op(s: Session) -> tuple[bool, int]:
+            now = db_now()
+            known = s.scalar(select(HostFailure.failures).where(
+                HostFailure.job_id == job_id, HostFailure.host == host))
+            values = dict(error_kind=error.kind[:32], error_message=error.message[:2000],
+                          at=now)
+            if known is None:
+                s.execute(insert(HostFailure).values(job_id=job_id, host=host, failures=1,
+                                                     **values))
+            else:
+                s.execute(update(HostFailure)
+                          .where(HostFailure.job_id == job_id, HostFailure.host == host)
+                          .values(failures=HostFailure.failures + 1, **values))
+            same = (HostFailure.error_kind == STALLED) if stalled else (
+                HostFailure.error_kind != STALLED)
+            hosts = sorted(s.scalars(select(HostFailure.host).where(
+                HostFailure.job_id == job_id, same)))
+            others_live = s.scalar(select(func.count()).select_from(WorkerHost).where(
+                WorkerHost.queue == queue, WorkerHost.host.not_in(hosts),
+                WorkerHost.seen_at > db_now(ago_s=self.stale_after_s)))
+            ours = (Job.id == job_id, Job.lease_token == token,
+                    Job.status == JobStatus.RUNNING.value)
+            if len(hosts) >= 2 or not others_live:
+                # One host, or one left: its word is final, and the message as before.
+                where = (f" (failed so on {len(hosts)} hosts: {', '.join(hosts)})"
+                         if len(hosts) >= 2 else "")
+                failed = rowcount(s.execute(update(Job).where(*ours).values(
+                    status=JobStatus.FAILED.value,
+                    error_kind="timeout" if stalled else error.kind,
+                    error_message=f"{error.message[:1800]}{where}",
+                    finished_at=now, lease_token=None))) == 1
+                return failed, (known or 0) + 1
+            s.execute(update(Job).where(*ours).values(
+                status=JobStatus.QUEUED.value, lease_token=None, heartbeat_at=None,
+                attempts=Job.attempts - 1, error_kind=error.kind[:32],
+                error_message=error.message[:2000]))
+            return False, (known or 0) + 1
+
+        return self._run(op)
+
+    def report_worker(self, *, host: str, queue: str, state: str, last_error: str | None,
+                      changed: bool) -> None:
+        """Write this host's breaker state to ``workers`` (``since`` moves only when the
+        state ``changed``); its ``seen_at`` says the host is live."""
+
+        def op(s: Session) -> None:
+            values: dict[str, Any] = dict(queue=queue, state=state, seen_at=db_now(),
+                                          last_error=None if last_error is None
+                                          else last_error[:2000])
+            if changed:
+                values["since"] = db_now()
+            if not rowcount(s.execute(update(WorkerHost).where(WorkerHost.host == host)
+                                      .values(**values))):
+                s.execute(insert(WorkerHost).values(host=host, **{**values, "since": db_now()}))
+
+        try:
+            self._run(op)
+        except IntegrityError:  # another process of this host inserted it first
+            self._run(op)
 
     def fail_if_changed(self, job: Job, path: str, token: str, *,
                         storage: StorageConfig | None = None,
@@ -627,12 +729,18 @@ def execute_job(
         metrics.JOBS.labels("cancelled", "").inc()
         return Outcome(job_id, "skipped", exc.message, fields)
     except PermanentError as exc:
+        if host_local(exc):
+            return _host_failure(exc, store=store, job_id=job_id, token=token, fields=fields,
+                                 queue=settings.queue)
         store.fail(job_id, token, exc)
         fields.update(status="failed", error_kind=exc.kind)
         log.info("job %s failed: %s: %s", job_id, exc.kind, exc.message, extra={"vidq": fields})
         metrics.JOBS.labels("failed", exc.kind).inc()
         return Outcome(job_id, "failed", f"{exc.kind}: {exc.message}", fields)
     except TransientError as exc:
+        if host_local(exc):
+            return _host_failure(exc, store=store, job_id=job_id, token=token, fields=fields,
+                                 queue=settings.queue)
         _release(store, job_id, token, exc)
         metrics.JOBS.labels("retried", exc.kind).inc()
         raise
@@ -654,6 +762,26 @@ def execute_job(
                        {**fields, "status": "succeeded"})
     return Outcome(job_id, "skipped", "lease lost: another delivery owns this job",
                    {**fields, "status": "skipped"})
+
+
+def _host_failure(exc: VidqError, *, store: JobStore, job_id: int, token: str,
+                  fields: dict[str, Any], queue: str) -> Outcome:
+    """A host-local failure: the job goes back to the queue, its attempt given back
+    (HostLocalError raised for the caller to re-send it), or fails for good once the
+    fleet agrees."""
+    host = host_name()
+    failed, times = store.host_failure(job_id, token, host=host, error=exc, queue=queue)
+    if failed:
+        kind = "timeout" if exc.kind == STALLED else exc.kind
+        fields.update(status="failed", error_kind=kind, host_local=True)
+        log.info("job %s failed: %s: %s (hosts agree, or no other is live)", job_id, kind,
+                 exc.message, extra={"vidq": fields})
+        metrics.JOBS.labels("failed", kind).inc()
+        return Outcome(job_id, "failed", f"{kind}: {exc.message}", fields)
+    log.warning("job %s: host %s cannot run it (%s: %s); back to the queue, no attempt "
+                "spent", job_id, host, exc.kind, exc.message)
+    metrics.JOBS.labels("host_local", exc.kind).inc()
+    raise HostLocalError(exc.message, kind=exc.kind, again=times > 1) from None
 
 
 def _release(store: JobStore, job_id: int, token: str, error: VidqError) -> None:

@@ -1,7 +1,7 @@
 """``vidq worker``'s metrics endpoint: ``/metrics`` (the sum over this host's worker
 processes, read from ``PROMETHEUS_MULTIPROC_DIR``) and ``/healthz``, which answers
-200 only while every worker process is alive, has its model loaded and can write its
-jobs' heartbeats.
+200 only while every worker process is alive, has its model loaded, can write its
+jobs' heartbeats and has its circuit breaker closed.
 
 The supervisor records nothing itself, so it never imports vidq/metrics.py (in
 multiprocess mode that would create metric files for its own pid).
@@ -54,6 +54,16 @@ def heartbeats_failing(max_age_s: float) -> int:
                   and 0 < sample.value < stale_before):
                 failing.add(pid)
     return len(failing)
+
+
+def circuits_open() -> int:
+    """Live worker processes whose circuit breaker is open or half-open
+    (worker/breaker.py): they stopped taking messages after host-local failures."""
+    total = 0
+    for metric in registry().collect():
+        if metric.name == "vidq_circuit_open":
+            total += sum(1 for s in metric.samples if s.value >= 1)
+    return total
 
 
 def mark_process_dead(pid: int) -> None:

@@ -69,6 +69,7 @@ from worker.messages import (
 from worker.models import ModelPreset
 from worker.plan import Plan
 from worker.results import DecodeStats, VideoInfo, VideoResult
+from worker.watchdog import DecoderThreadState, Progress, Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +133,10 @@ class Pipeline:
     """Decoders, a bounded clip queue and one model loop around a loaded model."""
 
     def __init__(self, model: Model, plan: Plan, *,
-                 inputs: InputPolicy | None = None) -> None:
+                 inputs: InputPolicy | None = None, stall_s: float = 0.0) -> None:
+        """``stall_s``: the decoder watchdog (worker/watchdog.py; 0 = none)."""
         self.model = model
+        self.stall_s = stall_s
         self.plan = plan
         self.batch_size = plan.batch_size
         self.batch_wait_s = plan.batch_wait_ms / 1000
@@ -165,21 +168,33 @@ class Pipeline:
         for proc in self._procs:
             if proc is not None:
                 proc.wait_ready()
+        self._decoders = [DecoderThreadState(i) for i in range(plan.decoder_count)]
+        self._decoding = threading.local()
+        """A decoder's pipeline thread: ``progress``, what the watchdog reads."""
         self._threads = [
-            threading.Thread(target=self._decode_loop, args=(proc,), name=f"vidq-decode-{i}",
-                             daemon=True)
+            threading.Thread(target=self._decode_loop, args=(proc, self._decoders[i]),
+                             name=f"vidq-decode-{i}", daemon=True)
             for i, proc in enumerate(self._procs)
         ]
         self._threads.append(
             threading.Thread(target=self._model_loop, name="vidq-model", daemon=True))
         for thread in self._threads:
             thread.start()
+        self._abandoned: list[threading.Thread] = []
+        self.watchdog: Watchdog | None = None
+        if stall_s > 0:
+            processes = [proc for proc in self._procs if proc is not None]
+            self.watchdog = Watchdog(stall_s=stall_s,
+                                     decoders=[] if processes else self._decoders,
+                                     processes=processes, replace=self._replace_decoder,
+                                     closing=self._closing)
 
     @classmethod
     def from_settings(cls, model: Model, settings: Settings) -> Pipeline:
         """A pipeline sized and opening inputs as ``settings`` say."""
         plan = Plan.from_settings(settings, on_gpu=model.device.type == "cuda")
-        return cls(model, plan, inputs=InputPolicy.from_settings(settings))
+        return cls(model, plan, inputs=InputPolicy.from_settings(settings),
+                   stall_s=settings.decode_stall_s)
 
     # -- the caller's side ---------------------------------------------------------
     def submit(
@@ -227,6 +242,8 @@ class Pipeline:
         if wait:
             for thread in self._threads:
                 thread.join(timeout=30)
+            for thread in self._abandoned:
+                thread.join(timeout=0.1)
             self._abandon()  # anything a decoder put after the model loop left
 
     def decoder_pids(self) -> list[int]:
@@ -242,9 +259,12 @@ class Pipeline:
     # -- decode stage --------------------------------------------------------------
     def _put(self, message: Message) -> None:
         """Queue a message; a clip first waits for a free slot (backpressure), until
-        the pipeline closes."""
+        the pipeline closes. A decoder waiting so is not stalled (its ``progress``)."""
         if isinstance(message, ClipReady):
+            progress: Progress | None = getattr(self._decoding, "progress", None)
             while not self._slots.acquire(timeout=0.2):
+                if progress is not None:
+                    progress.touch()
                 if self._closing.is_set():
                     if message.release is not None:
                         message.release()
@@ -253,39 +273,61 @@ class Pipeline:
                 self._waiting_views += message.video.sampling.crops
         self._clips.put(message)
 
-    def _decode_loop(self, proc: DecoderProcess | None) -> None:
+    def _decode_loop(self, proc: DecoderProcess | None, state: DecoderThreadState) -> None:
         # The transforms of this thread stay on one core; the model keeps its threads.
         # (torch's intra-op setting is per thread under OpenMP.)
         torch.set_num_threads(1)
         try:
             if proc is not None:
-                ProcessFeed(proc, todo=self._todo, put=self._put, closing=self._closing).run()
+                # A pipeline thread held back by the model is not a stalled decoder.
+                self._decoding.progress = proc.progress
+                ProcessFeed(proc, todo=self._todo, put=self._put, closing=self._closing,
+                            stall_s=self.stall_s).run()
                 return
-            while True:
+            self._decoding.progress = state.progress
+            while not state.abandoned.is_set():
                 video = self._todo.get()
                 if video is None:
                     return
                 if self._closing.is_set():
                     video.finish(error=shutdown_error())
                     continue
+                state.video = video
+                state.progress.touch()
                 try:
-                    self._decode(video)
+                    self._decode(video, state)
                 except Closed:
                     video.finish(error=shutdown_error())
                 except Exception as exc:  # a bug here must not stop decoding
                     log.exception("decoder %s failed on %s", threading.current_thread().name,
                                   video.path)
                     video.finish(error=video_error(exc, video.path))
+                finally:
+                    state.video = None
         finally:
             if proc is not None:
                 proc.stop()
 
-    def _decode(self, video: InFlight) -> None:
+    def _replace_decoder(self, index: int) -> None:
+        """The watchdog abandoned decoder thread ``index``: another takes its place."""
+        if self._closing.is_set():
+            return
+        old = self._threads[index]
+        state = self._decoders[index] = DecoderThreadState(index)
+        thread = threading.Thread(target=self._decode_loop, args=(None, state),
+                                  name=f"vidq-decode-{index}", daemon=True)
+        self._threads[index] = thread
+        self._abandoned.append(old)  # not waited for at close: it may never return
+        thread.start()
+
+    def _decode(self, video: InFlight, state: DecoderThreadState) -> None:
         """Decode a video in this thread."""
         crops = video.sampling.crops
+        progress = state.progress
 
         def check() -> None:
-            if self._closing.is_set():
+            progress.touch()
+            if self._closing.is_set() or state.abandoned.is_set():
                 raise Closed
             stop = video.should_stop()
             if stop is not None:

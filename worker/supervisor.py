@@ -51,11 +51,13 @@ def run_workers(settings: Settings, plan: Plan, *, queues: str, loglevel: str) -
             alive = sum(1 for proc, _ in children.values() if proc.poll() is None)
             loaded = metrics.models_loaded()
             failing = metrics.heartbeats_failing(settings.stale_after_s)
+            circuits = metrics.circuits_open()
             ok = (not stopping and alive == plan.processes and loaded >= plan.processes
-                  and not failing)
+                  and not failing and not circuits)
             return ok, (f"{'ok' if ok else 'unhealthy'}: {alive}/{plan.processes} worker "
                         f"processes alive, {loaded} with a model loaded, {failing} unable "
-                        "to write heartbeats")
+                        f"to write heartbeats, {circuits} with the circuit open "
+                        "(host-local failures)")
 
         metrics.serve(settings.metrics_port, healthy=healthy, host=settings.metrics_host)
 

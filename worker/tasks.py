@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,13 +33,21 @@ from celery.worker.request import Request
 from vidq import metrics
 from vidq.contact import CONTACT
 from vidq.db import dispose_engines, wait_for_database
-from vidq.errors import TransientError, VidqError
+from vidq.errors import HostLocalError, TransientError, VidqError
 from vidq.logs import use_json
 from vidq.notify import notify_soon
 from vidq.queue import TASK_CLASSIFY, make_celery
 from vidq.reconcile import reconcile
 from vidq.settings import Settings
-from worker.jobs import DatabaseUnavailable, JobStore, LeaseExpired, backoff_s, execute_job
+from worker.breaker import Breaker
+from worker.jobs import (
+    DatabaseUnavailable,
+    JobStore,
+    LeaseExpired,
+    backoff_s,
+    execute_job,
+    host_name,
+)
 from worker.outage import PAUSE
 from worker.supervisor import CONFIG_EXIT
 
@@ -168,6 +177,9 @@ def _start_reconciler(sender: Any = None, **_: Any) -> None:
         return
     if _state is not None and current_process().name == "MainProcess":
         _log_ready(_state)  # loaded in worker_init, before Celery set up logging
+        # Reported from the start: a live host is one that a host-local failure's
+        # verdict waits for (worker/jobs.py).
+        breaker_for(app, getattr(sender, "hostname", None), settings, _state.store)
     if settings.reconcile_every_s > 0:
         threading.Thread(target=_reconcile_loop, name="vidq-reconcile", daemon=True).start()
 
@@ -262,6 +274,32 @@ def in_process(settings: Settings, pipeline: Pipeline) -> Iterator[Celery]:
         celery_app.close()
 
 
+_breakers: dict[int, Breaker] = {}
+_breakers_lock = threading.Lock()
+
+
+def breaker_for(celery_app: Celery, nodename: str | None, settings: Settings,
+                store: JobStore) -> Breaker:
+    """This process's circuit breaker for ``celery_app`` (worker/breaker.py); it stops
+    and restarts the consumer of worker ``nodename`` on the settings' queue."""
+    with _breakers_lock:
+        breaker = _breakers.get(id(celery_app))
+        if breaker is None:
+            where = {"destination": [nodename]} if nodename else {}
+
+            def pause() -> None:
+                celery_app.control.cancel_consumer(settings.queue, reply=False, **where)
+
+            def resume() -> None:
+                celery_app.control.add_consumer(settings.queue, reply=False, **where)
+
+            breaker = _breakers[id(celery_app)] = Breaker(
+                failures=settings.breaker_failures, store=store, host=host_name(),
+                queue=settings.queue, pause=pause, resume=resume,
+                report_every_s=settings.heartbeat_s)
+        return breaker
+
+
 def run_classify(task: Any, job_id: Any, transient: Any, *, settings: Settings,
                  state: Callable[[], ProcessState]) -> str:
     """The classify task's body: run the job, then retry, give up or report.
@@ -274,6 +312,13 @@ def run_classify(task: Any, job_id: Any, transient: Any, *, settings: Settings,
     # crafted value can neither retry forever (negative) nor skip the retries.
     transient = min(max(transient, 0), settings.max_retries)
     held = state()
+    breaker = breaker_for(task.app, task.request.hostname, settings, held.store)
+    # Re-sent as it came (the retry counter untouched), however often: Celery's
+    # max_retries=None would mean its default of 3, not "no limit".
+    again = {"kwargs": {"job_id": job_id, "transient": transient}, "args": (),
+             "max_retries": sys.maxsize}
+    if not breaker.admit():  # the circuit is open: back to the broker, for other hosts
+        raise task.retry(countdown=1, **again)
     try:
         outcome = execute_job(job_id, pipeline=held.pipeline, settings=settings,
                               store=held.store)
@@ -285,7 +330,11 @@ def run_classify(task: Any, job_id: Any, transient: Any, *, settings: Settings,
             time.sleep(1.0)  # nothing to pause: do not take the message straight back
         log.warning("job %s: %s; its message goes back to the queue", job_id, exc.message)
         raise Reject(exc.message, requeue=True) from None
+    except HostLocalError as exc:  # given back, no attempt spent; not a retry either
+        breaker.failed(exc)
+        raise task.retry(countdown=1, **again) from None
     except TransientError as exc:
+        breaker.settled()
         if transient >= settings.max_retries:
             give_up = TransientError(
                 f"gave up after {transient + 1} attempts: {exc.message}", kind="retries_exhausted"
@@ -300,6 +349,10 @@ def run_classify(task: Any, job_id: Any, transient: Any, *, settings: Settings,
         log.warning("job %s: %s; retry %d in %.0fs", job_id, exc.message, transient + 1, delay)
         raise task.retry(kwargs={"job_id": job_id, "transient": transient + 1}, args=(),
                          countdown=delay, max_retries=None) from None
+    if outcome.status in ("succeeded", "failed") and not outcome.fields.get("host_local"):
+        breaker.succeeded()
+    else:
+        breaker.settled()
     if outcome.status == "busy":
         # Another delivery holds a live lease (a duplicate message, or a crashed
         # child's job whose heartbeat has not gone stale yet): look again later.
