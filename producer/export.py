@@ -31,9 +31,10 @@ import io
 import itertools
 import json
 import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator, Sequence
+from typing import IO, Any
 
 from sqlalchemy import Boolean, DateTime, Float, Integer, SmallInteger, func, select
 from sqlalchemy.engine import Connection
@@ -43,7 +44,14 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from vidq import storage
 from vidq.db import (
-    Batch, ClipEmbedding, ClipPrediction, Job, LabelSegment, VideoEmbedding, VideoLabel, aware,
+    Batch,
+    ClipEmbedding,
+    ClipPrediction,
+    Job,
+    LabelSegment,
+    VideoEmbedding,
+    VideoLabel,
+    aware,
 )
 from vidq.embeddings import decode
 from vidq.errors import InputError, VidqError

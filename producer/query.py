@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 from sqlalchemy import Select, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from vidq.db import (
-    ACTIVE, Batch, ClipPrediction, Job, JobStatus, LabelSegment, VideoLabel, aware, db_now, utcnow,
+    ACTIVE,
+    Batch,
+    ClipPrediction,
+    Job,
+    JobStatus,
+    LabelSegment,
+    VideoLabel,
+    aware,
+    db_now,
+    utcnow,
 )
 from vidq.errors import InputError
 from vidq.queue import new_task_id
@@ -49,18 +59,22 @@ def status_summary(session: Session, batch: str | None = None) -> StatusSummary:
     bid = batch_id(session, batch)
     scope = [Job.batch_id == bid] if bid is not None else []
     counts = {s.value: 0 for s in JobStatus}
-    for status, n in session.execute(
-        select(Job.status, func.count()).where(*scope).group_by(Job.status)
+    clips_done = 0
+    # One pass for counts and clips: with a batch, an index-only scan of
+    # ix_jobs_batch_status_clips (no heap visit per job).
+    for status, n, clips in session.execute(
+        select(Job.status, func.count(), func.coalesce(func.sum(Job.clips_done), 0))
+        .where(*scope).group_by(Job.status)
     ):
         counts[status] = n
-    clips_done = session.scalar(
-        select(func.coalesce(func.sum(Job.clips_done), 0)).where(
-            *scope, Job.status == JobStatus.SUCCEEDED.value
-        )
-    ) or 0
+        if status == JobStatus.SUCCEEDED.value:
+            clips_done = clips or 0
     since = utcnow() - dt.timedelta(seconds=RATE_WINDOW_S)
-    recent = select(func.count(), func.coalesce(func.sum(Job.clips_done), 0), func.min(Job.started_at)).where(
-        *scope, Job.finished_at >= since, Job.status.in_((JobStatus.SUCCEEDED.value, JobStatus.FAILED.value))
+    recent = select(
+        func.count(), func.coalesce(func.sum(Job.clips_done), 0), func.min(Job.started_at)
+    ).where(
+        *scope, Job.finished_at >= since,
+        Job.status.in_((JobStatus.SUCCEEDED.value, JobStatus.FAILED.value)),
     )
     n_recent, clips_recent, first_start = session.execute(recent).one()
     jobs_per_s = clips_per_s = 0.0
@@ -117,7 +131,9 @@ def iter_results(
         stmt = stmt.where(VideoLabel.rank == 1)
     if min_score is not None:
         stmt = stmt.where(VideoLabel.score >= min_score)
-    stmt = stmt.order_by(Job.id, VideoLabel.rank)
+    # Ordered by the label row's job id (equal to jobs.id through the join), so that
+    # with --label the first page reads ix_video_labels_label_job in order and stops.
+    stmt = stmt.order_by(VideoLabel.job_id, VideoLabel.rank)
     if limit:
         stmt = stmt.limit(limit)
     for row in session.execute(stmt.execution_options(yield_per=1000)):

@@ -10,7 +10,8 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import time
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 from sqlalchemy import (
     BigInteger,
@@ -193,7 +194,9 @@ class Job(Base):
 
     __table_args__ = (
         Index("ix_jobs_status_priority", "status", "priority"),
-        Index("ix_jobs_batch_status", "batch_id", "status"),
+        # Covers ``vidq status --batch``'s counts and clips sum: an index-only scan, no
+        # heap visit per job of a large batch (0007).
+        Index("ix_jobs_batch_status_clips", "batch_id", "status", "clips_done"),
         Index("ix_jobs_content_config", "content_sha256", "config_key"),
         Index("ix_jobs_top_label_score", "top_label", "top_score"),
         Index("ix_jobs_finished_at", "finished_at"),
@@ -241,7 +244,12 @@ class VideoLabel(Base):
 
     job: Mapped[Job] = relationship(back_populates="labels")
 
-    __table_args__ = (Index("ix_video_labels_label_score", "label", "score"),)
+    __table_args__ = (
+        Index("ix_video_labels_label_score", "label", "score"),
+        # ``vidq results --label``'s first page: a label's rows in job order with their
+        # score, read from the index until the page is full (0007).
+        Index("ix_video_labels_label_job", "label", "job_id", "rank", "score"),
+    )
 
 
 class LabelSegment(Base):
@@ -268,6 +276,8 @@ class LabelSegment(Base):
     __table_args__ = (
         Index("ix_label_segments_label_duration", "label", "duration_s"),
         Index("ix_label_segments_label_mean_score", "label", "mean_score"),
+        # ``vidq segments --label``'s first page, in job order (0007).
+        Index("ix_label_segments_label_job", "label", "job_id", "segment_index", "duration_s"),
     )
 
 
@@ -288,8 +298,14 @@ class VideoEmbedding(Base):
     """L2 norm of the stored (float16) vector: cosine similarity without a second pass."""
     vector: Mapped[bytes] = mapped_column(LargeBinary)
     """``dim`` little-endian IEEE float16 values, not normalised."""
+    written_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    """When the row was written (the database's clock): the approximate index of
+    ``vidq similar`` (vidq/ann.py) takes in the rows newer than what it holds. NULL on
+    rows older than 0007."""
 
-    __table_args__ = (Index("ix_video_embeddings_model_weights", "model", "weights_id"),)
+    __table_args__ = (
+        Index("ix_video_embeddings_model_weights_written", "model", "weights_id", "written_at"),
+    )
 
 
 class ClipEmbedding(Base):
