@@ -35,6 +35,9 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
                 "the documented SQL polls on 1M clip rows against the same polls unindexed"),
     "similar": ("benchmarks.services",
                 "vidq similar against reading and scoring the same vectors with numpy"),
+    "library": ("benchmarks.library",
+                "results, segments, status, similar and export on a synthetic library "
+                "against the 0006 schema, the exact scan and COPY"),
     "memory": ("benchmarks.services",
                "a vidq worker's memory over many jobs against its memory after the first"),
 }

@@ -59,6 +59,11 @@ from vidq.errors import InputError, VidqError
 FORMATS = ("parquet", "jsonl", "csv")
 PAGE_ROWS = 65_536
 """Rows fetched per database page and written per Parquet row group."""
+PAGE_BYTES = 32 * 2**20
+"""Tables with a vector column page by size: at most this many bytes of vectors a page
+(8,192 rows of 2048 x float16), so memory stays flat whatever the vector size."""
+COPY_BLOCK_BYTES = 2**20
+"""PostgreSQL: CSV bytes from ``COPY ... TO STDOUT`` parsed per Arrow batch."""
 
 VIDEO_COLUMNS: tuple[ColumnElement[Any], ...] = (
     Job.id.label("job_id"), Batch.name.label("batch"), Job.path, Job.content_sha256,
@@ -96,6 +101,10 @@ class TableExport:
     name: str
     fields: list[Field]
     rows: Callable[[], Iterator[Sequence[Any]]]
+    page_rows: int = PAGE_ROWS
+    query: Select[Any] | None = None
+    """Tables of plain columns (numbers and text): their SELECT, which Parquet reads
+    into Arrow column by column instead of row by row (``_arrow_batches``)."""
 
 
 @dataclass
@@ -124,8 +133,9 @@ def _fields(columns: Sequence[ColumnElement[Any]]) -> list[Field]:
     return [Field(c.name, _kind(c)) for c in columns]
 
 
-def _stream(conn: Connection, stmt: Select[Any]) -> Iterator[Sequence[Any]]:
-    result = conn.execute(stmt.execution_options(yield_per=PAGE_ROWS))
+def _stream(conn: Connection, stmt: Select[Any], page_rows: int = PAGE_ROWS
+            ) -> Iterator[Sequence[Any]]:
+    result = conn.execute(stmt.execution_options(yield_per=page_rows))
     for page in result.partitions():
         yield from page
 
@@ -165,20 +175,21 @@ def batch_tables(conn: Connection, batch: str) -> list[TableExport]:
                     labels[3 * (rank - 1): 3 * rank] = row[n_job + 1:]
             yield (*job, *labels)
 
+    clip_query = (select(*CLIP_COLUMNS).where(ClipPrediction.job_id.in_(batch_jobs))
+                  .order_by(ClipPrediction.job_id, ClipPrediction.clip_index,
+                            ClipPrediction.rank))
+    segment_query = (select(*SEGMENT_COLUMNS).where(LabelSegment.job_id.in_(batch_jobs))
+                     .order_by(LabelSegment.job_id, LabelSegment.segment_index))
+
     def clips() -> Iterator[Sequence[Any]]:
-        return _stream(conn, select(*CLIP_COLUMNS)
-                       .where(ClipPrediction.job_id.in_(batch_jobs))
-                       .order_by(ClipPrediction.job_id, ClipPrediction.clip_index,
-                                 ClipPrediction.rank))
+        return _stream(conn, clip_query)
 
     def segments() -> Iterator[Sequence[Any]]:
-        return _stream(conn, select(*SEGMENT_COLUMNS)
-                       .where(LabelSegment.job_id.in_(batch_jobs))
-                       .order_by(LabelSegment.job_id, LabelSegment.segment_index))
+        return _stream(conn, segment_query)
 
     tables = [TableExport("videos", video_fields, videos),
-              TableExport("clips", _fields(CLIP_COLUMNS), clips),
-              TableExport("segments", _fields(SEGMENT_COLUMNS), segments)]
+              TableExport("clips", _fields(CLIP_COLUMNS), clips, query=clip_query),
+              TableExport("segments", _fields(SEGMENT_COLUMNS), segments, query=segment_query)]
     return tables + _embedding_tables(conn, batch_jobs)
 
 
@@ -195,21 +206,24 @@ def _embedding_tables(conn: Connection, batch_jobs: Any) -> list[TableExport]:
     def vector_fields(columns: Sequence[ColumnElement[Any]]) -> list[Field]:
         return _fields(columns[:-1]) + [Field("vector", "vector", dims[0])]
 
+    page_rows = max(1, min(PAGE_ROWS, PAGE_BYTES // (2 * dims[0])))
+
     def videos() -> Iterator[Sequence[Any]]:
         return _stream(conn, select(*VIDEO_EMBEDDING_COLUMNS)
                        .where(VideoEmbedding.job_id.in_(batch_jobs))
-                       .order_by(VideoEmbedding.job_id))
+                       .order_by(VideoEmbedding.job_id), page_rows)
 
     def clips() -> Iterator[Sequence[Any]]:
         return _stream(conn, select(*CLIP_EMBEDDING_COLUMNS)
                        .where(ClipEmbedding.job_id.in_(batch_jobs))
-                       .order_by(ClipEmbedding.job_id, ClipEmbedding.clip_index))
+                       .order_by(ClipEmbedding.job_id, ClipEmbedding.clip_index), page_rows)
 
-    tables = [TableExport("video_embeddings", vector_fields(VIDEO_EMBEDDING_COLUMNS), videos)]
+    tables = [TableExport("video_embeddings", vector_fields(VIDEO_EMBEDDING_COLUMNS), videos,
+                          page_rows)]
     if conn.scalar(select(ClipEmbedding.job_id).where(ClipEmbedding.job_id.in_(batch_jobs))
                    .limit(1)) is not None:
         tables.append(TableExport("clip_embeddings", vector_fields(CLIP_EMBEDDING_COLUMNS),
-                                  clips))
+                                  clips, page_rows))
     return tables
 
 
@@ -226,7 +240,8 @@ def export_batch(conn: Connection, *, batch: str, fmt: str, out_dir: str,
     report = ExportReport(files={}, rows={})
     for table in tables:
         with destination(f"{table.name}.{fmt}") as (fh, where):
-            report.rows[table.name] = writer(fh, table)
+            report.rows[table.name] = (_write_parquet(fh, table, conn) if fmt == "parquet"
+                                       else writer(fh, table))
         report.files[table.name] = where
     return report
 
@@ -293,12 +308,72 @@ def _upload(fs: Any, uri: storage.ObjectURI) -> Iterator[IO[bytes]]:
         fh.close()
 
 
-def _pages(rows: Iterator[Sequence[Any]]) -> Iterator[list[Sequence[Any]]]:
-    while page := list(itertools.islice(rows, PAGE_ROWS)):
+def _pages(rows: Iterator[Sequence[Any]], page_rows: int = PAGE_ROWS
+           ) -> Iterator[list[Sequence[Any]]]:
+    while page := list(itertools.islice(rows, page_rows)):
         yield page
 
 
-def _write_parquet(fh: IO[bytes], table: TableExport) -> int:
+class _CopyReader(io.RawIOBase):
+    """The CSV bytes of a ``COPY ... TO STDOUT``, as the file Arrow's CSV reader reads."""
+
+    def __init__(self, blocks: Iterator[Any]) -> None:
+        self._blocks = blocks
+        self._left = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        # libpq hands COPY data over a row at a time: fill the whole buffer per call.
+        view = memoryview(buffer).cast("B")
+        filled = 0
+        while filled < len(view):
+            if not self._left:
+                block = next(self._blocks, None)
+                if block is None:
+                    break
+                self._left = memoryview(block).cast("B")
+            n = min(len(view) - filled, len(self._left))
+            view[filled:filled + n] = self._left[:n]
+            self._left = self._left[n:]
+            filled += n
+        return filled
+
+
+def _arrow_batches(conn: Connection, query: Select[Any], schema: Any) -> Iterator[Any]:
+    """``query``'s rows as Arrow record batches of ``schema``, without a Python object
+    per row: on PostgreSQL ``COPY (query) TO STDOUT`` as CSV, parsed by Arrow in C++ (in
+    the export's transaction, so its snapshot); elsewhere the driver's tuples, a page
+    at a time, turned into Arrow arrays a column at a time."""
+    import pyarrow as pa
+
+    sql = str(query.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True}))
+    cursor = conn.connection.cursor()
+    try:
+        if conn.dialect.name == "postgresql":
+            import pyarrow.csv as pacsv
+
+            with cursor.copy(f"COPY ({sql}) TO STDOUT WITH (FORMAT csv)") as copy:
+                reader = pacsv.open_csv(
+                    io.BufferedReader(_CopyReader(iter(copy)), buffer_size=COPY_BLOCK_BYTES),
+                    read_options=pacsv.ReadOptions(column_names=schema.names,
+                                                   block_size=COPY_BLOCK_BYTES,
+                                                   use_threads=False),
+                    convert_options=pacsv.ConvertOptions(
+                        column_types=dict(zip(schema.names, schema.types)),
+                        strings_can_be_null=False, quoted_strings_can_be_null=False))
+                yield from reader
+            return
+        cursor.execute(sql)
+        while page := cursor.fetchmany(PAGE_ROWS):
+            yield pa.record_batch([pa.array(col, type=t) for col, t in
+                                   zip(zip(*page), schema.types)], schema=schema)
+    finally:
+        cursor.close()
+
+
+def _write_parquet(fh: IO[bytes], table: TableExport, conn: Connection | None = None) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -320,10 +395,33 @@ def _write_parquet(fh: IO[bytes], table: TableExport) -> int:
 
     n = 0
     with pq.ParquetWriter(fh, schema, compression="zstd") as writer:
-        for page in _pages(table.rows()):
+        if table.query is not None and conn is not None:
+            # Batches come in whatever size the parser made: row groups stay PAGE_ROWS.
+            pending: list[Any] = []
+            held = 0
+            pool = pa.default_memory_pool()
+            for batch in _arrow_batches(conn, table.query, schema):
+                pending.append(batch)
+                held += batch.num_rows
+                while held >= PAGE_ROWS:
+                    whole = pa.Table.from_batches(pending, schema=schema)
+                    writer.write_table(whole.slice(0, PAGE_ROWS), row_group_size=PAGE_ROWS)
+                    # A copy of the rest: a slice would hold every parsed block alive.
+                    pending = whole.slice(PAGE_ROWS).combine_chunks().to_batches()
+                    del whole
+                    pool.release_unused()  # Arrow's allocator would keep the peak
+                    held -= PAGE_ROWS
+                    n += PAGE_ROWS
+            if held:
+                writer.write_table(pa.Table.from_batches(pending, schema=schema),
+                                   row_group_size=PAGE_ROWS)
+                n += held
+            return n
+        for page in _pages(table.rows(), table.page_rows):
             columns = list(zip(*page))
             arrays = [array(col, i) for i, col in enumerate(columns)]
-            writer.write_batch(pa.record_batch(arrays, schema=schema), row_group_size=PAGE_ROWS)
+            writer.write_batch(pa.record_batch(arrays, schema=schema),
+                               row_group_size=table.page_rows)
             n += len(page)
     return n
 
