@@ -59,7 +59,7 @@ def library_options(parser: argparse.ArgumentParser) -> None:
                         choices=["postgresql", "sqlite"])
     parser.add_argument("--sqlite-share", type=float, default=0.1,
                         help="SQLite sizes as a share of --videos (default 0.1)")
-    parser.add_argument("--repeat", type=int, default=40, help="runs per query, indexed")
+    parser.add_argument("--repeat", type=int, default=100, help="runs per query, indexed")
     parser.add_argument("--baseline-repeat", type=int, default=5,
                         help="runs per query without the 0007 indexes")
     parser.add_argument("--similar-queries", type=int, default=30)
@@ -258,7 +258,8 @@ def export_figures(url: str, engine: Any, report: Report, tmp: Path) -> dict[str
     report.add("export rows/s: vidq export --format parquet", export_rate,
                against=f"export rows/s: {floor_name}")
     per_table = ", ".join(f"{t} {n:,}" for t, n in counts.items())
-    report.notes.append(f"export: {rows:,} rows ({per_table}) in {float(wall):.1f}s, peak RSS {int(peak_kib) / 1024:.0f} MiB, "
+    report.notes.append(f"export: {rows:,} rows ({per_table}) in {float(wall):.1f}s, "
+                        f"peak RSS {int(peak_kib) / 1024:.0f} MiB, "
                         f"{size / 2**20:.0f} MiB of Parquet")
     return {"export rows/s": export_rate, "export peak RSS MiB": int(peak_kib) / 1024}
 
@@ -300,15 +301,15 @@ def one_size(kind: str, lib: Library, args: argparse.Namespace
         if args.explain:
             args.explain.mkdir(parents=True, exist_ok=True)
             explain(engine, lib, args.explain / f"{kind}-{lib.clip_label_rows // 10**5}e5.md")
+        if not args.no_vectors:
+            figures.update(similar_figures(engine, args, report, str(tmp / "ann")))
+        if not args.no_export:
+            figures.update(export_figures(url, engine, report, tmp))
         indexed: dict[str, list[float]] = {}
         for key, (_command, fn) in queries(lib).items():
             with Session(engine) as session:
                 indexed[key] = _ms(lambda fn=fn, session=session: fn(session), args.repeat)
             figures[f"{key} p95 ms"] = p95(indexed[key])
-        if not args.no_vectors:
-            figures.update(similar_figures(engine, args, report, str(tmp / "ann")))
-        if not args.no_export:
-            figures.update(export_figures(url, engine, report, tmp))
         drop_new_indexes(engine)
         for key, (command, fn) in queries(lib).items():
             with Session(engine) as session:
@@ -316,6 +317,8 @@ def one_size(kind: str, lib: Library, args: argparse.Namespace
             report.add(f"{command}: 0006 indexes", p95(bare), baseline=True)
             report.add(f"{command}: 0007 indexes", p95(indexed[key]),
                        against=f"{command}: 0006 indexes")
+            report.notes.append(f"{command}: p50 {statistics.median(indexed[key]):.2f} ms "
+                                f"(0007), {statistics.median(bare):.2f} ms (0006)")
         report.notes.append(f"loaded in {load_s:.0f}s; p95 of {args.repeat} runs (0007), "
                             f"{args.baseline_repeat} (0006)")
         engine.dispose()

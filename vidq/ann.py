@@ -27,6 +27,7 @@ import contextlib
 import datetime as dt
 import fcntl
 import hashlib
+import importlib.util
 import json
 import os
 from collections.abc import Iterator
@@ -59,14 +60,11 @@ BUILD_CHUNK = 5_000
 
 
 def enabled() -> bool:
+    """Whether the index may be used: ``VIDQ_ANN`` not off and usearch installed (looked
+    up, not imported: a producer host asking about a few vectors imports no numpy)."""
     if os.environ.get("VIDQ_ANN", "on").lower() in ("off", "0", "false", "no"):
         return False
-    try:
-        import numpy  # noqa: F401
-        import usearch.index  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return all(importlib.util.find_spec(m) is not None for m in ("numpy", "usearch"))
 
 
 def candidate_count(top: int) -> int:
@@ -96,8 +94,7 @@ def database_identity(conn: Connection) -> str:
         return f"postgresql://{url.host}:{url.port or 5432}/{url.database}#{oid}"
     path = url.database or ""
     try:
-        st = os.stat(path)
-        return f"sqlite://{os.path.abspath(path)}#{st.st_ino}:{st.st_ctime_ns}"
+        return f"sqlite://{os.path.abspath(path)}#{os.stat(path).st_ino}"
     except OSError:
         return f"sqlite://{path}"
 
@@ -317,7 +314,7 @@ def open_index(conn: Connection, *, model: str, weights_id: str, dim: int,
     if index is None or index.dim != dim:
         index = VectorIndex(directory or index_dir(), database=database, model=model,
                             weights_id=weights_id, dim=dim)
-    if not index.load():
+    if not (index.meta_path.exists() and index.load()):
         rows = conn.scalar(select(func.count()).where(
             VideoEmbedding.model == model, VideoEmbedding.weights_id == weights_id)) or 0
         if rows < min_rows():

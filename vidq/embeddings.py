@@ -84,9 +84,10 @@ def write_embeddings(
         session.execute(delete(VideoEmbedding).where(VideoEmbedding.job_id == job_id))
     if video is None:
         return 0
-    session.execute(insert(VideoEmbedding), [{
+    # written_at: the database's clock, which vidq/ann.py's high-water mark compares.
+    session.execute(insert(VideoEmbedding).values(written_at=db_now()), [{
         "job_id": job_id, "model": model, "weights_id": weights_id, "dim": len(video) // 2,
-        "norm": norm(video), "vector": video, "written_at": db_now(),
+        "norm": norm(video), "vector": video,
     }])
     rows = [{"job_id": job_id, "clip_index": c.index, "start_sec": c.start_sec,
              "end_sec": c.end_sec, "vector": c.vector} for c in clips]
