@@ -255,25 +255,29 @@ class VectorIndex:
 
         q = np.frombuffer(query, dtype="<f2")
         ids: list[int] = []
-        delta_ids, delta_vectors = [], []
         high = dt.datetime.fromisoformat(self.meta.high_water) if (
             self.meta and self.meta.high_water) else None
-        unheld = 0  # rows past the high-water mark (the overlap's are mostly held)
-        for chunk_ids, vectors, stamps in self._rows(conn, self._newer()):
-            delta_ids.append(chunk_ids)
-            delta_vectors.append(vectors)
-            unheld += sum(1 for t in stamps if high is None or t is None or t > high)
-        n_delta = sum(len(c) for c in delta_ids)
-        if unheld > MERGE_ROWS:
-            self.refresh(conn)
-            return self.candidates(conn, query, top=top, exclude=exclude)
-        if n_delta:
-            all_ids = np.concatenate(delta_ids)
-            m = np.concatenate(delta_vectors).astype(np.float32)
-            norms = np.linalg.norm(m, axis=1)
-            norms[norms == 0] = 1.0
-            scores = (m @ q.astype(np.float32)) / norms
-            ids.extend(int(k) for k in all_ids[np.argsort(-scores)[: top + 1]])
+        # The overlap's rows by id first (no vector read): those the graph already
+        # holds as they are (written before its high-water mark) are skipped.
+        recent = conn.execute(select(VideoEmbedding.job_id, VideoEmbedding.written_at)
+                              .where(*self._scope(), *self._newer())).all()
+        if recent:
+            keys = np.fromiter((r[0] for r in recent), dtype=np.uint64, count=len(recent))
+            held = np.asarray(self._graph.contains(keys), dtype=bool).reshape(-1)
+            fresh = [int(k) for k, (_j, t), h in zip(keys, recent, held)
+                     if not h or t is None or high is None or aware(t) > high]
+            if len(fresh) > MERGE_ROWS:
+                self.refresh(conn)
+                return self.candidates(conn, query, top=top, exclude=exclude)
+            for i in range(0, len(fresh), 1000):
+                chunk = fresh[i:i + 1000]
+                for chunk_ids, vectors, _stamps in self._rows(
+                        conn, [VideoEmbedding.job_id.in_(chunk)]):
+                    m = vectors.astype(np.float32)
+                    norms = np.linalg.norm(m, axis=1)
+                    norms[norms == 0] = 1.0
+                    scores = (m @ q.astype(np.float32)) / norms
+                    ids.extend(int(k) for k in chunk_ids[np.argsort(-scores)[: top + 1]])
         matches = self._graph.search(q, candidate_count(top) + 1)
         ids.extend(int(k) for k in matches.keys)
         seen: dict[int, None] = {}
