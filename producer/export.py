@@ -68,7 +68,7 @@ WIDE_PAGE_ROWS = 16_384
 COPY_BLOCK_BYTES = 2**20
 """PostgreSQL: CSV bytes from ``COPY ... TO STDOUT`` parsed per Arrow batch."""
 
-VIDEO_COLUMNS: tuple[ColumnElement[Any], ...] = (
+VIDEO_COLUMNS: tuple[Any, ...] = (  # mapped attributes and labelled columns
     Job.id.label("job_id"), Batch.name.label("batch"), Job.path, Job.content_sha256,
     Job.size_bytes, Job.status, Job.attempts, Job.error_kind, Job.error_message, Job.model,
     Job.weights, Job.weights_id, Job.precision, Job.device, Job.strategy, Job.clips_requested,

@@ -80,7 +80,7 @@ def status_summary(session: Session, batch: str | None = None) -> StatusSummary:
     jobs_per_s = clips_per_s = 0.0
     if n_recent and first_start is not None:
         span = max((utcnow() - max(aware(first_start), since)).total_seconds(), 1e-3)
-        jobs_per_s, clips_per_s = n_recent / span, clips_recent / span
+        jobs_per_s, clips_per_s = int(n_recent) / span, int(clips_recent or 0) / span
     left = counts[JobStatus.QUEUED.value] + counts[JobStatus.RUNNING.value]
     eta = left / jobs_per_s if jobs_per_s > 0 else (0.0 if left == 0 else None)
     oldest = session.scalar(
@@ -116,7 +116,7 @@ def iter_results(
     limit: int | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Video-level labels of succeeded jobs, streamed (constant memory for any size)."""
-    stmt = (
+    stmt: Any = (  # a Select; its row type differs across SQLAlchemy 2.0 and 2.1
         select(
             Job.id, Job.path, Batch.name, VideoLabel.rank, VideoLabel.label, VideoLabel.score,
             VideoLabel.class_id, Job.model, Job.weights_id, Job.precision, Job.duration_s,
@@ -160,7 +160,7 @@ def iter_segments(
 ) -> Iterator[dict[str, Any]]:
     """Stored segments of succeeded jobs, streamed. ``min_score`` filters on the
     segment's mean score, ``min_duration_s`` on end - start."""
-    stmt = (
+    stmt: Any = (  # a Select; its row type differs across SQLAlchemy 2.0 and 2.1
         select(LabelSegment.job_id, Job.path, Batch.name, LabelSegment.label,
                LabelSegment.class_id, LabelSegment.start_sec, LabelSegment.end_sec,
                LabelSegment.duration_s, LabelSegment.mean_score, LabelSegment.peak_score,
@@ -227,14 +227,14 @@ def requeue(
     for jid, prio, tid in candidates:
         try:
             with session.begin_nested():  # the unique index refuses a second active job
-                done = session.execute(
+                done = _rowcount(session.execute(
                     update(Job)
                     .where(Job.id == jid, Job.status.in_(statuses), Job.queue == queue)
                     .values(status=JobStatus.QUEUED.value, error_kind=None, error_message=None,
                             lease_token=None, heartbeat_at=None, finished_at=None,
                             task_id=tid, enqueued_at=db_now(),
                             attempts=0)  # asked again: a fresh VIDQ_MAX_ATTEMPTS budget
-                ).rowcount
+                ))
         except IntegrityError:
             continue
         if done:
@@ -272,8 +272,13 @@ def cancel(session: Session, *, batch: str | None, job_ids: list[int] | None = N
         stmt = stmt.where(Job.batch_id == bid)
     if job_ids:
         stmt = stmt.where(Job.id.in_(job_ids))
-    return session.execute(stmt.values(status=JobStatus.CANCELLED.value, finished_at=db_now(),
-                                       lease_token=None)).rowcount
+    return _rowcount(session.execute(stmt.values(
+        status=JobStatus.CANCELLED.value, finished_at=db_now(), lease_token=None)))
+
+
+def _rowcount(result: Any) -> int:
+    """Rows an UPDATE matched (a CursorResult's, which the Result type does not show)."""
+    return int(result.rowcount)
 
 
 def active_count(session: Session, batch: str | None) -> int:

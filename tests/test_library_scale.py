@@ -203,7 +203,8 @@ def add_video(url: str, vector: np.ndarray, path: str) -> int:
             "priority, attempts, submitted_at, model, weights, weights_id, strategy, "
             "clips_requested, start_sec, crops, config_key) VALUES (1, :p, :sha, 1, 'vidq', "
             "'succeeded', 5, 1, CURRENT_TIMESTAMP, :m, 'pretrained', :w, 'sliding', 1, 0, 1, "
-            "'k') RETURNING id"), {"p": path, "sha": path, "m": MODEL, "w": WEIGHTS_ID}).scalar_one()
+            "'k') RETURNING id"),
+            {"p": path, "sha": path, "m": MODEL, "w": WEIGHTS_ID}).scalar_one()
         write_embeddings(session, job_id, model=MODEL, weights_id=WEIGHTS_ID,
                          video=encode(vector.tolist()), replace=False)
     engine.dispose()

@@ -11,7 +11,7 @@ import datetime as dt
 import enum
 import time
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -80,7 +80,7 @@ class db_now(FunctionElement[dt.datetime]):
 
     type = DateTime(timezone=True)
     # ago_s is rendered into the SQL text, so it must be part of the statement cache key.
-    _traverse_internals: ClassVar = [("ago_s", InternalTraversal.dp_plain_obj)]
+    _traverse_internals = [("ago_s", InternalTraversal.dp_plain_obj)]
     inherit_cache = True
 
     def __init__(self, ago_s: float = 0.0) -> None:
