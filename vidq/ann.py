@@ -51,7 +51,7 @@ OVERLAP_S = 600.0
 """Seconds behind the high-water mark read again: longer than any results transaction."""
 STALE_SHARE = 0.25
 """Rebuild when the graph holds this share more keys than the table has rows (purges)."""
-EXPANSION_SEARCH = 256
+EXPANSION_SEARCH = 512
 CONNECTIVITY = 16
 EXPANSION_ADD = 64
 """HNSW parameters: chosen on 2048-d float16 vectors for recall@10 >= 0.95 after an
