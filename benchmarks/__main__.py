@@ -39,6 +39,9 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
                 "vidq similar against reading and scoring the same vectors with numpy"),
     "viewer": ("benchmarks.viewer",
                "a 2-hour video's page and the library search (1M segments) against their SQL"),
+    "library": ("benchmarks.library",
+                "results, segments, status, similar and export on a synthetic library "
+                "against the 0006 schema, the exact scan and COPY"),
     "memory": ("benchmarks.services",
                "a vidq worker's memory over many jobs against its memory after the first"),
 }

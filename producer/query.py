@@ -69,15 +69,16 @@ def status_summary(session: Session, batch: str | None = None) -> StatusSummary:
     bid = batch_id(session, batch)
     scope = [Job.batch_id == bid] if bid is not None else []
     counts = {s.value: 0 for s in JobStatus}
-    for status, n in session.execute(
-        select(Job.status, func.count()).where(*scope).group_by(Job.status)
+    clips_done = 0
+    # One pass for counts and clips: with a batch, an index-only scan of
+    # ix_jobs_batch_status_clips (no heap visit per job).
+    for status, n, clips in session.execute(
+        select(Job.status, func.count(), func.coalesce(func.sum(Job.clips_done), 0))
+        .where(*scope).group_by(Job.status)
     ):
         counts[status] = n
-    clips_done = session.scalar(
-        select(func.coalesce(func.sum(Job.clips_done), 0)).where(
-            *scope, Job.status == JobStatus.SUCCEEDED.value
-        )
-    ) or 0
+        if status == JobStatus.SUCCEEDED.value:
+            clips_done = clips or 0
     since = utcnow() - dt.timedelta(seconds=RATE_WINDOW_S)
     recent = select(
         func.count(), func.coalesce(func.sum(Job.clips_done), 0), func.min(Job.started_at)
@@ -89,7 +90,7 @@ def status_summary(session: Session, batch: str | None = None) -> StatusSummary:
     jobs_per_s = clips_per_s = 0.0
     if n_recent and first_start is not None:
         span = max((utcnow() - max(aware(first_start), since)).total_seconds(), 1e-3)
-        jobs_per_s, clips_per_s = n_recent / span, (clips_recent or 0) / span
+        jobs_per_s, clips_per_s = int(n_recent) / span, int(clips_recent or 0) / span
     left = counts[JobStatus.QUEUED.value] + counts[JobStatus.RUNNING.value]
     eta = left / jobs_per_s if jobs_per_s > 0 else (0.0 if left == 0 else None)
     oldest = session.scalar(
@@ -160,7 +161,9 @@ def iter_results(
         stmt = stmt.where(VideoLabel.rank == 1)
     if min_score is not None:
         stmt = stmt.where(VideoLabel.score >= min_score)
-    stmt = stmt.order_by(Job.id, VideoLabel.rank)
+    # Ordered by the label row's job id (equal to jobs.id through the join), so that
+    # with --label the first page reads ix_video_labels_label_job in order and stops.
+    stmt = stmt.order_by(VideoLabel.job_id, VideoLabel.rank)
     if limit:
         stmt = stmt.limit(limit)
     for row in session.execute(stmt.execution_options(yield_per=1000)):

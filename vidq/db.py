@@ -199,7 +199,7 @@ class Job(Base):
     lease_seconds: Mapped[float | None] = mapped_column(Float)
     """The lease length of the attempt that holds the job (its worker's stale_after_s):
     the job is another's to take over only once its heartbeat is this much older. NULL
-    on rows claimed before revision 0009 (the taker's own lease length applies)."""
+    on rows claimed before revision 0008 (the taker's own lease length applies)."""
     submitted_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     enqueued_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
@@ -249,7 +249,9 @@ class Job(Base):
 
     __table_args__ = (
         Index("ix_jobs_status_priority", "status", "priority"),
-        Index("ix_jobs_batch_status", "batch_id", "status"),
+        # Covers ``vidq status --batch``'s counts and clips sum: an index-only scan, no
+        # heap visit per job of a large batch (0007).
+        Index("ix_jobs_batch_status_clips", "batch_id", "status", "clips_done"),
         Index("ix_jobs_content_config", "content_sha256", "config_key"),
         Index("ix_jobs_top_label_score", "top_label", "top_score"),
         Index("ix_jobs_finished_at", "finished_at"),
@@ -297,7 +299,12 @@ class VideoLabel(Base):
 
     job: Mapped[Job] = relationship(back_populates="labels")
 
-    __table_args__ = (Index("ix_video_labels_label_score", "label", "score"),)
+    __table_args__ = (
+        Index("ix_video_labels_label_score", "label", "score"),
+        # ``vidq results --label``'s first page: a label's rows in job order with their
+        # score, read from the index until the page is full (0007).
+        Index("ix_video_labels_label_job", "label", "job_id", "rank", "score"),
+    )
 
 
 class LabelSegment(Base):
@@ -324,6 +331,8 @@ class LabelSegment(Base):
     __table_args__ = (
         Index("ix_label_segments_label_duration", "label", "duration_s"),
         Index("ix_label_segments_label_mean_score", "label", "mean_score"),
+        # ``vidq segments --label``'s first page, in job order (0007).
+        Index("ix_label_segments_label_job", "label", "job_id", "segment_index", "duration_s"),
     )
 
 
@@ -344,8 +353,14 @@ class VideoEmbedding(Base):
     """L2 norm of the stored (float16) vector: cosine similarity without a second pass."""
     vector: Mapped[bytes] = mapped_column(LargeBinary)
     """``dim`` little-endian IEEE float16 values, not normalised."""
+    written_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    """When the row was written (the database's clock): the approximate index of
+    ``vidq similar`` (vidq/ann.py) takes in the rows newer than what it holds. NULL on
+    rows older than 0007."""
 
-    __table_args__ = (Index("ix_video_embeddings_model_weights", "model", "weights_id"),)
+    __table_args__ = (
+        Index("ix_video_embeddings_model_weights_written", "model", "weights_id", "written_at"),
+    )
 
 
 class ClipEmbedding(Base):

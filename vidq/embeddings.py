@@ -12,9 +12,12 @@ What is stored (``VIDQ_EMBEDDINGS``, worker side in worker/features.py):
 - every vector is little-endian IEEE float16 bytes (2 bytes a value, 4 KiB for 2048),
   written in the job's results transaction, so it is exactly-once like the rest.
 
-Torch-free and numpy-free, like every module a producer host imports: the bytes are
-read with ``struct``'s half-float format and compared in pure Python, a chunk of rows
-at a time, so memory stays flat however many vectors the table holds.
+Torch-free, like every module a producer host imports. At library scale ``nearest``
+asks vidq/ann.py's approximate index (``pip install 'vidq[ann]'``: usearch and numpy)
+for candidates and re-ranks them exactly from the stored rows; without it, or below
+``ann.MIN_ROWS`` vectors, it reads every vector with ``struct``'s half-float format and
+compares in pure Python, a chunk of rows at a time, so memory stays flat however many
+vectors the table holds.
 """
 
 from __future__ import annotations
@@ -25,12 +28,13 @@ import operator
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import delete, insert, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
-from vidq.db import ClipEmbedding, Job, VideoEmbedding
+from vidq.db import ClipEmbedding, Job, VideoEmbedding, db_now
 from vidq.errors import InputError
 
 CHUNK_ROWS = 2000
@@ -80,7 +84,8 @@ def write_embeddings(
         session.execute(delete(VideoEmbedding).where(VideoEmbedding.job_id == job_id))
     if video is None:
         return 0
-    session.execute(insert(VideoEmbedding), [{
+    # written_at: the database's clock, which vidq/ann.py's high-water mark compares.
+    session.execute(insert(VideoEmbedding).values(written_at=db_now()), [{
         "job_id": job_id, "model": model, "weights_id": weights_id, "dim": len(video) // 2,
         "norm": norm(video), "vector": video,
     }])
@@ -126,6 +131,59 @@ def nearest(conn: Connection, job_id: int, *, top: int = 10) -> Search:
             "VIDQ_EMBEDDINGS=off or has not succeeded; run it again with "
             "VIDQ_EMBEDDINGS=video (or clip).", kind="not_found")
     model, weights_id, query_norm, blob = query
+    ranked: list[tuple[float, int]] | None = None
+    compared = 0
+    index = _ann_index(conn, model=model, weights_id=weights_id, dim=len(blob) // 2)
+    if index is not None:
+        candidates = index.candidates(conn, blob, top=top, exclude=job_id)
+        scored = _scores(conn, blob, query_norm, model=model, weights_id=weights_id,
+                         job_ids=candidates)
+        # Fewer than asked (the graph still holds purged jobs): the exact scan answers.
+        if len(scored) >= top:
+            ranked = sorted(scored, reverse=True)[:top]
+            compared = len(scored)
+    if ranked is None:
+        ranked, compared = _exact(conn, job_id, blob, query_norm, model=model,
+                                  weights_id=weights_id, top=top)
+    about = {row[0]: row[1:] for row in conn.execute(
+        select(Job.id, Job.path, Job.top_label).where(Job.id.in_([-j for _, j in ranked])))}
+    return Search(model=model, weights_id=weights_id, compared=compared, neighbours=[
+        Neighbour(job_id=-j, similarity=s, path=about[-j][0], top_label=about[-j][1])
+        for s, j in ranked])
+
+
+def _ann_index(conn: Connection, *, model: str, weights_id: str, dim: int) -> Any:
+    """vidq/ann.py's index when it applies (usearch installed, enough vectors)."""
+    from vidq import ann
+
+    return ann.open_index(conn, model=model, weights_id=weights_id, dim=dim)
+
+
+def _scores(conn: Connection, blob: bytes, query_norm: float, *, model: str,
+            weights_id: str, job_ids: list[int]) -> list[tuple[float, int]]:
+    """(cosine similarity, -job id) of each of ``job_ids`` that still has a vector of
+    this model and weights: the exact re-rank of an index's candidates, from the
+    database's own rows (a purged job has none and drops out)."""
+    import numpy as np
+
+    q = np.frombuffer(blob, dtype="<f2").astype(np.float64)
+    out = []
+    for i in range(0, len(job_ids), 1000):
+        for other_id, other_norm, other in conn.execute(
+                select(VideoEmbedding.job_id, VideoEmbedding.norm, VideoEmbedding.vector)
+                .where(VideoEmbedding.job_id.in_(job_ids[i:i + 1000]),
+                       VideoEmbedding.model == model, VideoEmbedding.weights_id == weights_id)):
+            if len(other) != len(blob):
+                continue
+            denominator = query_norm * other_norm
+            dot = float(np.frombuffer(other, dtype="<f2").astype(np.float64) @ q)
+            out.append((dot / denominator if denominator else 0.0, -other_id))
+    return out
+
+
+def _exact(conn: Connection, job_id: int, blob: bytes, query_norm: float, *, model: str,
+           weights_id: str, top: int) -> tuple[list[tuple[float, int]], int]:
+    """Every vector of the model and weights compared, a chunk of rows at a time."""
     q = floats_from_float16(blob)
     best: list[tuple[float, int]] = []  # a min-heap of (similarity, -job_id)
     compared = 0
@@ -148,9 +206,4 @@ def nearest(conn: Connection, job_id: int, *, top: int = 10) -> Search:
                 heapq.heappush(best, entry)
             elif entry > best[0]:
                 heapq.heapreplace(best, entry)
-    ranked = sorted(best, reverse=True)
-    about = {row[0]: row[1:] for row in conn.execute(
-        select(Job.id, Job.path, Job.top_label).where(Job.id.in_([-j for _, j in ranked])))}
-    return Search(model=model, weights_id=weights_id, compared=compared, neighbours=[
-        Neighbour(job_id=-j, similarity=s, path=about[-j][0], top_label=about[-j][1])
-        for s, j in ranked])
+    return sorted(best, reverse=True), compared

@@ -1,8 +1,8 @@
 """Host-local failures: which hosts failed or stalled on a job, and each worker host's
 circuit breaker (``vidq status``'s workers section).
 
-Revision ID: 0010
-Revises: 0006
+Revision ID: 0009
+Revises: 0008
 Create Date: 2026-12-07
 """
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0010"
-down_revision = "0006"
+revision = "0009"
+down_revision = "0008"
 branch_labels = None
 depends_on = None
 
