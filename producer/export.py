@@ -53,6 +53,7 @@ from vidq.db import (
     VideoEmbedding,
     VideoLabel,
     aware,
+    reading_at_the_readers_pace,
 )
 from vidq.embeddings import floats_from_float16
 from vidq.errors import InputError, VidqError
@@ -142,6 +143,7 @@ def _fields(columns: Sequence[Column]) -> list[Field]:
 
 def _stream(conn: Connection, stmt: Select[Any], page_rows: int = PAGE_ROWS
             ) -> Iterator[Sequence[Any]]:
+    reading_at_the_readers_pace(conn)
     result = conn.execute(stmt.execution_options(yield_per=page_rows))
     for page in result.partitions():
         yield from page

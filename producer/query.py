@@ -22,6 +22,7 @@ from vidq.db import (
     WorkerHost,
     aware,
     db_now,
+    reading_at_the_readers_pace,
     rowcount,
     utcnow,
 )
@@ -166,6 +167,7 @@ def iter_results(
     stmt = stmt.order_by(VideoLabel.job_id, VideoLabel.rank)
     if limit:
         stmt = stmt.limit(limit)
+    reading_at_the_readers_pace(session)
     for row in session.execute(stmt.execution_options(yield_per=1000)):
         out = dict(zip(RESULT_COLUMNS, row))
         if out["finished_at"] is not None:
@@ -207,6 +209,7 @@ def iter_segments(
     stmt = stmt.order_by(LabelSegment.job_id, LabelSegment.segment_index)
     if limit:
         stmt = stmt.limit(limit)
+    reading_at_the_readers_pace(session)
     for row in session.execute(stmt.execution_options(yield_per=1000)):
         yield dict(zip(SEGMENT_COLUMNS, row))
 

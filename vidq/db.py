@@ -30,10 +30,17 @@ from sqlalchemy import (
     make_url,
     text,
 )
-from sqlalchemy.engine import CursorResult, Engine, Result
+from sqlalchemy.engine import Connection, CursorResult, Engine, Result
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.compiler import compiles
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    mapped_column,
+    relationship,
+    sessionmaker,
+)
 from sqlalchemy.sql.expression import FunctionElement
 from sqlalchemy.sql.visitors import InternalTraversal
 
@@ -488,6 +495,15 @@ milliseconds; one left open is a worker host that froze or vanished between its 
 and its COMMIT, and its row locks would otherwise stop reconcile and other workers for
 as long as the server keeps the dead connection (hours)."""
 
+
+
+def reading_at_the_readers_pace(conn: Session | Connection) -> None:
+    """Lift the idle-in-transaction timeout for this transaction only: a streamed read
+    (``vidq results | less``, an export to a slow store) waits on its reader between
+    pages, holding no row lock, and must not be ended after a minute."""
+    bind = conn.get_bind() if isinstance(conn, Session) else conn
+    if bind.dialect.name == "postgresql":
+        conn.execute(text("SET LOCAL idle_in_transaction_session_timeout = 0"))
 
 def make_engine(
     url: str, *, settings: Settings | None = None,
