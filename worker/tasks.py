@@ -313,10 +313,13 @@ def run_classify(task: Any, job_id: Any, transient: Any, *, settings: Settings,
     transient = min(max(transient, 0), settings.max_retries)
     held = state()
     breaker = breaker_for(task.app, task.request.hostname, settings, held.store)
-    # Re-sent as it came (the retry counter untouched), however often: Celery's
-    # max_retries=None would mean its default of 3, not "no limit".
+    # vidq bounds its retries itself (VIDQ_MAX_RETRIES, the counter in the message):
+    # Celery's own limit must never stop one first. Its max_retries=None would mean
+    # its default of 3, not "no limit".
+    no_celery_limit = {"max_retries": sys.maxsize}
+    # Re-sent as it came (the retry counter untouched), however often.
     again = {"kwargs": {"job_id": job_id, "transient": transient}, "args": (),
-             "max_retries": sys.maxsize}
+             **no_celery_limit}
     if not breaker.admit():  # the circuit is open: back to the broker, for other hosts
         raise task.retry(countdown=1, **again)
     try:
@@ -348,7 +351,7 @@ def run_classify(task: Any, job_id: Any, transient: Any, *, settings: Settings,
         delay = backoff_s(transient)
         log.warning("job %s: %s; retry %d in %.0fs", job_id, exc.message, transient + 1, delay)
         raise task.retry(kwargs={"job_id": job_id, "transient": transient + 1}, args=(),
-                         countdown=delay, max_retries=None) from None
+                         countdown=delay, **no_celery_limit) from None
     if outcome.status in ("succeeded", "failed") and not outcome.fields.get("host_local"):
         breaker.succeeded()
     else:
@@ -357,7 +360,7 @@ def run_classify(task: Any, job_id: Any, transient: Any, *, settings: Settings,
         # Another delivery holds a live lease (a duplicate message, or a crashed
         # child's job whose heartbeat has not gone stale yet): look again later.
         raise task.retry(kwargs={"job_id": job_id, "transient": transient}, args=(),
-                         countdown=settings.stale_after_s, max_retries=None)
+                         countdown=settings.stale_after_s, **no_celery_limit)
     if outcome.status in ("succeeded", "failed", "skipped"):
         notify_soon(settings, outcome.fields.get("batch_id"))  # the batch may be complete
     log.info("job %s %s %s", job_id, outcome.status, outcome.detail,

@@ -123,6 +123,23 @@ def test_a_job_that_always_runs_out_of_memory_gives_up_after_max_retries(
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_more_retries_than_celerys_default_limit_are_all_taken(
+    cluster: FaultCluster, media: FaultMedia, tmp_path: Path
+) -> None:
+    # Celery's own limit is 3 retries unless a call says otherwise: VIDQ_MAX_RETRIES=4
+    # must take a fourth, not stop the task with MaxRetriesExceededError (the job
+    # would then stay running until its lease went stale).
+    cluster.start_worker("--concurrency", "1", VIDQ_MAX_RETRIES="4", VIDQ_MAX_ATTEMPTS="10",
+                         **oom_env(tmp_path, calls=-1))
+    cluster.vidq("submit", str(media.good[0]), "--batch", "oom-four")
+    cluster.wait_done(n=1, timeout=150)  # backoff: 1-2, 2-4, 4-8, 8-16 s
+    (job,) = cluster.jobs()
+    assert (job["status"], job["error_kind"], job["attempts"]) == (
+        "failed", "retries_exhausted", 5)
+    assert "gave up after 5 attempts" in job["error_message"]
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_a_worker_process_over_its_memory_limit_is_replaced_and_jobs_go_on(
     cluster: FaultCluster, media: FaultMedia
 ) -> None:
