@@ -29,7 +29,7 @@ from producer.query import iter_results, iter_segments, status_summary  # noqa: 
 from producer.retention import purge  # noqa: E402
 from vidq import ann  # noqa: E402
 from vidq.db import dispose_engines, make_engine  # noqa: E402
-from vidq.embeddings import encode, nearest, write_embeddings  # noqa: E402
+from vidq.embeddings import float16_from_floats, nearest, write_embeddings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LIB = Library(videos=400, clips=6, labels=40, segments=4, video_vectors=True, dim=64,
@@ -206,7 +206,7 @@ def add_video(url: str, vector: np.ndarray, path: str) -> int:
             "'k') RETURNING id"),
             {"p": path, "sha": path, "m": MODEL, "w": WEIGHTS_ID}).scalar_one()
         write_embeddings(session, job_id, model=MODEL, weights_id=WEIGHTS_ID,
-                         video=encode(vector.tolist()), replace=False)
+                         video=float16_from_floats(vector.tolist()), replace=False)
     engine.dispose()
     return int(job_id)
 

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from tests.media import make_video
 from vidq.db import Batch, ClipPrediction, Job, LabelSegment, VideoLabel, make_engine
-from vidq.embeddings import encode, norm
+from vidq.embeddings import float16_from_floats, norm
 from vidq.migrate import upgrade
 from vidq.segments import ClipRow, ScoredLabel, SegmentRules, write_segments
 
@@ -91,7 +91,7 @@ def add_job(session: Session, *, batch_id: int, path: Path | str, seconds: int,
     if embedding is not None:
         from vidq.db import VideoEmbedding
 
-        blob = encode(embedding)
+        blob = float16_from_floats(embedding)
         session.add(VideoEmbedding(job_id=job.id, model="x3d_xs", weights_id="random-init",
                                    dim=len(embedding), norm=norm(blob), vector=blob))
     return job.id
