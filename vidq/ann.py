@@ -17,7 +17,7 @@ are more than ``MERGE_ROWS`` adds them to the graph and saves it (under a lock, 
 temporary file renamed into place). Rows a purge deleted are left in the graph until
 it holds ``STALE_SHARE`` more keys than the table has rows, then it is rebuilt once.
 
-With fewer than ``MIN_ROWS`` vectors, without usearch, or with ``VIDQ_ANN=off``,
+With fewer than ``VIDQ_ANN_MIN_ROWS`` vectors, without usearch, or with ``VIDQ_ANN=off``,
 ``candidates`` answers None and the caller scans every vector exactly, as before.
 """
 
@@ -39,12 +39,10 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Connection
 
 from vidq.db import VideoEmbedding, aware
+from vidq.settings import Settings
 
 ANN_DIR = os.path.expanduser("~/.cache/vidq/ann")
-"""Where index files are kept (``VIDQ_ANN_DIR``): one per database, model and weights."""
-MIN_ROWS = 20_000
-"""Below this many vectors an exact scan is fast enough and no index is built
-(``VIDQ_ANN_MIN_ROWS``)."""
+"""Where index files are kept when ``VIDQ_ANN_DIR`` is empty."""
 MERGE_ROWS = 2_000
 """Rows newer than the index scored exactly per query before they are added to it."""
 OVERLAP_S = 600.0
@@ -62,7 +60,7 @@ BUILD_CHUNK = 5_000
 def enabled() -> bool:
     """Whether the index may be used: ``VIDQ_ANN`` not off and usearch installed (looked
     up, not imported: a producer host asking about a few vectors imports no numpy)."""
-    if os.environ.get("VIDQ_ANN", "on").lower() in ("off", "0", "false", "no"):
+    if not Settings.from_env().ann:
         return False
     return all(importlib.util.find_spec(m) is not None for m in ("numpy", "usearch"))
 
@@ -299,11 +297,11 @@ _OPEN: dict[tuple[str, str, str], VectorIndex] = {}
 
 
 def index_dir() -> str:
-    return os.environ.get("VIDQ_ANN_DIR") or ANN_DIR
+    return Settings.from_env().ann_dir or ANN_DIR
 
 
 def min_rows() -> int:
-    return int(os.environ.get("VIDQ_ANN_MIN_ROWS") or MIN_ROWS)
+    return Settings.from_env().ann_min_rows
 
 
 def open_index(conn: Connection, *, model: str, weights_id: str, dim: int,

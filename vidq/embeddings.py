@@ -15,7 +15,7 @@ What is stored (``VIDQ_EMBEDDINGS``, worker side in worker/features.py):
 Torch-free, like every module a producer host imports. At library scale ``nearest``
 asks vidq/ann.py's approximate index (``pip install 'vidq[ann]'``: usearch and numpy)
 for candidates and re-ranks them exactly from the stored rows; without it, or below
-``ann.MIN_ROWS`` vectors, it reads every vector with ``struct``'s half-float format and
+``VIDQ_ANN_MIN_ROWS`` vectors, it reads every vector with ``struct``'s half-float format and
 compares in pure Python, a chunk of rows at a time, so memory stays flat however many
 vectors the table holds.
 """

@@ -247,6 +247,20 @@ class Settings:
     ``clip`` one per clip as well, ``off`` none. Off by default: each vector is 4 KiB
     (2048 x float16), more than all of a clip's label rows. See vidq/embeddings.py."""
 
+    ann: bool = True
+    """``vidq similar`` through an approximate nearest-neighbour index (usearch: ``pip
+    install 'vidq[ann]'``) once a model's vectors number ``ann_min_rows``, its
+    candidates re-ranked exactly from the database; ``off``: always the exact scan.
+    See vidq/ann.py."""
+
+    ann_dir: str = ""
+    """Where the index files are kept, one per database, model and weights (empty:
+    ``~/.cache/vidq/ann``). Each host that asks keeps its own."""
+
+    ann_min_rows: int = 20000
+    """Below this many vectors of a model the exact scan is fast enough, and no index
+    is built."""
+
     viewer_token: str = ""
     """``vidq serve``: a secret every request must carry (``Authorization: Bearer``, or
     the cookie a first visit to ``/?token=...`` sets). Required to listen on any
