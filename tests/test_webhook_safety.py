@@ -8,7 +8,6 @@ answers for names under ``.test`` from a table (everything else is resolved as u
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
 import json
@@ -17,26 +16,20 @@ import os
 import socket
 import ssl
 import subprocess
-import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
-from sqlalchemy import create_engine, text
 
+from tests.cli import run_vidq
 from tests.media import make_video
+from tests.services import sql
 
 pytestmark = [pytest.mark.timeout(300)]
-REDIS_URL = os.environ.get("VIDQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
-PG_ADMIN_URL = os.environ.get(
-    "VIDQ_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
 LOOPBACK = "127.0.0.0/8,::1/128"
 SECRET = "s3cret-for-tests"
 PUBLIC_URL = "https://8.8.8.8/hooks/vidq"
@@ -98,59 +91,15 @@ def receiver() -> Iterator[Receiver]:
     r.close()
 
 
-@contextlib.contextmanager
-def new_database(kind: str, tmp_path: Path) -> Iterator[str]:
-    """A database at this vidq's schema: a SQLite file, or a fresh PostgreSQL database."""
-    from vidq.db import dispose_engines, make_engine
-    from vidq.migrate import upgrade
-
-    if kind == "sqlite":
-        url = f"sqlite:///{tmp_path / 'vidq.db'}"
-        admin = None
-    else:
-        name = f"vidq_hooks_{uuid.uuid4().hex[:10]}"
-        admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-        url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    try:
-        engine = make_engine(url)
-        try:
-            upgrade(engine)
-        finally:
-            engine.dispose()
-        yield url
-    finally:
-        dispose_engines()
-        if admin is not None:
-            with admin.connect() as conn:
-                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-            admin.dispose()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    with new_database(request.param, tmp_path) as url:
-        yield url
+@pytest.fixture
+def db_url(database_url: str) -> str:
+    """A database at this vidq's schema (tests/conftest.py's, SQLite and PostgreSQL)."""
+    return database_url
 
 
 @pytest.fixture
-def broker_url() -> Iterator[str]:
-    client = redis.Redis.from_url(REDIS_URL)
-    client.flushdb()
-    yield REDIS_URL
-    client.flushdb()
-    client.close()
-
-
-def sql(database_url: str, query: str, **params: object) -> list[tuple[Any, ...]]:
-    engine = create_engine(database_url)
-    try:
-        with engine.begin() as conn:
-            result = conn.execute(text(query), params)
-            return [tuple(r) for r in result] if result.returns_rows else []
-    finally:
-        engine.dispose()
+def broker_url(redis_url: str) -> str:
+    return redis_url
 
 
 def vidq(*args: str, database_url: str, broker_url: str, cwd: Path,
@@ -160,8 +109,7 @@ def vidq(*args: str, database_url: str, broker_url: str, cwd: Path,
     environ.update(VIDQ_DATABASE_URL=database_url, VIDQ_BROKER_URL=broker_url,
                    VIDQ_MODEL="x3d_xs", VIDQ_WEIGHTS="random", VIDQ_RECONCILE_EVERY_S="0",
                    PYTHONUNBUFFERED="1", **env)
-    return subprocess.run([sys.executable, "-m", "vidq.cli", *args], env=environ, cwd=cwd,
-                          capture_output=True, text=True, timeout=120)
+    return run_vidq(*args, env=environ, cwd=cwd)
 
 
 def one_error_line(proc: subprocess.CompletedProcess[str]) -> str:
@@ -226,7 +174,7 @@ def notify_row(database_url: str, batch_id: int) -> tuple[Any, ...]:
 
 # -- what submit accepts ---------------------------------------------------------------
 
-@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 @pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://8.8.8.8/hook"])
 def test_submit_refuses_a_webhook_that_is_not_http(
     url: str, db_url: str, videos: list[Path], tmp_path: Path, broker_url: str,
@@ -238,7 +186,7 @@ def test_submit_refuses_a_webhook_that_is_not_http(
     assert sql(database_url, "select count(*) from jobs") == [(0,)]
 
 
-@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 @pytest.mark.parametrize(("url", "network"), [
     ("http://localhost:{port}/hook", "127.0.0.0/8,::1/128"),  # a name: 127.0.0.1
     ("http://169.254.169.254/latest/meta-data/", "169.254.169.254/32"),  # cloud metadata
@@ -304,7 +252,7 @@ def test_a_host_name_that_does_not_resolve_is_refused_at_submit(
                notify="https://nowhere.example.test/hook")
 
 
-@pytest.mark.parametrize("db_url", ["sqlite", "postgresql"], indirect=True)
+@pytest.mark.parametrize("database_url", ["sqlite", "postgresql"], indirect=True)
 def test_a_later_submit_cannot_change_a_batchs_webhook(
     db_url: str, videos: list[Path], tmp_path: Path, broker_url: str,
 ) -> None:
@@ -446,7 +394,7 @@ def test_a_slow_receiver_does_not_delay_reconcile(db_url: str, videos: list[Path
     assert notify_row(db_url, batch_id) == ("sent", 2, 200)
 
 
-@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_vidq_reconcile_sends_a_due_webhook_before_it_exits(
     db_url: str, videos: list[Path], tmp_path: Path, receiver: Receiver, broker_url: str,
 ) -> None:
