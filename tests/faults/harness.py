@@ -17,6 +17,8 @@ import socket
 import subprocess
 import tempfile
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -356,3 +358,15 @@ def submit_long_job(cluster: FaultCluster, media: FaultMedia, batch: str) -> int
     """Submit ``media.long`` with LONG_JOB; its job id."""
     cluster.vidq("submit", str(media.long), *LONG_JOB, "--batch", batch)
     return int(cluster.sql("select max(id) from jobs")[0][0])
+
+
+def healthz(port: int) -> tuple[int, str]:
+    """A worker host's /healthz on 127.0.0.1: (HTTP status, body), or (0, why) when
+    nothing answers."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except OSError as exc:
+        return 0, str(exc)

@@ -7,27 +7,16 @@ good only once two hosts agree."""
 from __future__ import annotations
 
 import os
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.faults.harness import FaultMedia, free_port
+from tests.faults.harness import FaultMedia, free_port, healthz
 from tests.faults.hosts import Fleet
 from tests.media import make_video
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(420)]
 
-
-def healthz(port: int) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-    except OSError as exc:
-        return 0, str(exc)
 
 
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)

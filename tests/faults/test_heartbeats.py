@@ -5,14 +5,12 @@ replica), says so on /healthz while it fails, and carries on once it can write a
 from __future__ import annotations
 
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 
 import psycopg
 import pytest
 
-from tests.faults.harness import FaultCluster, FaultMedia, PostgresServer, free_port
+from tests.faults.harness import FaultCluster, FaultMedia, PostgresServer, free_port, healthz
 from tests.faults.hosts import Fleet
 
 LEASE_S = 3 * 1 + 5
@@ -20,15 +18,6 @@ LEASE_S = 3 * 1 + 5
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(240)]
 
-
-def healthz(port: int) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as reply:
-            return reply.status, reply.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-    except OSError as exc:
-        return 0, str(exc)
 
 
 def set_read_only(server: PostgresServer, on: bool) -> None:
