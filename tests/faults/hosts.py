@@ -44,6 +44,8 @@ class Host:
     env: dict[str, str]
     """The host's environment: the cluster's, with the proxied URLs and the clock offset."""
     isolated: bool = False
+    worker_args: tuple[str, ...] = ()
+    hidden: tuple[Path, ...] = ()
     worker: subprocess.Popen[bytes] | None = None
     log: Path | None = None
 
@@ -95,30 +97,39 @@ class Fleet:
         if clock_offset_s:
             host_env.update(faketime_env(clock_offset_s))
         host = Host(name=name, database=database.start(), broker=broker.start(),
-                    env=host_env, isolated=isolate)
+                    env=host_env, isolated=isolate, worker_args=worker_args,
+                    hidden=tuple(hidden))
         self.hosts.append(host)
         host.env.update(VIDQ_DATABASE_URL=database.url(cluster.env["VIDQ_DATABASE_URL"]),
                         VIDQ_BROKER_URL=broker.url(cluster.env["VIDQ_BROKER_URL"]))
+        worker = self.start_worker(host)
+        if ready:
+            assert host.log is not None
+            cluster.wait_log(host.log, READY_LINE, proc=worker)
+        return host
+
+    def start_worker(self, host: Host) -> subprocess.Popen[bytes]:
+        """Start the host's ``vidq worker`` (again, after a crash: a host reboots with the
+        same name, environment and mounts), without waiting for it to be ready."""
+        cluster = self.cluster
         command = [sys.executable, "-m", "vidq.cli", "worker", "--loglevel", "INFO",
-                   *worker_args]
-        if isolate:
+                   *host.worker_args]
+        if host.isolated:
             setup = "".join(f"mount -t tmpfs -o size=1m,mode=0755 vidq-hidden {shlex.quote(str(p))}"
-                            " && " for p in hidden)
+                            " && " for p in host.hidden)
             # sh's $0 is the hostname; exec keeps the worker's pid the process's pid.
             command = ["unshare", "--mount", "--uts", "--propagation", "private", "--",
-                       "sh", "-c", f'hostname "$0" && {setup}exec "$@"', name, *command]
-        host.log = cluster.workdir / f"worker-{len(cluster.workers)}-{name}.log"
+                       "sh", "-c", f'hostname "$0" && {setup}exec "$@"', host.name, *command]
+        host.log = cluster.workdir / f"worker-{len(cluster.workers)}-{host.name}.log"
         host.worker = worker = subprocess.Popen(
             command, env=host.env, cwd=cluster.workdir, stdout=open(host.log, "wb"),
             stderr=subprocess.STDOUT, start_new_session=True,
         )
         cluster.workers.append((worker, host.log))
-        if isolate:  # once python runs, the namespaces are made and set up
+        if host.isolated:  # once python runs, the namespaces are made and set up
             cluster.wait_for(lambda: _running_python(worker), timeout=30,
-                             what=f"host {name}'s namespaces", poll_s=0.05)
-        if ready:
-            cluster.wait_log(host.log, READY_LINE, proc=worker)
-        return host
+                             what=f"host {host.name}'s namespaces", poll_s=0.05)
+        return worker
 
     def close(self) -> None:
         for host in self.hosts:
@@ -135,14 +146,18 @@ def _running_python(proc: subprocess.Popen[bytes]) -> bool:
     return argv[:3] == [sys.executable.encode(), b"-m", b"vidq.cli"]  # unshare and sh done
 
 
+def namespaces_available() -> bool:
+    """Whether this process may make mount and UTS namespaces (root, util-linux)."""
+    try:
+        return subprocess.run(["unshare", "--mount", "--uts", "--", "true"],
+                              capture_output=True, timeout=30).returncode == 0
+    except FileNotFoundError:
+        return False
+
+
 def require_namespaces() -> None:
     """Skip the test unless this process may make mount and UTS namespaces."""
-    try:
-        ok = subprocess.run(["unshare", "--mount", "--uts", "--", "true"],
-                            capture_output=True, timeout=30).returncode == 0
-    except FileNotFoundError:
-        ok = False
-    if not ok:
+    if not namespaces_available():
         pytest.skip("per-host namespaces need `unshare --mount --uts` (root, util-linux)")
 
 
@@ -153,7 +168,12 @@ def faketime_library() -> Path | None:
 
 def faketime_env(offset_s: float) -> dict[str, str]:
     """The environment that sets a process tree's wall clock off by ``offset_s``;
-    monotonic clocks (timeouts, intervals) stay true. Skips the test without libfaketime."""
+    monotonic clocks (timeouts, intervals) stay true. Skips the test without libfaketime.
+
+    For what reads the clock, not for a worker's whole life: with libfaketime 0.9.10
+    (Debian 12), Python's ``time.sleep`` fails with EINVAL under it, and with the
+    monotonic clock faked too, timed waits (``threading.Event.wait``: sem_clockwait,
+    which it does not intercept) overshoot by the offset."""
     library = faketime_library()
     if library is None:
         pytest.skip("a host clock offset needs libfaketime: "
