@@ -42,6 +42,9 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "library": ("benchmarks.library",
                 "results, segments, status, similar and export on a synthetic library "
                 "against the 0006 schema, the exact scan and COPY"),
+    "revision": ("benchmarks.services",
+                 "vidq end to end (short jobs; long sliding jobs) against another git "
+                 "revision's, alternating"),
     "memory": ("benchmarks.services",
                "a vidq worker's memory over many jobs against its memory after the first"),
 }

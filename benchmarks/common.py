@@ -46,10 +46,11 @@ def alternate(sides: dict[str, Callable[[], float]], rounds: int, *,
     return values
 
 
-def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment of a child process: this repository importable."""
+def child_env(extra: dict[str, str] | None = None, *, root: Path = ROOT) -> dict[str, str]:
+    """The environment of a child process: this repository (or another checkout of it,
+    ``root``) importable."""
     path = os.environ.get("PYTHONPATH", "")
-    return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{path}" if path else str(ROOT),
+    return {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{path}" if path else str(root),
             **(extra or {})}
 
 
@@ -82,15 +83,16 @@ def memory_mb(pid: int, field_name: str = "VmRSS:") -> float:
 
 @contextmanager
 def worker_process(env: dict[str, str], workdir: Path, *, concurrency: int = 1,
-                timeout_s: float = 300) -> Iterator[subprocess.Popen[bytes]]:
-    """A ``vidq worker`` process (the CLI, as a user starts it), yielded once it is
-    ready to take jobs; stopped with SIGTERM afterwards."""
+                   timeout_s: float = 300, root: Path = ROOT
+                   ) -> Iterator[subprocess.Popen[bytes]]:
+    """A ``vidq worker`` process (the CLI, as a user starts it; the code of ``root``),
+    yielded once it is ready to take jobs; stopped with SIGTERM afterwards."""
     log = workdir / "worker.log"
     with open(log, "wb") as out:
         worker = subprocess.Popen(
             [sys.executable, "-m", "vidq.cli", "worker", "--concurrency", str(concurrency)],
-            env=child_env(env), cwd=workdir, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True)
+            env=child_env(env, root=root), cwd=workdir, stdout=out,
+            stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + timeout_s
         while "ready:" not in log.read_text(errors="replace"):

@@ -22,6 +22,11 @@ the floor for an exhaustive search. Both in fresh processes; peak RSS reported.
 ``memory``: one ``vidq worker`` process working through N jobs (small videos,
 slow_r50, random weights): its resident memory every ``--every`` jobs against its
 memory after the first ``--every`` (the warmed-up baseline of the same run).
+
+``revision``: what a user waits for end to end (``vidq worker`` and ``vidq submit`` on
+PostgreSQL and Redis; many short jobs, then a few long sliding ones) with this
+checkout against the same with another revision's code (``git archive``), in
+alternating rounds with fresh databases: the happy path's cost of a change.
 """
 
 from __future__ import annotations
@@ -549,3 +554,105 @@ def memory(args: argparse.Namespace) -> list[Report]:
     report.add("last, against half way", samples[-1][1], against=half)
     report.add("peak (VmHWM)", peak)
     return [report]
+
+
+# -- revision: this checkout's happy path against another revision's ---------------------
+BEFORE_FLEET_WORK = "ad660f1"
+"""The last commit before the fleet's fault handling (heartbeats that survive, leases
+stored with jobs, the decoder watchdog, the circuit breaker, hashing what is read)."""
+
+
+def revision_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rev", default=BEFORE_FLEET_WORK,
+                        help=f"the git revision to compare with (default {BEFORE_FLEET_WORK}, "
+                             "the last before the fleet's fault handling)")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--short", type=int, default=40,
+                        help="short videos, one job each: the per-job path")
+    parser.add_argument("--long", type=int, default=2,
+                        help="long videos, sliding clips: the per-clip feed")
+    parser.add_argument("--model", default="x3d_xs")
+    parser.add_argument("--broker", default=BROKER_URL, help="a Redis database it flushes")
+    parser.add_argument("--pg", default=POSTGRES_URL)
+    parser.add_argument("--quick", action="store_true", help="10 short, 1 long, 2 rounds")
+
+
+def revision(args: argparse.Namespace) -> list[Report]:
+    """End to end, as a user runs vidq (``vidq worker``, ``vidq submit``, PostgreSQL and
+    Redis): this checkout against ``--rev``, each in fresh processes and databases,
+    alternating round by round. Seconds from submit until every job has succeeded."""
+    if args.quick:
+        args.short, args.long, args.rounds = 10, 1, 2
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        other = work / "rev"
+        other.mkdir()
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.rev],
+                                 capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(other)], input=archive, check=True)
+        (work / "short").mkdir()
+        (work / "long").mkdir()
+        short = [make_video(work / "short" / f"s{i:03d}.mp4", frames=60, width=160,
+                            height=120, seed=i) for i in range(args.short)]
+        long = [make_video(work / "long" / f"l{i:03d}.mp4", frames=900, width=320,
+                           height=240, seed=1000 + i) for i in range(args.long)]
+        workloads = {
+            f"{args.short} short videos, one clip each": (short, ("--strategy", "single")),
+            f"{args.long} x 30 s videos, sliding clips every 0.5 s":
+                (long, ("--strategy", "sliding", "--stride", "0.5")),
+        }
+        reports = []
+        for title, (videos, options) in workloads.items():
+            sides = {
+                f"{args.rev} (before)": partial(_end_to_end, other, videos, options, args, work),
+                "this checkout": partial(_end_to_end, ROOT, videos, options, args, work),
+            }
+            values = alternate(sides, args.rounds)
+            report = Report(f"vidq end to end, {title} ({args.model}, PostgreSQL): "
+                            f"this checkout against {args.rev}", "s")
+            for name, got in values.items():
+                report.add(name, got)
+            report.notes.append("a ratio above 1.00x is slower; the rounds' spread is the noise")
+            reports.append(report)
+    return reports
+
+
+def _end_to_end(root: Path, videos: list[Path], options: tuple[str, ...],
+                args: argparse.Namespace, work: Path) -> float:
+    import redis
+
+    run = work / f"run-{uuid.uuid4().hex[:8]}"
+    run.mkdir()
+    with postgres_database(args.pg, "vidq_rev") as url:
+        env = {"VIDQ_BROKER_URL": args.broker, "VIDQ_DATABASE_URL": url,
+               "VIDQ_WEIGHTS": "random", "VIDQ_MODEL": args.model,
+               "VIDQ_RECONCILE_EVERY_S": "0"}
+        subprocess.run([sys.executable, "-m", "vidq.cli", "db", "upgrade"], cwd=run,
+                       env=child_env(env, root=root), capture_output=True, check=True)
+        redis.Redis.from_url(args.broker).flushdb()
+        try:
+            with worker_process(env, run, root=root):
+                started = time.perf_counter()
+                subprocess.run([sys.executable, "-m", "vidq.cli", "submit", *map(str, videos),
+                                "--batch", "rev", *options], cwd=run,
+                               env=child_env(env, root=root), capture_output=True, check=True)
+                ids = [int(i) for (i,) in _rows(url, "select id from jobs")]
+                wait_for_jobs(url, ids, poll_s=0.05)
+                elapsed = time.perf_counter() - started
+            done = _rows(url, "select count(*) from jobs where status = 'succeeded'")[0][0]
+            if done != len(videos):
+                raise SystemExit(f"{root}: {done} of {len(videos)} jobs succeeded")
+        finally:
+            redis.Redis.from_url(args.broker).flushdb()
+    return elapsed
+
+
+def _rows(url: str, query: str) -> list[Any]:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return list(conn.execute(text(query)))
+    finally:
+        engine.dispose()
