@@ -260,10 +260,13 @@ def changed_since_submit(
     refused. Without the decoder's hash, same size and mtime (to the nanosecond) is the
     same file, as make and rsync assume, and a moved mtime has the content hashed again
     through the descriptor (a file merely touched passes); rows recorded before mtimes
-    were (``mtime_ns`` NULL) are checked by size. All of it within ``timeout_s``, or
-    TransientError (the mount hangs: the host's trouble, not the video's). An
-    object-store URI is checked on its metadata (``storage.object_changed``): the
-    store's checksum or ETag is its content hash."""
+    were (``mtime_ns`` NULL) are checked by size. A path this host can no longer open
+    or read says nothing of the bytes the decoder hashed (the result stands) and, without
+    that hash, is this host's trouble (``unreadable_here``: kind ``not_found`` or
+    ``unreadable``, given back to the queue by the worker), not a change. All of it
+    within ``timeout_s``, or TransientError (the mount hangs: the host's trouble, not
+    the video's). An object-store URI is checked on its metadata
+    (``storage.object_changed``): the store's checksum or ETag is its content hash."""
     if storage.is_uri(path):
         return storage.object_changed(path, size_bytes=size_bytes, modified_ns=mtime_ns,
                                       content_hash=content_sha256,
@@ -291,7 +294,9 @@ def _local_changed(path: str, *, size_bytes: int, mtime_ns: int | None, content_
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             return changed("refused: the path became a symbolic link")
-        return changed(f"no longer readable ({exc.strerror})")
+        if verified:
+            return None  # the bytes classified were the submitted ones, wherever they went
+        return unreadable_here(path, exc)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -301,12 +306,22 @@ def _local_changed(path: str, *, size_bytes: int, mtime_ns: int | None, content_
             return changed(f"the file changed ({size_bytes} bytes then, {st.st_size} now)")
         if verified or mtime_ns is None or st.st_mtime_ns == mtime_ns:
             return None  # the decoder's hash proved the bytes; or the same file by its stat
-        return _same_content(fd, content_sha256, changed)
+        return _same_content(fd, path, content_sha256, changed)
     finally:
         os.close(fd)
 
 
-def _same_content(fd: int, content_sha256: str,
+def unreadable_here(path: str, exc: OSError) -> InputError:
+    """The file cannot be opened or read on this host at commit: the host's trouble (its
+    mount went away, a permission) until another host agrees, not the video's. Kind
+    ``not_found`` or ``unreadable``, which the worker treats as host-local."""
+    gone = exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ESTALE, errno.ENODEV)
+    return InputError(f"{path}: no longer readable on this host ({exc.strerror}) since it "
+                      "was submitted; results were not written.",
+                      kind="not_found" if gone else "unreadable")
+
+
+def _same_content(fd: int, path: str, content_sha256: str,
                   changed: Callable[[str], InputError]) -> InputError | None:
     digest = hashlib.sha256()
     offset = 0
@@ -315,7 +330,7 @@ def _same_content(fd: int, content_sha256: str,
             digest.update(chunk)
             offset += len(chunk)
     except OSError as exc:
-        return changed(f"no longer readable ({exc.strerror})")
+        return unreadable_here(path, exc)
     return None if digest.hexdigest() == content_sha256 else changed(
         "the file changed (its content hash differs)")
 

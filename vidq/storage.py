@@ -493,8 +493,7 @@ def object_changed(
     try:
         meta = head(ObjectURI.parse(raw), storage=storage, raw=raw)
     except InputError as exc:
-        return InputError(f"{raw}: no longer readable since it was submitted "
-                          f"({exc.message}).", kind="changed_since_submit")
+        return _unreadable_now(raw, exc)
     if meta.size != size_bytes:
         return changed(f"{size_bytes} bytes then, {meta.size} now")
     if content_hash.startswith("md5:"):
@@ -510,6 +509,15 @@ def object_changed(
     try:
         now = hash_object(meta, storage=storage, algorithm=algorithm)
     except InputError as exc:
-        return InputError(f"{raw}: no longer readable since it was submitted "
-                          f"({exc.message}).", kind="changed_since_submit")
+        return _unreadable_now(raw, exc)
     return None if now == content_hash else changed("its content hash differs")
+
+
+_HOST_TROUBLE = ("not_found", "unreadable", "no_credentials")
+"""Kinds of a read that failed which may be this host's alone (its credentials, its
+view of the bucket): they pass through, for the worker to judge as host-local."""
+
+
+def _unreadable_now(raw: str, exc: InputError) -> InputError:
+    return InputError(f"{raw}: no longer readable since it was submitted ({exc.message}).",
+                      kind=exc.kind if exc.kind in _HOST_TROUBLE else "changed_since_submit")

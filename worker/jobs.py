@@ -430,13 +430,15 @@ class JobStore:
                         read_sha256: str | None = None) -> InputError | None:
         """Fail the job (and return why) if the file or object at ``path`` is no longer
         the one submitted, or ``read_sha256`` (the hash of the bytes the decoder read)
-        is not the submitted content's; None if all is well. Checked after decoding, just
-        before results are written, so a file replaced at any point before the commit
-        is caught, and no job's labels are stored under another file's hash."""
+        is not the submitted content's; None if all is well. A path this host cannot
+        read any more is returned unfailed: a host-local error for the caller. Checked
+        after decoding, just before results are written, so a file replaced at any
+        point before the commit is caught, and no job's labels are stored under another
+        file's hash."""
         changed = changed_since_submit(path, size_bytes=job.size_bytes, mtime_ns=job.mtime_ns,
                                        content_sha256=job.content_sha256,
                                        read_sha256=read_sha256, storage_config=storage)
-        if changed is not None:
+        if changed is not None and not host_local(changed):  # that is the caller's to judge
             self.fail(job.id, token, changed)
         return changed
 
@@ -719,7 +721,7 @@ def execute_job(
             pause_point("before_commit")
             changed = store.fail_if_changed(job, path, token, storage=storage,
                                             read_sha256=result.decode_stats.sha256)
-            if changed is not None:  # already failed in the table
+            if changed is not None:  # failed in the table, or this host's trouble
                 raise changed
             committed = commit_result(store, job_id, token, result,
                                       horizon_s=settings.commit_retry_s)

@@ -81,3 +81,31 @@ def test_one_host_without_the_media_mount_fails_nothing_and_opens_its_circuit(
     blamed = cluster.sql("select distinct host from host_failures")
     assert set(blamed) == {("bad-host",), ("good-host",)}
     assert len(cluster.sql("select job_id from host_failures where host = 'good-host'")) == 1
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_a_mount_gone_between_decode_and_commit_keeps_what_was_read(
+    fleet: Fleet, tmp_path: Path,
+) -> None:
+    """Found by the chaos run (tests/chaos.py). Before: the commit's check could not open
+    the path any more and failed the job for good with ``changed_since_submit``, though
+    the decoder had hashed the submitted bytes. Now the decoder's hash is the proof:
+    the result is committed, once, attempt 1."""
+    mount = tmp_path / "mount"
+    mount.mkdir()
+    video = mount / "v.mp4"
+    make_video(video, seconds=2, seed=1201)
+    cluster = fleet.cluster
+    hold = cluster.hold("before_commit")
+    hold.engage()
+    host = fleet.add_host("flaky-host", "--concurrency", "1", isolate=True, **hold.env())
+    cluster.vidq("submit", str(video), "--batch", "gone")
+    cluster.wait_held(hold)  # decoded and classified, not committed yet
+    hidden = host.run("mount", "-t", "tmpfs", "-o", "size=1m", "gone", str(mount))
+    assert hidden.returncode == 0, hidden.stderr
+    assert host.run("ls", "-A", str(mount)).stdout == ""  # the mount went away
+    hold.release()
+    cluster.wait_done(n=1, timeout=120)
+    (job,) = cluster.jobs()
+    cluster.assert_succeeded_once(job["id"])
+    assert job["attempts"] == 1, job

@@ -99,3 +99,20 @@ def test_a_check_that_hangs_is_given_up_as_transient(
         changed_since_submit(str(path), timeout_s=0.5, **job)
     assert info.value.kind == "check_timeout"
     assert time.monotonic() - t0 < 5
+
+
+def test_a_path_gone_at_commit_is_this_hosts_trouble_unless_the_read_proved_the_bytes(
+    tmp_path: Path,
+) -> None:
+    """A mount that went away after the decode: the bytes hashed while decoding are the
+    submitted ones, so the result stands; without that hash, the path this host cannot
+    open says nothing about the video (``not_found``, host-local), not a change."""
+    path = tmp_path / "v.mp4"
+    make_video(path, seconds=2, seed=1)
+    job = submitted(path)
+    path.unlink()
+    assert changed_since_submit(str(path), read_sha256=job["content_sha256"], **job) is None
+    changed = changed_since_submit(str(path), **job)
+    assert changed is not None and changed.kind == "not_found", changed
+    changed = changed_since_submit(str(path), read_sha256="0" * 64, **job)
+    assert changed is not None and changed.kind == "changed_since_submit"
