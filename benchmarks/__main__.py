@@ -42,6 +42,9 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "library": ("benchmarks.library",
                 "results, segments, status, similar and export on a synthetic library "
                 "against the 0006 schema, the exact scan and COPY"),
+    "ann": ("benchmarks.ann",
+            "vidq similar's HNSW build and search parameters on library vectors: recall@10 "
+            "and latency against vidq's own"),
     "memory": ("benchmarks.services",
                "a vidq worker's memory over many jobs against its memory after the first"),
 }
