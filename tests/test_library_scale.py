@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -293,6 +294,39 @@ def test_an_index_built_with_other_parameters_is_rebuilt(library_url: str,
     exact = exact_neighbours(library_url, queries)
     for j in queries:
         assert len(set(after["answers"][str(j)]) & set(exact[j])) >= 9
+
+
+class SlowGraph:
+    """usearch's graph, with each page's add taking longer than the idle timeout."""
+
+    def __init__(self, graph: Any) -> None:
+        self.graph = graph
+
+    def add(self, *args: Any, **kwargs: Any) -> Any:
+        time.sleep(1.5)
+        return self.graph.add(*args, **kwargs)
+
+    def __len__(self) -> int:
+        return len(self.graph)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.graph, name)
+
+
+def test_a_build_slower_than_the_idle_transaction_timeout_completes(
+        library_url: str, ann_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    if not library_url.startswith("postgresql"):
+        pytest.skip("PostgreSQL's idle-in-transaction timeout")
+    monkeypatch.setattr(ann, "BUILD_CHUNK", 100)  # four pages of LIB's vectors
+    new_graph = ann.VectorIndex._new_graph
+    monkeypatch.setattr(ann.VectorIndex, "_new_graph", lambda self: SlowGraph(new_graph(self)))
+    engine = make_engine(library_url, idle_in_transaction_timeout_s=1)
+    with engine.connect() as conn:
+        got = nearest(conn, some_jobs(library_url, 1)[0], top=10)
+    engine.dispose()
+    assert len(got.neighbours) == 10
+    assert json.loads(next(Path(ann_env["VIDQ_ANN_DIR"]).glob("*.json")).read_text())[
+        "keys"] == len(all_rows(library_url, "SELECT job_id FROM video_embeddings"))
 
 
 def test_a_purge_leaves_no_purged_job_in_the_answers(library_url: str,

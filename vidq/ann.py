@@ -38,7 +38,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.engine import Connection
 
-from vidq.db import VideoEmbedding, aware
+from vidq.db import VideoEmbedding, aware, reading_at_the_readers_pace
 from vidq.settings import Settings
 
 ANN_DIR = os.path.expanduser("~/.cache/vidq/ann")
@@ -207,6 +207,9 @@ class VectorIndex:
 
     def build(self, conn: Connection) -> None:
         """Every row of the scope into a new graph (the first query, or after purges)."""
+        # Adding a page to the graph takes seconds (minutes on a loaded host) while the
+        # cursor waits: not an idle transaction to end.
+        reading_at_the_readers_pace(conn)
         graph = self._new_graph()
         high: dt.datetime | None = None
         for ids, vectors, stamps in self._rows(conn, []):
@@ -228,6 +231,7 @@ class VectorIndex:
             return
         high = dt.datetime.fromisoformat(self.meta.high_water) if self.meta.high_water \
             else None
+        reading_at_the_readers_pace(conn)
         for ids, vectors, stamps in self._rows(conn, self._newer()):
             present = [k for k in ids.tolist() if graph.contains(k)]
             if present:
