@@ -45,6 +45,9 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "revision": ("benchmarks.services",
                  "vidq end to end (short jobs; long sliding jobs) against another git "
                  "revision's, alternating"),
+    "ann": ("benchmarks.ann",
+            "vidq similar's HNSW build and search parameters on library vectors: recall@10 "
+            "and latency against vidq's own"),
     "memory": ("benchmarks.services",
                "a vidq worker's memory over many jobs against its memory after the first"),
 }

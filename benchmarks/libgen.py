@@ -29,6 +29,9 @@ from typing import Any
 import numpy as np
 
 BATCH = "library"
+STATUS_BATCH = "library-status"
+"""A batch of jobs only (``Library.status_jobs``), copies of the library's, for ``vidq
+status --batch`` at a batch size apart from the library's."""
 MODEL = "slow_r50"
 WEIGHTS_ID = "sha256:" + "5" * 64
 STRIDE_S = 2.0
@@ -52,6 +55,10 @@ class Library:
     dim: int = 2048
     zipf_s: float = 1.1
     seed: int = 0
+    status_jobs: int = 0
+    """Jobs of ``STATUS_BATCH``: the library's jobs copied in turn (the same statuses
+    and times; another content hash, as queued jobs of one file are one job), without
+    results of their own."""
 
     @property
     def clip_label_rows(self) -> int:
@@ -312,7 +319,42 @@ def load(engine: Any, lib: Library, *, progress: Any = print) -> dict[str, int]:
             conn.execute(text("SELECT setval(pg_get_serial_sequence('jobs', 'id'), "
                               "(SELECT max(id) FROM jobs))"))
             conn.execute(text("SELECT setval(pg_get_serial_sequence('batches', 'id'), 1)"))
-            conn.execute(text("VACUUM ANALYZE"))
-        else:
-            conn.execute(text("ANALYZE"))
+    if lib.status_jobs:
+        counts["status_jobs"] = _copy_jobs(engine, lib)
+        progress(f"  {counts['status_jobs']:,} jobs in batch {STATUS_BATCH}")
+    with engine.connect() as conn:
+        conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+        # PostgreSQL: the visibility map too, which index-only scans need.
+        conn.execute(text("VACUUM ANALYZE" if postgres else "ANALYZE"))
     return counts
+
+
+COPY_JOBS = """
+WITH RECURSIVE turn(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM turn WHERE i < :turns)
+INSERT INTO jobs (batch_id, path, content_sha256, size_bytes, queue, status, priority,
+    attempts, submitted_at, started_at, finished_at, model, weights, weights_id, strategy,
+    clips_requested, stride_s, start_sec, crops, config_key, duration_s, clips_done,
+    error_kind, top_class_id, top_label, top_score)
+SELECT :batch, j.path || '#' || turn.i,
+    CAST(turn.i + 1000000000000 AS TEXT) || substr(j.content_sha256, 14), j.size_bytes,
+    j.queue, j.status, j.priority, j.attempts, j.submitted_at, j.started_at, j.finished_at,
+    j.model, j.weights, j.weights_id, j.strategy, j.clips_requested, j.stride_s, j.start_sec,
+    j.crops,
+    j.config_key, j.duration_s, j.clips_done, j.error_kind, j.top_class_id, j.top_label,
+    j.top_score
+FROM turn CROSS JOIN jobs j WHERE j.batch_id = 1 ORDER BY turn.i, j.id LIMIT :n
+"""
+
+
+def _copy_jobs(engine: Any, lib: Library) -> int:
+    """``lib.status_jobs`` jobs into ``STATUS_BATCH``, copied in SQL from the library's."""
+    from sqlalchemy import text
+
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO batches (name, created_at) VALUES (:n, :t)"),
+                     {"n": STATUS_BATCH, "t": dt.datetime.now(dt.timezone.utc)})
+        batch = conn.execute(text("SELECT id FROM batches WHERE name = :n"),
+                             {"n": STATUS_BATCH}).scalar_one()
+        conn.execute(text(COPY_JOBS), {"batch": batch, "n": lib.status_jobs,
+                                       "turns": lib.status_jobs // lib.videos + 1})
+    return lib.status_jobs

@@ -5,9 +5,11 @@ For each database and size:
 
 * ``vidq results --label L --min-score S`` (first page of 100 rows, a common label and
   a rare one), ``vidq segments --label L --min-duration D`` (first page) and ``vidq
-  status --batch library`` (every job is in that batch): p95 of ``--repeat`` runs of
-  the functions the commands call, on a warm connection, against the same queries
-  after the indexes of migration 0007 are dropped (the 0006 schema), in the same run;
+  status --batch`` on the library's batch (every video) and on a batch of
+  ``--status-jobs`` jobs (200,000 by default, whatever the library's size): p95 of
+  ``--repeat`` runs of the functions the commands call, on a warm connection, against
+  the same queries after the indexes of migrations 0007 and 0010 are dropped (the 0006 schema),
+  in the same run;
 * ``vidq similar JOB --top 10`` through vidq/ann.py's index (warm process; the build
   is timed apart), its recall@10 against the exact answer computed with numpy over
   every vector, against the exact scan vidq falls back to (``VIDQ_ANN=off``);
@@ -33,11 +35,12 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import POSTGRES_URL, Report, child_env
-from benchmarks.libgen import BATCH, Library, load
+from benchmarks.libgen import BATCH, STATUS_BATCH, Library, load
 from benchmarks.services import MEASURED, p95, postgres_database
 
 NEW_INDEXES = ("ix_video_labels_label_job", "ix_label_segments_label_job",
-               "ix_jobs_batch_status_clips")
+               "ix_jobs_batch_status_submitted", "ix_jobs_batch_finished")
+"""The library-scale indexes (migrations 0007 and 0010), dropped for the baseline."""
 EXPORT_TABLES = ("jobs", "video_labels", "clip_predictions", "label_segments",
                  "video_embeddings", "clip_embeddings")
 
@@ -59,9 +62,12 @@ def library_options(parser: argparse.ArgumentParser) -> None:
                         choices=["postgresql", "sqlite"])
     parser.add_argument("--sqlite-share", type=float, default=0.1,
                         help="SQLite sizes as a share of --videos (default 0.1)")
+    parser.add_argument("--status-jobs", type=int, default=200_000,
+                        help="jobs of a second batch, for `vidq status --batch` at that size "
+                        "whatever the library's (default 200,000; SQLite: --sqlite-share)")
     parser.add_argument("--repeat", type=int, default=100, help="runs per query, indexed")
     parser.add_argument("--baseline-repeat", type=int, default=5,
-                        help="runs per query without the 0007 indexes")
+                        help="runs per query without the 0007 and 0010 indexes")
     parser.add_argument("--similar-queries", type=int, default=30)
     parser.add_argument("--exact-queries", type=int, default=2,
                         help="queries through the exact scan (slow: every vector in Python)")
@@ -87,7 +93,7 @@ def queries(lib: Library) -> dict[str, tuple[str, Callable[[Any], Any]]]:
     from producer.query import iter_results, iter_segments, status_summary
 
     common, rare = lib.label(0), lib.label(int(lib.labels * 0.75))
-    return {
+    named: dict[str, tuple[str, Callable[[Any], Any]]] = {
         "results common": (f"results --label {common} --min-score 0.5", lambda s: list(
             iter_results(s, label=common, min_score=0.5, limit=100))),
         "results rare": (f"results --label {rare} --min-score 0.1", lambda s: list(
@@ -96,6 +102,10 @@ def queries(lib: Library) -> dict[str, tuple[str, Callable[[Any], Any]]]:
             iter_segments(s, label=common, min_duration_s=10.0, limit=100))),
         "status": (f"status --batch {BATCH}", lambda s: status_summary(s, batch=BATCH)),
     }
+    if lib.status_jobs:
+        named["status jobs"] = (f"status --batch {STATUS_BATCH} ({lib.status_jobs:,} jobs)",
+                                lambda s: status_summary(s, batch=STATUS_BATCH))
+    return named
 
 
 def explain(engine: Any, lib: Library, out: Path) -> None:
@@ -137,7 +147,7 @@ def explain(engine: Any, lib: Library, out: Path) -> None:
 
 
 def drop_new_indexes(engine: Any) -> None:
-    """Back to the 0006 indexes, for the baseline."""
+    """Back to the 0006 indexes (before 0007 and 0010), for the baseline."""
     from sqlalchemy import text
 
     with engine.begin() as conn:
@@ -217,8 +227,12 @@ def export_figures(url: str, engine: Any, report: Report, tmp: Path) -> dict[str
     rows/s over the same tables."""
     from sqlalchemy import text
 
+    # The library batch's rows only: jobs also holds STATUS_BATCH's, which the export
+    # of the library batch does not write.
+    rows_of = {t: t for t in EXPORT_TABLES}
+    rows_of["jobs"] = f"jobs WHERE batch_id = (SELECT id FROM batches WHERE name = '{BATCH}')"
     with engine.connect() as conn:
-        counts = {t: conn.execute(text(f"SELECT count(*) FROM {t}")).scalar() or 0
+        counts = {t: conn.execute(text(f"SELECT count(*) FROM {rows_of[t]}")).scalar() or 0
                   for t in EXPORT_TABLES}
     rows = sum(counts.values())
     out = tmp / "export"
@@ -236,7 +250,7 @@ def export_figures(url: str, engine: Any, report: Report, tmp: Path) -> dict[str
         try:
             cur = raw.cursor()
             for table in EXPORT_TABLES:
-                with cur.copy(f"COPY (SELECT * FROM {table}) TO STDOUT") as copy:
+                with cur.copy(f"COPY (SELECT * FROM {rows_of[table]}) TO STDOUT") as copy:
                     for _block in copy:
                         pass
         finally:
@@ -247,7 +261,7 @@ def export_figures(url: str, engine: Any, report: Report, tmp: Path) -> dict[str
         try:
             cur = raw.cursor()
             for table in EXPORT_TABLES:
-                for _row in cur.execute(f"SELECT * FROM {table}"):
+                for _row in cur.execute(f"SELECT * FROM {rows_of[table]}"):
                     pass
         finally:
             raw.close()
@@ -267,7 +281,7 @@ def export_figures(url: str, engine: Any, report: Report, tmp: Path) -> dict[str
 @contextlib.contextmanager
 def database(kind: str, pg: str, tmp: Path) -> Iterator[str]:
     if kind == "postgresql":
-        with postgres_database(pg, "vidq_library") as url:
+        with postgres_database(pg, "lib") as url:
             yield url
     else:
         path = tmp / "library.db"
@@ -297,7 +311,7 @@ def one_size(kind: str, lib: Library, args: argparse.Namespace
                  "clip vectors)")
         print(f"{title}: loaded in {load_s:.0f}s", flush=True)
         figures: dict[str, float] = {"clip-label rows": counts["clip_predictions"]}
-        report = Report(title + ": ms (p95) or rows/s; 0007 against the 0006 schema", "")
+        report = Report(title + ": ms (p95) or rows/s; 0007+0010 against the 0006 schema", "")
         if args.explain:
             args.explain.mkdir(parents=True, exist_ok=True)
             explain(engine, lib, args.explain / f"{kind}-{lib.clip_label_rows // 10**5}e5.md")
@@ -315,11 +329,11 @@ def one_size(kind: str, lib: Library, args: argparse.Namespace
             with Session(engine) as session:
                 bare = _ms(lambda fn=fn, session=session: fn(session), args.baseline_repeat)
             report.add(f"{command}: 0006 indexes", p95(bare), baseline=True)
-            report.add(f"{command}: 0007 indexes", p95(indexed[key]),
+            report.add(f"{command}: 0007+0010 indexes", p95(indexed[key]),
                        against=f"{command}: 0006 indexes")
             report.notes.append(f"{command}: p50 {statistics.median(indexed[key]):.2f} ms "
-                                f"(0007), {statistics.median(bare):.2f} ms (0006)")
-        report.notes.append(f"loaded in {load_s:.0f}s; p95 of {args.repeat} runs (0007), "
+                                f"(0007+0010), {statistics.median(bare):.2f} ms (0006)")
+        report.notes.append(f"loaded in {load_s:.0f}s; p95 of {args.repeat} runs (0007+0010), "
                             f"{args.baseline_repeat} (0006)")
         engine.dispose()
     return [report], figures
@@ -357,7 +371,9 @@ def library(args: argparse.Namespace) -> list[Report]:
             lib = Library(videos=n, clips=args.clips, top_k=args.top_k, labels=args.labels,
                           segments=args.segments, video_vectors=not args.no_vectors,
                           clip_vectors=0 if args.no_vectors else
-                          int(n * args.clips * args.clip_vector_share), dim=args.dim)
+                          int(n * args.clips * args.clip_vector_share), dim=args.dim,
+                          status_jobs=args.status_jobs if kind == "postgresql" else
+                          int(args.status_jobs * args.sqlite_share))
             got, figures = one_size(kind, lib, args)
             print("  " + ", ".join(f"{k} {v:.4g}" for k, v in figures.items()), flush=True)
             reports += got

@@ -350,26 +350,25 @@ class _CopyReader(io.RawIOBase):
 
     def __init__(self, blocks: Iterator[Any]) -> None:
         self._blocks = blocks
-        self._left = memoryview(b"")
+        self._left = bytearray()
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: Any) -> int:
-        # libpq hands COPY data over a row at a time: fill the whole buffer per call.
+        # libpq hands COPY data over a row at a time: rows are appended to one buffer
+        # and handed over a buffer at a time (a slice per row cost more than the
+        # database's own COPY; keeping libpq's row buffers alive to join them, more).
         view = memoryview(buffer).cast("B")
-        filled = 0
-        while filled < len(view):
-            if not self._left:
-                block = next(self._blocks, None)
-                if block is None:
+        if len(self._left) < len(view):
+            for block in self._blocks:
+                self._left += block
+                if len(self._left) >= len(view):
                     break
-                self._left = memoryview(block).cast("B")
-            n = min(len(view) - filled, len(self._left))
-            view[filled:filled + n] = self._left[:n]
-            self._left = self._left[n:]
-            filled += n
-        return filled
+        n = min(len(view), len(self._left))
+        view[:n] = self._left[:n]
+        del self._left[:n]
+        return n
 
 
 def _arrow_batches(conn: Connection, query: Select[Any], schema: Any) -> Iterator[Any]:
@@ -426,10 +425,12 @@ def _write_parquet(fh: IO[bytes], table: TableExport, conn: Connection | None = 
 
     n = 0
     # Dictionaries and min/max statistics help columns of repeated values; a vector
-    # column (float16 values, rarely equal) only pays for them.
+    # column (float16 values, rarely equal) only pays for them, and for compression:
+    # zstd took 40% of its write time to save 15% of its size.
     plain = [f.name for f in table.fields if f.kind != "vector"]
-    with pq.ParquetWriter(fh, schema, compression="zstd", use_dictionary=plain,
-                          write_statistics=plain) as writer:
+    compression = {f.name: "none" if f.kind == "vector" else "zstd" for f in table.fields}
+    with pq.ParquetWriter(fh, schema, compression=compression, use_dictionary=plain,
+                          write_statistics=plain) as writer, _written_behind() as behind:
         if table.query is not None and conn is not None:
             # Batches come in whatever size the parser made: row groups stay PAGE_ROWS.
             pending: list[Any] = []
@@ -440,7 +441,8 @@ def _write_parquet(fh: IO[bytes], table: TableExport, conn: Connection | None = 
                 held += batch.num_rows
                 while held >= PAGE_ROWS:
                     whole = pa.Table.from_batches(pending, schema=schema)
-                    writer.write_table(whole.slice(0, PAGE_ROWS), row_group_size=PAGE_ROWS)
+                    behind(writer.write_table, whole.slice(0, PAGE_ROWS),
+                           row_group_size=PAGE_ROWS)
                     # A copy of the rest: a slice would hold every parsed block alive.
                     pending = whole.slice(PAGE_ROWS).combine_chunks().to_batches()
                     del whole
@@ -448,17 +450,40 @@ def _write_parquet(fh: IO[bytes], table: TableExport, conn: Connection | None = 
                     held -= PAGE_ROWS
                     n += PAGE_ROWS
             if held:
-                writer.write_table(pa.Table.from_batches(pending, schema=schema),
-                                   row_group_size=PAGE_ROWS)
+                behind(writer.write_table, pa.Table.from_batches(pending, schema=schema),
+                       row_group_size=PAGE_ROWS)
                 n += held
             return n
         for page in _pages(table.rows(), table.page_rows):
             columns = list(zip(*page))
             arrays = [array(col, i) for i, col in enumerate(columns)]
-            writer.write_batch(pa.record_batch(arrays, schema=schema),
-                               row_group_size=table.page_rows)
+            behind(writer.write_batch, pa.record_batch(arrays, schema=schema),
+                   row_group_size=table.page_rows)
             n += len(page)
     return n
+
+
+@contextlib.contextmanager
+def _written_behind() -> Iterator[Callable[..., None]]:
+    """A call that runs its writes on one thread of their own, one at a time, while the
+    caller reads the next page: Parquet's encoder releases the GIL, so reading from the
+    database and encoding overlap. At most one page waits, so memory stays bounded; an
+    encoder's error is raised in the caller at its next write or at the end."""
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    last: list[Future[Any]] = []
+
+    def behind(write: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        if last:
+            last.pop().result()
+        last.append(pool.submit(write, *args, **kwargs))
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vidq-export") as pool:
+        try:
+            yield behind
+        finally:
+            while last:
+                last.pop().result()
 
 
 def _text(value: Any) -> Any:

@@ -72,7 +72,7 @@ def status_summary(session: Session, batch: str | None = None) -> StatusSummary:
     counts = {s.value: 0 for s in JobStatus}
     clips_done = 0
     # One pass for counts and clips: with a batch, an index-only scan of
-    # ix_jobs_batch_status_clips (no heap visit per job).
+    # ix_jobs_batch_status_submitted (no heap visit per job).
     for status, n, clips in session.execute(
         select(Job.status, func.count(), func.coalesce(func.sum(Job.clips_done), 0))
         .where(*scope).group_by(Job.status)

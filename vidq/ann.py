@@ -38,7 +38,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.engine import Connection
 
-from vidq.db import VideoEmbedding, aware
+from vidq.db import VideoEmbedding, aware, reading_at_the_readers_pace
 from vidq.settings import Settings
 
 ANN_DIR = os.path.expanduser("~/.cache/vidq/ann")
@@ -51,9 +51,14 @@ STALE_SHARE = 0.25
 """Rebuild when the graph holds this share more keys than the table has rows (purges)."""
 EXPANSION_SEARCH = 512
 CONNECTIVITY = 16
-EXPANSION_ADD = 64
-"""HNSW parameters: chosen on 2048-d float16 vectors for recall@10 >= 0.95 after an
-exact re-rank of ``candidate_count`` candidates (benchmarks/RESULTS.md)."""
+EXPANSION_ADD = 128
+"""HNSW parameters, chosen by measurement on 48,500 of the library benchmark's 2048-d
+float16 vectors (docs/scale.md): what bounds recall@10 is how well the graph is built
+(expansion 64 on add left a few queries with no true neighbour found at any search
+expansion), not how many candidates are re-ranked."""
+GRAPH = f"hnsw-cos-f16-c{CONNECTIVITY}-a{EXPANSION_ADD}"
+"""The build parameters a saved graph records: a graph built with others is rebuilt
+on its next use, so a change here reaches indexes already on disk."""
 BUILD_CHUNK = 5_000
 
 
@@ -80,6 +85,8 @@ class Meta:
     keys: int
     builds: int = 1
     merges: int = 0
+    graph: str = ""
+    """``GRAPH`` when it was built (empty: before build parameters were recorded)."""
 
 
 def database_identity(conn: Connection) -> str:
@@ -126,8 +133,8 @@ class VectorIndex:
             mtime = self.path.stat().st_mtime_ns
         except (OSError, ValueError, TypeError):
             return False
-        if (meta.database, meta.model, meta.weights_id, meta.dim) != (
-                self.database, self.model, self.weights_id, self.dim):
+        if (meta.database, meta.model, meta.weights_id, meta.dim, meta.graph) != (
+                self.database, self.model, self.weights_id, self.dim, GRAPH):
             return False
         if self._graph is None or self._graph_mtime != mtime:
             from usearch.index import Index
@@ -200,6 +207,9 @@ class VectorIndex:
 
     def build(self, conn: Connection) -> None:
         """Every row of the scope into a new graph (the first query, or after purges)."""
+        # Adding a page to the graph takes seconds (minutes on a loaded host) while the
+        # cursor waits: not an idle transaction to end.
+        reading_at_the_readers_pace(conn)
         graph = self._new_graph()
         high: dt.datetime | None = None
         for ids, vectors, stamps in self._rows(conn, []):
@@ -207,18 +217,21 @@ class VectorIndex:
             high = _newest(high, stamps)
         builds = self.meta.builds + 1 if self.meta else 1
         self._save(graph, Meta(self.database, self.model, self.weights_id, self.dim,
-                               high.isoformat() if high else None, len(graph), builds))
+                               high.isoformat() if high else None, len(graph), builds,
+                               graph=GRAPH))
 
     def _merge(self, conn: Connection) -> None:
         from usearch.index import Index
 
         assert self.meta is not None
-        graph = Index.restore(str(self.path), expansion_search=EXPANSION_SEARCH)
+        graph = Index.restore(str(self.path), expansion_add=EXPANSION_ADD,
+                              expansion_search=EXPANSION_SEARCH)
         if graph is None:
             self.build(conn)
             return
         high = dt.datetime.fromisoformat(self.meta.high_water) if self.meta.high_water \
             else None
+        reading_at_the_readers_pace(conn)
         for ids, vectors, stamps in self._rows(conn, self._newer()):
             present = [k for k in ids.tolist() if graph.contains(k)]
             if present:

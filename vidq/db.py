@@ -256,9 +256,13 @@ class Job(Base):
 
     __table_args__ = (
         Index("ix_jobs_status_priority", "status", "priority"),
-        # Covers ``vidq status --batch``'s counts and clips sum: an index-only scan, no
-        # heap visit per job of a large batch (0007).
-        Index("ix_jobs_batch_status_clips", "batch_id", "status", "clips_done"),
+        # Cover ``vidq status --batch``: its counts and clips sum, its oldest queued job
+        # (the first entry of the batch's queued ones) and its recent throughput, each
+        # an index-only read, no heap visit per job of a large batch (0007, 0010).
+        Index("ix_jobs_batch_status_submitted", "batch_id", "status", "submitted_at",
+              "clips_done"),
+        Index("ix_jobs_batch_finished", "batch_id", "finished_at", "status", "clips_done",
+              "started_at"),
         Index("ix_jobs_content_config", "content_sha256", "config_key"),
         Index("ix_jobs_top_label_score", "top_label", "top_score"),
         Index("ix_jobs_finished_at", "finished_at"),
