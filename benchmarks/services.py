@@ -603,6 +603,8 @@ def revision(args: argparse.Namespace) -> list[Report]:
         }
         reports = []
         for title, (videos, options) in workloads.items():
+            if not videos:  # --short 0 or --long 0: that workload left out
+                continue
             sides = {
                 f"{args.rev} (before)": partial(_end_to_end, other, videos, options, args, work),
                 "this checkout": partial(_end_to_end, ROOT, videos, options, args, work),
