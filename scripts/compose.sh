@@ -17,6 +17,7 @@
 #   VIDQ_COMPOSE_IMAGES=hub|debian   skip the Docker Hub probe
 #   VIDQ_COMPOSE_DEVICE=gpu|cpu      skip the NVIDIA runtime probe
 #   VIDQ_WORKER_PIP_ARGS             the worker image's extra pip arguments (see below)
+#   VIDQ_COMPOSE_OVERRIDES           more compose files, ':'-separated, applied last
 #   VIDQ_WEIGHTS, VIDQ_MODEL...      passed on to the containers as docker-compose.yml says
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -246,6 +247,7 @@ up() {
         files=$CPU_FILE
     fi
     [ "$source" = debian ] && files="$files:deploy/compose.debian.yml"
+    [ -z "${VIDQ_COMPOSE_OVERRIDES:-}" ] || files="$files:$VIDQ_COMPOSE_OVERRIDES"
     say "images: $source, worker device: $dev"
     build_vidq_images "$base"
     write_env "$files" "$dev"
