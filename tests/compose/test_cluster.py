@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from tests.media import make_video
+from vidq.migrate import VERSION_TABLE
 
 pytestmark = [pytest.mark.compose, pytest.mark.timeout(1800)]
 
@@ -270,7 +271,7 @@ def schema_revision() -> str:
     (pg,) = containers("postgres")
     done = subprocess.run(
         ["docker", "exec", "-e", f"PGPASSWORD={password}", pg, "psql", "-h", "127.0.0.1",
-         "-U", "vidq", "-d", "vidq", "-Atc", "SELECT version_num FROM alembic_version"],
+         "-U", "vidq", "-d", "vidq", "-Atc", f"SELECT version_num FROM {VERSION_TABLE}"],
         capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
