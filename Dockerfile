@@ -1,5 +1,3 @@
-# syntax=docker/dockerfile:1
-#
 # One Dockerfile, three images (docker-compose.yml builds them):
 #   producer  the base install (+ the PostgreSQL driver): vidq submit/status/results...; no torch
 #   monitor   producer + flower: `celery -A worker.tasks flower`; no torch
@@ -10,8 +8,18 @@
 # On linux/amd64 the default PyPI torch wheel is a CUDA build, so the worker image
 # runs on GPU hosts (NVIDIA driver + container toolkit) and falls back to CPU.
 # PyAV's wheels bundle FFmpeg: no system packages are needed.
+#
+# Build arguments (BuildKit; scripts/compose.sh passes them where they are needed):
+#   BASE             the Python 3.11 image everything starts from (default python:3.11-slim);
+#                    without Docker Hub, scripts/compose.sh builds one from Debian's
+#                    packages (deploy/debian/python.Dockerfile) and passes it here.
+#   WORKER_PIP_ARGS  extra arguments to the worker's pip install: a CPU-only image is
+#                    `--extra-index-url https://download.pytorch.org/whl/cpu torch==2.13.0+cpu`.
+# Behind a TLS-inspecting proxy, `--secret id=pip_cert,src=/path/to/ca-bundle.crt` gives
+# pip its CA bundle for the RUN that installs, never in a layer of the image.
 
-FROM python:3.11-slim AS base
+ARG BASE=python:3.11-slim
+FROM ${BASE} AS base
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -22,16 +30,20 @@ WORKDIR /src
 # Dependencies are installed from pyproject.toml alone, against empty packages, so
 # that editing the code does not reinstall torch; the code is installed after.
 COPY pyproject.toml ./
-RUN mkdir vidq worker producer \
+# (every package pyproject.toml lists must exist, empty).
+RUN mkdir -p vidq/migrations/versions vidq/viewer worker producer \
     && touch README.md vidq/__init__.py worker/__init__.py producer/__init__.py
 
 
 FROM base AS producer
-RUN pip install ".[postgres,s3,export]"
+RUN --mount=type=secret,id=pip_cert \
+    if [ -s /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi \
+    && pip install ".[postgres,s3,export]"
 COPY . .
-# Flower imports the Celery app, so it must import without torch.
-RUN pip install --no-deps --force-reinstall . \
-    && python -c "import vidq.cli, producer.submit, worker.tasks"
+RUN --mount=type=secret,id=pip_cert \
+    if [ -s /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi \
+    && pip install --no-deps --force-reinstall . \
+    && python -c "import vidq.cli, producer.submit"
 WORKDIR /home/vidq
 USER vidq
 ENTRYPOINT ["vidq"]
@@ -41,7 +53,11 @@ CMD ["--help"]
 FROM producer AS monitor
 USER root
 WORKDIR /src
-RUN pip install ".[postgres,monitor]"
+# Flower imports the Celery app (worker.tasks), which must import with what is here.
+RUN --mount=type=secret,id=pip_cert \
+    if [ -s /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi \
+    && pip install ".[postgres,monitor]" \
+    && python -c "import worker.tasks"
 WORKDIR /home/vidq
 USER vidq
 ENTRYPOINT ["celery"]
@@ -49,9 +65,14 @@ CMD ["-A", "worker.tasks", "flower", "--address=0.0.0.0", "--port=5555"]
 
 
 FROM base AS worker
-RUN pip install ".[worker,postgres,s3]"
+ARG WORKER_PIP_ARGS=""
+RUN --mount=type=secret,id=pip_cert \
+    if [ -s /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi \
+    && pip install ".[worker,postgres,s3]" $WORKER_PIP_ARGS
 COPY . .
-RUN pip install --no-deps --force-reinstall .
+RUN --mount=type=secret,id=pip_cert \
+    if [ -s /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi \
+    && pip install --no-deps --force-reinstall .
 # The torch hub cache (pretrained checkpoints) lives on a volume mounted here; the
 # directory exists in the image so that a fresh named volume is owned by vidq.
 ENV TORCH_HOME=/cache/torch \

@@ -60,10 +60,10 @@ def make_celery(settings: Settings) -> Celery:
         # Loading a model can take a while; the default 4 s would kill the child.
         worker_proc_alive_timeout=600,
         worker_max_memory_per_child=(settings.worker_max_memory_mb * 1024) or None,
-        # Task events cost each job three publishes on the worker's GIL; Flower turns
-        # them on itself while it runs (its enable_events broadcast, on by default).
-        worker_send_task_events=False,
-        task_send_sent_event=False,
+        # Task events cost each job three publishes on the worker's GIL: off unless
+        # a monitor (Flower) is to show tasks (VIDQ_TASK_EVENTS).
+        worker_send_task_events=settings.task_events,
+        task_send_sent_event=settings.task_events,
         worker_hijack_root_logger=True,
         broker_pool_limit=4,
     )

@@ -176,6 +176,13 @@ class Settings:
     worker_max_memory_mb: int = 0
     """Restart a worker child once its RSS passes this (MiB); 0 disables."""
 
+    task_events: bool = False
+    """Workers send Celery's task events (received, started, succeeded, failed) and
+    producers the task-sent event, for a monitor such as Flower: without them its task
+    list stays empty beside vidq workers (its enable_events broadcast was seen not to
+    turn them on). docker-compose.yml turns them on; each job then costs its worker a
+    few more small publishes to the broker."""
+
     reconcile_after_s: int = 600
     """``vidq reconcile`` re-enqueues jobs queued or running this long with no live task."""
 

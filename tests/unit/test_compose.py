@@ -166,16 +166,21 @@ def dockerfile_stages() -> dict[str, Stage]:
     text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
     stages: dict[str, Stage] = {}
     current: Stage | None = None
+    global_args: dict[str, str] = {}  # ARGs before the first FROM: their defaults
     for line in text.splitlines():
         line = line.strip()
         if not line or line.startswith("#"):
             continue
         keyword, _, rest = line.partition(" ")
         keyword = keyword.upper()
-        if keyword == "FROM":
+        if keyword == "ARG" and current is None:
+            name, _, default = rest.partition("=")
+            global_args[name.strip()] = default.strip()
+        elif keyword == "FROM":
             m = re.match(r"(\S+)(?:\s+AS\s+(\S+))?", rest, re.I)
             assert m, line
-            current = Stage(name=m.group(2) or f"stage{len(stages)}", base=m.group(1),
+            base = re.sub(r"\$\{(\w+)\}", lambda v: global_args[v.group(1)], m.group(1))
+            current = Stage(name=m.group(2) or f"stage{len(stages)}", base=base,
                             instructions=[])
             stages[current.name] = current
         elif current is not None:
