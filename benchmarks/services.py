@@ -557,9 +557,10 @@ def memory(args: argparse.Namespace) -> list[Report]:
 
 
 # -- revision: this checkout's happy path against another revision's ---------------------
-BEFORE_FLEET_WORK = "ad660f1"
-"""The last commit before the fleet's fault handling (heartbeats that survive, leases
-stored with jobs, the decoder watchdog, the circuit breaker, hashing what is read)."""
+BEFORE_FLEET_WORK = "2057a25"
+"""The last commit before the fleet's fault handling (webhook checks, reconcile in small
+transactions, keepalives, hashing what is read, heartbeats that survive, leases stored
+with jobs, the decoder watchdog, the circuit breaker, the outage pause)."""
 
 
 def revision_options(parser: argparse.ArgumentParser) -> None:
