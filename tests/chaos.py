@@ -41,8 +41,8 @@ import redis
 from sqlalchemy import create_engine, text
 
 from tests.cluster import READY_LINE
-from tests.faults.harness import TOP_K, FaultCluster, children_of
-from tests.faults.hosts import Fleet, Host, namespaces_available
+from tests.faults.harness import TOP_K, FaultCluster
+from tests.faults.hosts import Fleet, Host, decoder_processes, namespaces_available
 from tests.media import make_video
 from tests.services import REDIS_URL, new_database
 from vidq.db import make_engine
@@ -279,7 +279,7 @@ class Faults:
     @staticmethod
     def _freeze_decoder(host: Host) -> Heal | None:
         assert host.worker is not None
-        decoders = decoder_processes(host.worker.pid)
+        decoders = decoder_processes(host)
         if not decoders:
             return None
         pid = decoders[0]
@@ -319,22 +319,6 @@ class Faults:
             conn.close()
             engine.dispose()
         return heal
-
-
-def decoder_processes(root: int) -> list[int]:
-    """Decoder processes under ``root`` (not what they fork, which shows the same line)."""
-    found, todo = [], [root]
-    while todo:
-        for pid in children_of(todo.pop()):
-            try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"decoder_child" in cmdline:
-                found.append(pid)
-            else:
-                todo.append(pid)
-    return found
 
 
 def _quietly(call: Callable[..., Any], *args: Any) -> None:

@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from tests.cluster import READY_LINE
-from tests.faults.harness import FaultCluster
+from tests.faults.harness import FaultCluster, children_of
 from tests.faults.proxy import Mode, Proxy
 
 
@@ -134,6 +134,24 @@ class Fleet:
     def close(self) -> None:
         for host in self.hosts:
             host.close()
+
+
+def decoder_processes(host: Host) -> list[int]:
+    """The host's decoder processes (grandchildren of its ``vidq worker``; not what they
+    fork, which shows the same command line)."""
+    assert host.worker is not None
+    found, todo = [], [host.worker.pid]
+    while todo:
+        for pid in children_of(todo.pop()):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"decoder_child" in cmdline:
+                found.append(pid)
+            else:
+                todo.append(pid)
+    return found
 
 
 def _running_python(proc: subprocess.Popen[bytes]) -> bool:

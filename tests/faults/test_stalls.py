@@ -18,30 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.harness import FaultMedia, children_of, submit_long_job
-from tests.faults.hosts import Fleet, Host
+from tests.faults.harness import FaultMedia, submit_long_job
+from tests.faults.hosts import Fleet, Host, decoder_processes
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(420)]
 
 STALL_S = "3"
-
-
-def decoder_processes(host: Host) -> list[int]:
-    """The host's decoder processes (grandchildren of its ``vidq worker``; not what they
-    fork, which shows the same command line)."""
-    assert host.worker is not None
-    found, todo = [], [host.worker.pid]
-    while todo:
-        for pid in children_of(todo.pop()):
-            try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"decoder_child" in cmdline:
-                found.append(pid)
-            else:
-                todo.append(pid)
-    return found
 
 
 def holds_open(pid: int, name: str) -> bool:
