@@ -239,7 +239,7 @@ class Faults:
         if kind == "host killed (SIGKILL), restarted":
             return self._kill(host)
         if kind == "host frozen (SIGSTOP) past its lease":
-            return self._signal_group(host, signal.SIGSTOP, signal.SIGCONT)
+            return self._freeze_host(host)
         if kind == "decoder process frozen":
             return self._freeze_decoder(host)
         if kind == "media mount gone":
@@ -269,12 +269,13 @@ class Faults:
         return heal
 
     @staticmethod
-    def _signal_group(host: Host, stop: int, cont: int) -> Heal | None:
+    def _freeze_host(host: Host) -> Heal | None:
         assert host.worker is not None
         if host.worker.poll() is not None:
             return None
-        os.killpg(host.worker.pid, stop)
-        return lambda: _quietly(os.killpg, host.worker.pid if host.worker else 0, cont)
+        group = host.worker.pid
+        os.killpg(group, signal.SIGSTOP)
+        return lambda: _quietly(os.killpg, group, signal.SIGCONT)
 
     @staticmethod
     def _freeze_decoder(host: Host) -> Heal | None:
