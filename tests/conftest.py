@@ -22,6 +22,7 @@ from tests.cluster import Cluster
 from tests.media import Media
 from tests.objectstore import S3Server, running_s3_server
 from tests.services import REDIS_URL, new_database
+from vidq.contact import CONTACT
 from vidq.db import make_engine
 from vidq.migrate import upgrade
 
@@ -105,6 +106,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 # -- services ------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def unbroken_database_contact() -> None:
+    """Each test starts with this process's database contact unbroken (vidq/contact.py):
+    an outage one test made is not the next test's."""
+    CONTACT.reset()
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,23 @@ class StandIn:
 
 
 @pytest.fixture
+def stores() -> Iterator[Callable[..., JobStore]]:
+    """JobStores closed when the test ends. An open store's heartbeat thread outlives
+    its test, probing a database since dropped, and records the failures in this
+    process's CONTACT, which a later test's takeover rule reads."""
+    made: list[JobStore] = []
+
+    def make(settings: Settings, **fields: Any) -> JobStore:
+        made.append(JobStore(settings.database_url, **fields) if fields
+                    else JobStore.from_settings(settings))
+        return made[-1]
+
+    yield make
+    for store in made:
+        store.close()
+
+
+@pytest.fixture
 def job(database_url: str, tmp_path: Path) -> tuple[Settings, int]:
     video = tmp_path / "v.mp4"
     make_video(video, seconds=1)
@@ -80,10 +97,9 @@ def row(settings: Settings, job_id: int) -> dict[str, Any]:
 
 
 def test_unexpected_errors_count_as_attempts_then_fail_the_job(
-    job: tuple[Settings, int]
-) -> None:
+    job: tuple[Settings, int], stores: Callable[..., JobStore]) -> None:
     settings, job_id = job
-    store = JobStore.from_settings(settings)
+    store = stores(settings)
 
     def boom(_stop: Any) -> None:
         raise RuntimeError("decoder library said boom")
@@ -104,9 +120,10 @@ def test_unexpected_errors_count_as_attempts_then_fail_the_job(
     assert pipeline.submitted == 3  # the fourth delivery never reached the pipeline
 
 
-def test_an_attempt_whose_worker_died_is_recorded_as_crashed(job: tuple[Settings, int]) -> None:
+def test_an_attempt_whose_worker_died_is_recorded_as_crashed(
+    job: tuple[Settings, int], stores: Callable[..., JobStore]) -> None:
     settings, job_id = job
-    dead = JobStore(settings.database_url, stale_after_s=0.5, max_attempts=2)
+    dead = stores(settings, stale_after_s=0.5, max_attempts=2)
     for attempt in (1, 2):  # claimed by a worker that vanished (no heartbeat, no release)
         assert not isinstance(dead.claim(job_id, "t", f"gone-host:{attempt}"), Outcome)
         time.sleep(0.7)
@@ -124,7 +141,8 @@ def test_an_attempt_whose_worker_died_is_recorded_as_crashed(job: tuple[Settings
             in r["error_message"])
 
 
-def test_a_time_limit_fails_the_job_at_once(job: tuple[Settings, int]) -> None:
+def test_a_time_limit_fails_the_job_at_once(
+    job: tuple[Settings, int], stores: Callable[..., JobStore]) -> None:
     settings, job_id = job
     settings = settings.replace(task_time_limit_s=61)  # 1 s once the 60 s margin is taken
 
@@ -135,14 +153,15 @@ def test_a_time_limit_fails_the_job_at_once(job: tuple[Settings, int]) -> None:
 
     t = time.monotonic()
     outcome = execute_job(job_id, pipeline=StandIn(slow), settings=settings,  # type: ignore[arg-type]
-                          store=JobStore.from_settings(settings))
+                          store=stores(settings))
     assert outcome.status == "failed" and time.monotonic() - t < 10
     r = row(settings, job_id)
     assert (r["status"], r["attempts"], r["error_kind"]) == ("failed", 1, "timeout")
     assert "VIDQ_TASK_TIME_LIMIT_S" in r["error_message"]
 
 
-def test_cancelling_a_running_job_gives_it_up_without_results(job: tuple[Settings, int]) -> None:
+def test_cancelling_a_running_job_gives_it_up_without_results(
+    job: tuple[Settings, int], stores: Callable[..., JobStore]) -> None:
     from producer.query import cancel
     from vidq.db import sessions
 
@@ -162,7 +181,7 @@ def test_cancelling_a_running_job_gives_it_up_without_results(job: tuple[Setting
     result: list[Outcome] = []
     runner = threading.Thread(target=lambda: result.append(execute_job(
         job_id, pipeline=StandIn(long_video), settings=settings,  # type: ignore[arg-type]
-        store=JobStore.from_settings(settings))))
+        store=stores(settings))))
     runner.start()
     assert started.wait(30)
     with sessions(settings.database_url)() as session, session.begin():
@@ -175,8 +194,7 @@ def test_cancelling_a_running_job_gives_it_up_without_results(job: tuple[Setting
 
 
 def test_one_heartbeat_statement_refreshes_every_job_held_and_finds_the_lost_one(
-    database_url: str, tmp_path: Path,
-) -> None:
+    database_url: str, tmp_path: Path, stores: Callable[..., JobStore]) -> None:
     """The process's heartbeat thread refreshes all its jobs in one statement; a job
     cancelled or taken over is marked lost, the others are refreshed and kept."""
     from worker.jobs import Lease
@@ -189,7 +207,7 @@ def test_one_heartbeat_statement_refreshes_every_job_held_and_finds_the_lost_one
         make_video(videos[-1], seconds=1, seed=i)
     ids = submit([str(v) for v in videos], settings=settings, batch="beats", publish=False,
                  request=JobRequest(model="x3d_xs", weights="random")).job_ids
-    store = JobStore.from_settings(settings)
+    store = stores(settings)
     for job_id in ids:
         assert not isinstance(store.claim(job_id, f"token-{job_id}", "h"), Outcome)
     engine = create_engine(database_url)
@@ -207,6 +225,25 @@ def test_one_heartbeat_statement_refreshes_every_job_held_and_finds_the_lost_one
             "select id, heartbeat_at > '2000-01-02' from jobs")).all())
     engine.dispose()
     assert {k: bool(v) for k, v in fresh.items()} == {ids[0]: True, ids[1]: False, ids[2]: False}
+
+
+def test_a_closed_store_stops_its_heartbeat_thread(job: tuple[Settings, int]) -> None:
+    """A store made for a while (a test, a tool) leaves no thread behind probing its
+    database once closed."""
+    settings, _ = job
+
+    def beating() -> int:
+        return sum(t.name == "vidq-heartbeats" for t in threading.enumerate())
+
+    before = beating()
+    store = JobStore.from_settings(settings)
+    store.heartbeats(0.05).start()
+    assert beating() == before + 1
+    store.close()
+    deadline = time.monotonic() + 5
+    while beating() > before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert beating() == before
 
 
 def test_a_finished_result_survives_a_failing_commit(

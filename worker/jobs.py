@@ -313,6 +313,15 @@ class JobStore:
                 self._beats = Heartbeats(self, every_s)
             return self._beats
 
+    def close(self) -> None:
+        """Stop this store's heartbeat thread. A worker's store lives as long as its
+        process; one made for a while (a test, a tool) is closed, or its thread would go
+        on probing a database nobody uses, and record its failures in CONTACT."""
+        with self._beats_lock:
+            beats, self._beats = self._beats, None
+        if beats is not None:
+            beats.stop()
+
     def release(self, job_id: int, token: str, error: VidqError | None = None) -> None:
         """Give the job back to the queue (graceful shutdown, transient failure), with
         the error that ended this attempt on record."""
@@ -573,6 +582,7 @@ class Heartbeats:
         self._leases: dict[int, Lease] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._stopped = threading.Event()
         self.failing_since: float | None = None
         """Monotonic time of the first failed beat of the current run of failures."""
         self._logged = 0.0
@@ -603,14 +613,17 @@ class Heartbeats:
     def failing(self) -> bool:
         return self.failing_since is not None
 
+    def stop(self) -> None:
+        """End the thread after its current beat (JobStore.close)."""
+        self._stopped.set()
+
     def _loop(self) -> None:
-        while True:
-            time.sleep(self.every_s)
+        while not self._stopped.wait(self.every_s):
             with self._lock:
                 held = list(self._leases.values())
             try:
                 self.beat(held)
-            except Exception as exc:  # a bug in beat itself: this thread must never end
+            except Exception as exc:  # a bug in beat itself: no exception ends this thread
                 self._failed(held, f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
 
     def beat(self, held: list[Lease]) -> None:
