@@ -61,11 +61,15 @@ def make_celery(settings: Settings) -> Celery:
         worker_proc_alive_timeout=600,
         worker_max_memory_per_child=(settings.worker_max_memory_mb * 1024) or None,
         # Task events cost each job three publishes on the worker's GIL: off unless
-        # a monitor (Flower) is to show tasks (VIDQ_TASK_EVENTS).
+        # a monitor (Flower) is to show tasks (VIDQ_TASK_EVENTS), or turns them on.
         worker_send_task_events=settings.task_events,
         task_send_sent_event=settings.task_events,
         worker_hijack_root_logger=True,
-        broker_pool_limit=4,
+        # Connections to the broker one process may hold at once (opened as needed).
+        # Celery's control broadcasts hold two while they publish, and Flower sends
+        # eight at once besides its event capture's: with fewer than ten, every one
+        # of them waited for another forever, and Flower showed no task at all.
+        broker_pool_limit=16,
     )
     return app
 

@@ -178,10 +178,11 @@ class Settings:
 
     task_events: bool = False
     """Workers send Celery's task events (received, started, succeeded, failed) and
-    producers the task-sent event, for a monitor such as Flower: without them its task
-    list stays empty beside vidq workers (its enable_events broadcast was seen not to
-    turn them on). docker-compose.yml turns them on; each job then costs its worker a
-    few more small publishes to the broker."""
+    producers the task-sent event, for a monitor such as Flower. Flower's own
+    enable_events broadcast also turns them on in each running worker it sees (within
+    5 s, until that worker restarts); with this setting they are on from a worker's
+    first job. docker-compose.yml turns them on; each job then costs its worker three
+    small publishes to the broker (docs/deploy.md)."""
 
     reconcile_after_s: int = 600
     """``vidq reconcile`` re-enqueues jobs queued or running this long with no live task."""

@@ -155,10 +155,6 @@ def test_submit_wait_then_results_and_status(cluster: Path) -> None:
     assert "first" in status or "succeeded" in status.lower(), status
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the workers send task events (celery events --dump in the flower container shows "
-    "each job's task sent, received, started and succeeded), but Flower 2.2's own state "
-    "stays empty: /api/tasks and /api/workers answer {}"))
 def test_flower_lists_each_job_with_its_state(cluster: Path) -> None:
     producer("submit", "/media/clips", "--recursive", "--batch", "flower", "--force",
              "--wait")
