@@ -4,17 +4,38 @@ in tests/conftest.py)."""
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import signal
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import create_engine, text
 
 from tests.cli import run_vidq, vidq_command
 
 READY_LINE = "ready:"
+
+
+def flower_get(port: int, path: str, *, auth: tuple[str, str] | None,
+               timeout: float = 10) -> tuple[int, Any]:
+    """GET ``path`` from a Flower on 127.0.0.1 as a user behind its basic auth: (HTTP
+    status, the answer's JSON for its /api, else None)."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
+    if auth is not None:
+        token = base64.b64encode(":".join(auth).encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            body = response.read()
+            return response.status, json.loads(body) if path.startswith("/api") else None
+    except urllib.error.HTTPError as exc:
+        return exc.code, None
 
 
 class Cluster:

@@ -10,20 +10,18 @@ be started.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import shutil
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.cluster import flower_get
 from tests.media import make_video
 from vidq.migrate import VERSION_TABLE
 
@@ -82,16 +80,8 @@ def dotenv() -> dict[str, str]:
 
 
 def flower(path: str, *, password: str | None) -> tuple[int, Any]:
-    port = dotenv().get("VIDQ_FLOWER_PORT", "5555")
-    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
-    if password is not None:
-        token = base64.b64encode(f"admin:{password}".encode()).decode()
-        request.add_header("Authorization", f"Basic {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, None
+    port = int(dotenv().get("VIDQ_FLOWER_PORT", "5555"))
+    return flower_get(port, path, auth=None if password is None else ("admin", password))
 
 
 @pytest.fixture(scope="module")

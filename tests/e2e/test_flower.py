@@ -4,21 +4,17 @@ list shows each job's task with its state, and its inspection of the workers ans
 
 from __future__ import annotations
 
-import base64
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.cluster import Cluster
+from tests.cluster import Cluster, flower_get
 from tests.faults.harness import RedisServer, free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
@@ -27,16 +23,7 @@ AUTH = ("admin", "flower-secret")
 
 
 def get(port: int, path: str, *, auth: tuple[str, str] | None = AUTH) -> tuple[int, Any]:
-    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
-    if auth is not None:
-        token = base64.b64encode(":".join(auth).encode()).decode()
-        request.add_header("Authorization", f"Basic {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=20) as answer:
-            body = answer.read()
-            return answer.status, json.loads(body) if path.startswith("/api") else body
-    except urllib.error.HTTPError as exc:
-        return exc.code, None
+    return flower_get(port, path, auth=auth, timeout=20)
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
